@@ -1,0 +1,96 @@
+"""Named chat templates: one object per template, the single source of truth for how a conversation
+becomes text. Training renders data with it, `generate` renders prompts with it, and the export step
+embeds the same Jinja text in the GGUF and derives the Ollama TEMPLATE and stop strings from it.
+
+Templates are Hugging Face style Jinja (the `chat_template` of tokenizer_config.json), rendered by
+the tokenizer's own `apply_chat_template`, so a model's own template and a named one take the same
+path. Each must render incrementally: the text for the first k messages (with the generation prompt)
+is a prefix of the text for all of them. That is what lets training mask every non-assistant token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contract.errors import UserError
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    jinja: str
+    stop_strings: tuple[str, ...]
+    """Text that ends an assistant turn, besides the tokenizer's EOS token."""
+    description: str = ""
+
+
+# When the strategy says template: auto and the model ships no chat template.
+FALLBACK_TEMPLATE = "alpaca"
+
+# The blank line between turns opens the next user block, so an assistant turn ends exactly at EOS.
+_ALPACA = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}"
+    "\n\n{% endif %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Llama 2 chat: the system prompt sits inside the first [INST] block.
+_LLAMA2 = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}"
+    "{% if m['role'] == 'user' %}{{ bos_token }}[INST] {% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Mistral instruct: no system role; a system message is put before the first user message.
+_MISTRAL = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{{ bos_token }}{% for m in msgs %}"
+    "{% if m['role'] == 'user' %}[INST] {% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        ChatTemplate("alpaca", _ALPACA, ("### Instruction:",), "Stanford Alpaca instruction/response blocks"),
+        ChatTemplate("chatml", _CHATML, ("<|im_end|>",), "ChatML (<|im_start|>role ... <|im_end|>), Qwen, SmolLM"),
+        ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>"),
+        ChatTemplate("llama2", _LLAMA2, ("[INST]",), "Llama 2 chat [INST] blocks with <<SYS>>"),
+        ChatTemplate("mistral", _MISTRAL, ("[INST]",), "Mistral instruct [INST] blocks"),
+    )
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown chat template {name!r}; valid names: auto, {', '.join(sorted(TEMPLATES))}"
+        ) from None
+
+
+def model_template(jinja: str, eos_token: str | None) -> ChatTemplate:
+    """A model's own chat template; its turns end with the tokenizer's EOS token."""
+    return ChatTemplate("model", jinja, (eos_token,) if eos_token else (), "the base model's own chat template")

@@ -1,0 +1,151 @@
+"""The job folder: the contract between the orchestrator and every runner.
+
+    <LLAMAFARM_HOME>/jobs/<job_id>/
+        strategy.yaml     the resolved strategy (overrides applied), the only settings the trainer reads
+        job.json          status, pid, runner, timestamps, inputs, decisions, error
+        metrics.jsonl     one JSON object per logged step
+        train.log         everything the trainer printed
+        checkpoints/      checkpoint-<step>/ folders
+        final/            the trained adapter (or full weights) with tokenizer and strategy.yaml
+
+Whoever runs the trainer (a local process, a container, a venv on a Mac) reads and writes these
+files the same way, so `monitor` never needs to know which runner ran the job.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from contract.errors import UserError
+
+STRATEGY_FILE = "strategy.yaml"
+JOB_FILE = "job.json"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+
+STATUSES = ("pending", "running", "completed", "failed", "stopped")
+FINISHED = ("completed", "failed", "stopped")
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def llamafarm_home() -> Path:
+    return Path(os.environ.get("LLAMAFARM_HOME", Path.home() / ".llamafarm")).expanduser()
+
+
+def jobs_root() -> Path:
+    return llamafarm_home() / "jobs"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids become folder names: refuse anything that could leave the jobs folder."""
+    if not _JOB_ID.match(job_id) or ".." in job_id:
+        raise UserError(
+            f"invalid job id {job_id!r}: use letters, digits, '.', '_' and '-' only "
+            "(`llamafarm finetune jobs` lists the ids)"
+        )
+    return job_id
+
+
+def job_dir(job_id: str) -> Path:
+    return jobs_root() / check_job_id(job_id)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Readers never see a half-written file: write a temporary file, then rename over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; job files are as readable as the folder
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _locked(folder: Path):
+    # The orchestrator (pid, stop) and the trainer (status, progress) both update job.json.
+    with open(folder / ".job.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_job(folder: Path) -> dict:
+    path = Path(folder) / JOB_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no job at {folder} (missing {JOB_FILE}); `llamafarm finetune jobs` lists the jobs") from None
+
+
+def update_job(folder: Path, **fields) -> dict:
+    """Read-modify-write job.json under a lock; returns the new content."""
+    folder = Path(folder)
+    with _locked(folder):
+        path = folder / JOB_FILE
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.update(fields)
+        write_json_atomic(path, data)
+        return data
+
+
+def append_metrics(folder: Path, record: dict) -> None:
+    with open(Path(folder) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    path = Path(folder) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now; the next read gets it
+    return records
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); look at its state where /proc exists.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def elapsed_since(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return time.time() - datetime.fromisoformat(iso).timestamp()

@@ -1,0 +1,124 @@
+"""The job registry: creating job folders, listing them, and noticing jobs whose process died."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from contract.errors import UserError
+from contract.job_folder import (
+    FINAL_DIR,
+    FINISHED,
+    JOB_FILE,
+    STRATEGY_FILE,
+    check_job_id,
+    job_dir,
+    jobs_root,
+    now_iso,
+    pid_alive,
+    read_job,
+    update_job,
+    write_json_atomic,
+)
+from contract.strategy import Strategy, resolved_dict
+
+
+def new_job_id(strategy_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", strategy_name).strip("-")[:48] or "job"
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, overrides: dict, runner: str) -> Path:
+    """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
+    root = jobs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = root / new_job_id(strategy_name)
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    try:
+        (folder / STRATEGY_FILE).write_text(
+            f"# {strategy_name} from {source}" + (f", with --set {overrides}" if overrides else "") + "\n"
+            + yaml.safe_dump(resolved_dict(strategy), sort_keys=False)
+        )
+        write_json_atomic(
+            folder / JOB_FILE,
+            {
+                "job_id": folder.name,
+                "strategy": strategy_name,
+                "strategy_source": str(source),
+                "overrides": overrides,
+                "dataset": str(dataset.resolve()),
+                "runner": runner,
+                "status": "pending",
+                "pid": None,
+                "created_at": now_iso(),
+            },
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # never leave a half-made job behind
+        raise
+    return folder
+
+
+def refresh(folder: Path) -> dict:
+    """The job's state; a running job whose process is gone is marked failed, not left running."""
+    job = read_job(folder)
+    if job.get("status") == "running" or (job.get("status") == "pending" and job.get("pid")):
+        if not pid_alive(job.get("pid")):
+            time.sleep(0.2)  # it may have written its final status just now
+            job = read_job(folder)
+            if job.get("status") not in FINISHED and not pid_alive(job.get("pid")):
+                job = update_job(
+                    folder,
+                    status="failed",
+                    finished_at=now_iso(),
+                    error=f"the training process (pid {job.get('pid')}) ended without reporting a status; "
+                    f"see {folder / 'train.log'}",
+                )
+    return job
+
+
+def list_jobs() -> list[dict]:
+    root = jobs_root()
+    if not root.exists():
+        return []
+    jobs = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and (folder / JOB_FILE).exists():
+            jobs.append(refresh(folder))
+    return sorted(jobs, key=lambda j: j.get("created_at", ""))
+
+
+def get(job_id: str) -> tuple[Path, dict]:
+    folder = job_dir(check_job_id(job_id))
+    if not (folder / JOB_FILE).exists():
+        raise UserError(f"no job with id {job_id!r}; `llamafarm finetune jobs` lists the jobs")
+    return folder, refresh(folder)
+
+
+def model_folder(model: str) -> Path:
+    """A job id or a folder to the folder that holds trained weights."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / FINAL_DIR / STRATEGY_FILE).exists():
+            return path / FINAL_DIR
+        if (path / STRATEGY_FILE).exists() and not (path / JOB_FILE).exists():
+            return path
+        raise UserError(f"{path} holds no trained model (expected a job folder with final/, or a final/ folder)")
+    if "/" in model or model.startswith("."):
+        raise UserError(f"model folder {model} does not exist")
+    folder, job = get(model)
+    if job["status"] != "completed":
+        detail = f": {job['error']}" if job.get("error") else ""
+        raise UserError(f"job {model} is {job['status']}{detail}; only a completed job has final weights")
+    return folder / FINAL_DIR

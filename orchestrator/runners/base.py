@@ -1,0 +1,30 @@
+"""The runner interface: where and how the shared training entrypoint starts.
+
+A runner is pure until it executes: `launch_spec` builds the exact command (testable anywhere),
+`start` executes it detached and returns a pid, `stop` asks the job to checkpoint and end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """The whole environment of the started process."""
+    log_path: Path | None = None
+
+
+class Runner(Protocol):
+    name: str
+
+    def launch_spec(self, job_dir: Path) -> LaunchSpec: ...
+
+    def start(self, spec: LaunchSpec) -> int: ...
+
+    def stop(self, job: dict) -> None: ...

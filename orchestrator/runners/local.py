@@ -1,0 +1,48 @@
+"""The local runner: the shared entrypoint as a detached process on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from contract.job_folder import LOG_FILE
+from orchestrator.runners.base import LaunchSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def trainer_env() -> dict[str, str]:
+    """The caller's environment plus what the trainer needs; PYTHONPATH makes a plain checkout
+    (`python cli.py`) work as well as an installed package."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + path if path else "")}
+
+
+class LocalRunner:
+    name = "local"
+
+    def launch_spec(self, job_dir: Path) -> LaunchSpec:
+        return LaunchSpec(
+            argv=[sys.executable, "-m", "trainer", "train", str(job_dir)],
+            cwd=PROJECT_ROOT,
+            env=trainer_env(),
+            log_path=job_dir / LOG_FILE,
+        )
+
+    def start(self, spec: LaunchSpec) -> int:
+        with open(spec.log_path, "ab") as log:
+            # A new session: the job outlives this command and is stopped as a process group.
+            proc = subprocess.Popen(
+                spec.argv, cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return proc.pid
+
+    def stop(self, job: dict) -> None:
+        try:
+            os.killpg(job["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass

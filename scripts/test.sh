@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the test suite (README command 2):
+#   bash scripts/test.sh [pytest args]
+# Installs the environment first if needed; tests run offline on the builtin tiny models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,55 @@
+"""Shared fixtures: every test gets its own LLAMAFARM_HOME; builtin models are built once per machine
+(in LLAMAFARM_CACHE) and shared; the hub is never contacted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT / "demos" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFARM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LLAMAFARM_STRATEGIES", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the llamafarm CLI in-process; returns click's Result."""
+    from orchestrator.cli import cli
+
+    def _run(*args, **kwargs):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+    return _run
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def _write(rows, name="data.jsonl"):
+        path = tmp_path / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def tokenizers():
+    """The two builtin tokenizers (building the models once if this machine has none cached)."""
+    from transformers import AutoTokenizer
+
+    from trainer.models.builtin import builtin_path
+
+    return {
+        name: AutoTokenizer.from_pretrained(builtin_path(f"builtin:{name}"))
+        for name in ("tiny-llama-spm", "tiny-llama-bpe")
+    }

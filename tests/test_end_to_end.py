@@ -1,0 +1,143 @@
+"""End to end on CPU with a builtin tiny model: start → train → files → monitor → generate → stop."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from contract.job_folder import read_job, read_metrics
+
+from conftest import DATASETS
+
+LORA_SPM = {
+    "lora_spm": {
+        "description": "test: LoRA on the SentencePiece builtin",
+        "fine_tuner": {
+            "config": {
+                "base_model": {"name": "spm", "huggingface_id": "builtin:tiny-llama-spm"},
+                "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+                "training_args": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                                  "logging_steps": 1, "save_steps": 2, "save_total_limit": 2, "max_seq_length": 128,
+                                  "seed": 7, "precision": "fp32"},
+                "device": "cpu",
+            }
+        },
+    }
+}
+
+
+@pytest.fixture
+def strategy_file(tmp_path):
+    path = tmp_path / "lora_spm.yaml"
+    path.write_text(yaml.safe_dump(LORA_SPM))
+    return path
+
+
+def _start(run_cli, strategy_file, *extra):
+    result = run_cli(
+        "finetune", "start", "--strategy", "lora_spm", "--strategy-file", strategy_file,
+        "--dataset", DATASETS / "medical_qa.jsonl", "--json", *extra,
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def _wait(folder, statuses, timeout=240):
+    from orchestrator.jobs import refresh
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = refresh(folder)
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job still {job['status']} after {timeout}s:\n{(folder / 'train.log').read_text()}")
+
+
+def test_train_files_monitor_and_generate(run_cli, strategy_file):
+    from pathlib import Path
+
+    started = _start(run_cli, strategy_file, "--foreground")
+    folder = Path(started["job_dir"])
+    assert started["status"] == "pending" and started["job_id"] == folder.name
+
+    job = read_job(folder)
+    log = (folder / "train.log").read_text()
+    assert job["status"] == "completed", log
+    assert job["decisions"]["device"]["value"] == "cpu" and job["decisions"]["method"]["value"] == "lora"
+    assert job["decisions"]["template"]["value"] == "alpaca", "the spm builtin has no chat template of its own"
+    assert job["data"] == {"rows": 200, "used": 200, "truncated": 50, "dropped": 0, "tokens": 23596}
+    assert "device: cpu (set in the strategy)" in log and "precision: fp32 (set in the strategy)" in log
+
+    metrics = read_metrics(folder)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert set(metrics[0]) == {"step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm",
+                               "tokens_per_second", "elapsed"}
+    losses = [m["loss"] for m in metrics]
+    # Golden values for this seed on this builtin (recipe version 2); the loss must fall.
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-2)
+    assert losses[-1] < losses[0] - 0.2
+
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    final = sorted(p.name for p in (folder / "final").iterdir())
+    assert final == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+                     "strategy.yaml", "tokenizer.json", "tokenizer_config.json"]
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt")), "safetensors only"
+    assert yaml.safe_load((folder / "final" / "strategy.yaml").read_text())["fine_tuner"]["config"]["method"]["r"] == 8
+
+    monitor = json.loads(run_cli("finetune", "monitor", "--job-id", folder.name, "--json").output)
+    assert (monitor["status"], monitor["step"], monitor["total_steps"]) == ("completed", 6, 6)
+    assert monitor["loss"] == losses[-1]
+    listing = run_cli("finetune", "jobs").output
+    assert folder.name in listing and "completed" in listing
+
+    answer = run_cli("generate", "--model", folder.name, "--prompt", "What are the symptoms of anemia?",
+                     "--max-new-tokens", "20")
+    assert answer.exit_code == 0
+
+
+def test_generate_prints_the_answer(strategy_file, tmp_path, monkeypatch):
+    """Through the real console entry point, as a user types it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ}
+    base = [sys.executable, "-m", "orchestrator.cli"]
+    started = subprocess.run(
+        [*base, "run", "--strategy", "lora_spm", "--strategy-file", str(strategy_file), "--dataset",
+         str(DATASETS / "medical_chat.jsonl"), "--foreground"],
+        capture_output=True, text=True, env=env,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    job_id = next(line for line in started.stdout.splitlines() if line.startswith("lora_spm-"))
+    out = subprocess.run(
+        [*base, "generate", "--model", job_id, "--prompt", "What is a fever?", "--max-new-tokens", "16"],
+        capture_output=True, text=True, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip()) > 0
+
+
+def test_stop_saves_a_checkpoint_and_ends_stopped(run_cli, strategy_file):
+    from pathlib import Path
+
+    started = _start(run_cli, strategy_file, "--set", "training_args.max_steps=2000", "--set", "training_args.save_steps=1000")
+    folder = Path(started["job_dir"])
+    deadline = time.time() + 180
+    while not read_metrics(folder) and time.time() < deadline:
+        time.sleep(0.3)
+    assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0
+    job = _wait(folder, ("stopped", "failed", "completed"))
+    assert job["status"] == "stopped", (folder / "train.log").read_text()
+    checkpoints = list((folder / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
+    again = run_cli("finetune", "stop", "--job-id", folder.name)
+    assert again.exit_code == 1 and "already ended (stopped)" in again.output
+
+
+GOLDEN_LOSSES = [6.273964, 6.243537, 6.087262, 5.620635, 5.957738, 5.93991]

@@ -1,0 +1,153 @@
+"""The job registry, the job folder contract, the local runner's launch spec, device decisions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contract.errors import UserError
+from contract.job_folder import append_metrics, check_job_id, read_job, read_metrics, update_job
+from contract.strategy import parse_strategy
+from orchestrator import jobs
+from orchestrator.runners import RUNNERS, choose_runner, get_runner
+from orchestrator.runners.local import PROJECT_ROOT
+from trainer.devices import choose_device, choose_precision
+
+STRATEGY = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"name": "t", "huggingface_id": "builtin:tiny-llama-spm"}}}})
+
+
+def _job(tmp_path, name="tiny_demo"):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    return jobs.create(name, STRATEGY, Path("strategies/x.yaml"), data, {"x": 1}, "local")
+
+
+def test_create_writes_the_contract_files(tmp_path, _isolated_home):
+    folder = _job(tmp_path)
+    assert folder.parent == _isolated_home / "jobs"
+    job = read_job(folder)
+    assert job["status"] == "pending" and job["pid"] is None and job["runner"] == "local"
+    assert job["dataset"] == str(tmp_path / "d.jsonl") and job["overrides"] == {"x": 1}
+    resolved = yaml.safe_load((folder / "strategy.yaml").read_text())
+    assert parse_strategy("again", resolved) == STRATEGY, "the resolved strategy re-validates to the same settings"
+    assert sorted(p.name for p in folder.iterdir()) == ["job.json", "strategy.yaml"]
+
+
+def test_job_ids_are_distinct(tmp_path):
+    ids = {_job(tmp_path).name for _ in range(20)}
+    assert len(ids) == 20
+    assert all(i.startswith("tiny_demo-") for i in ids)
+    assert jobs.new_job_id("../../etc passwd").startswith("etc-passwd-")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x" * 200, "a..b"])
+def test_job_ids_cannot_leave_the_jobs_folder(bad):
+    with pytest.raises(UserError, match="invalid job id"):
+        check_job_id(bad)
+
+
+def test_update_is_read_modify_write_and_metrics_append(tmp_path):
+    folder = _job(tmp_path)
+    update_job(folder, status="running", pid=123)
+    update_job(folder, total_steps=10)
+    job = read_job(folder)
+    assert (job["status"], job["pid"], job["total_steps"], job["strategy"]) == ("running", 123, 10, "tiny_demo")
+    append_metrics(folder, {"step": 1, "loss": 2.5})
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a line being written right now
+    assert read_metrics(folder) == [{"step": 1, "loss": 2.5}]
+
+
+def test_a_dead_process_is_marked_failed_not_left_running(tmp_path):
+    folder = _job(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    update_job(folder, status="running", pid=proc.pid)
+    job = jobs.refresh(folder)
+    assert job["status"] == "failed"
+    assert job["error"].startswith(f"the training process (pid {proc.pid}) ended without reporting a status")
+    assert [j["status"] for j in jobs.list_jobs()] == ["failed"]
+
+
+def test_a_live_process_stays_running(tmp_path):
+    folder = _job(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        update_job(folder, status="running", pid=proc.pid)
+        assert jobs.refresh(folder)["status"] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_model_folder_resolution(tmp_path):
+    folder = _job(tmp_path)
+    with pytest.raises(UserError, match=f"job {folder.name} is pending; only a completed job has final weights"):
+        jobs.model_folder(folder.name)
+    with pytest.raises(UserError, match="no job with id 'nope'"):
+        jobs.model_folder("nope")
+    with pytest.raises(UserError, match="holds no trained model"):
+        jobs.model_folder(str(tmp_path))
+    (folder / "final").mkdir()
+    (folder / "final" / "strategy.yaml").write_text("x")
+    update_job(folder, status="completed")
+    assert jobs.model_folder(folder.name) == folder / "final"
+    assert jobs.model_folder(str(folder)) == folder / "final"
+    assert jobs.model_folder(str(folder / "final")) == folder / "final"
+
+
+def test_local_runner_launch_spec(tmp_path):
+    spec = get_runner("local").launch_spec(tmp_path / "job")
+    assert spec.argv == [sys.executable, "-m", "trainer", "train", str(tmp_path / "job")]
+    assert spec.cwd == PROJECT_ROOT and spec.log_path == tmp_path / "job" / "train.log"
+    assert spec.env["PYTHONPATH"].split(":")[0] == str(PROJECT_ROOT) and spec.env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_runner_registry_and_choice():
+    assert list(RUNNERS) == ["local"]
+    with pytest.raises(UserError, match="unknown runner 'docker'; valid: local"):
+        get_runner("docker")
+    assert choose_runner(None, "auto")[0].name == "local"
+    assert choose_runner("local", "auto")[1] == "--runner flag"
+    assert choose_runner(None, "local")[1] == "set in the strategy"
+
+
+def test_device_choice_and_fallback():
+    none = {"cuda": False, "mps": False, "cpu": True}
+    assert choose_device("auto", None, none).value == "cpu"
+    assert choose_device("auto", None, {**none, "mps": True}).value == "mps"
+    assert choose_device("auto", None, {"cuda": True, "mps": True, "cpu": True}).value == "cuda"
+    fell = choose_device("mps", "cpu", none)
+    assert (fell.value, fell.reason) == ("cpu", "mps was asked for but is not available; strategy falls back to cpu")
+    with pytest.raises(UserError, match="device 'cuda' is not available on this machine"):
+        choose_device("cuda", None, none)
+
+
+def test_cpu_precision_follows_the_cpu(monkeypatch):
+    from trainer import devices
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert choose_precision("auto", "cpu").value == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert choose_precision("auto", "cpu").value == "fp32"
+    assert choose_precision("bf16", "cpu").reason == "set in the strategy"
+    with pytest.raises(UserError, match="fp16 is not supported for CPU training"):
+        choose_precision("fp16", "cpu")
+    with pytest.raises(UserError, match="bf16 is not reliable on MPS"):
+        choose_precision("bf16", "mps")
+
+
+def test_qlora_is_refused_or_falls_back_off_cuda():
+    from contract.strategy import MethodSpec
+    from trainer.methods import choose_method
+
+    with pytest.raises(UserError, match=r"method qlora needs a CUDA device \(training on cpu\)"):
+        choose_method(MethodSpec(type="qlora"), "cpu")
+    fell = choose_method(MethodSpec(type="qlora", fallback_to_lora=True), "cpu")
+    assert fell.value == "lora" and "fallback_to_lora is on" in fell.reason
+    assert json.dumps(fell.__dict__)

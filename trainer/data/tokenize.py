@@ -1,0 +1,122 @@
+"""Conversations to token ids and labels, through the chat template, with prompt tokens masked.
+
+The template renders the whole conversation once; rendering it incrementally gives the character
+span of every assistant turn. The text is tokenized once (with offsets), and a token carries loss
+when it overlaps an assistant span, so the ids are exactly those that inference would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from contract.chat_templates import FALLBACK_TEMPLATE, ChatTemplate, get_template, model_template
+from contract.errors import UserError
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+
+def choose_template(name: str, tokenizer) -> tuple[ChatTemplate, str]:
+    """The template to use and the reason, for the log."""
+    if name != "auto":
+        return get_template(name), f"template: {name} (set in the strategy)"
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own:
+        return model_template(own, tokenizer.eos_token), "template: the model's own chat template"
+    return get_template(FALLBACK_TEMPLATE), f"template: {FALLBACK_TEMPLATE} (the model has no chat template)"
+
+
+class ConversationEncoder:
+    def __init__(self, tokenizer, template: ChatTemplate, max_seq_length: int, train_on_inputs: bool, truncation: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_seq_length = max_seq_length
+        self.train_on_inputs = train_on_inputs
+        self.truncation = truncation
+        self.eos_id = tokenizer.eos_token_id
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.template.jinja, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _tokenize(self, text: str):
+        # A template that writes BOS itself must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+
+    def assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
+        full = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
+                raise UserError(
+                    f"chat template {self.template.name!r} does not render conversations incrementally, "
+                    "so prompt tokens cannot be masked; choose a named template (dataset.template)"
+                )
+            spans.append((len(before), len(through)))
+        return full, spans
+
+    def encode(self, messages) -> tuple[list[int], list[int]]:
+        """input_ids and labels (IGNORE_INDEX outside assistant turns), before any length limit."""
+        text, spans = self.assistant_spans(messages)
+        enc = self._tokenize(text)
+        ids = list(enc["input_ids"])
+        labels = []
+        for token_id, (start, end) in zip(ids, enc["offset_mapping"]):
+            in_answer = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+            labels.append(token_id if (in_answer or self.train_on_inputs) else IGNORE_INDEX)
+        if self.eos_id is not None and spans:
+            # Every answer must end in EOS so generation stops; add it where the template does not.
+            last = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < spans[-1][1] and e > spans[-1][0]]
+            if not last or self.eos_id not in ids[last[0] : last[-1] + 1]:
+                insert_at = last[-1] + 1 if last else len(ids)
+                ids.insert(insert_at, self.eos_id)
+                labels.insert(insert_at, self.eos_id)
+        return ids, labels
+
+    def prompt_ids(self, messages) -> list[int]:
+        """Ids of a conversation ready for the assistant's next turn (for generation)."""
+        return list(self._tokenize(self.render(messages, add_generation_prompt=True))["input_ids"])
+
+    def encode_all(self, conversations) -> tuple[list[tuple[list[int], list[int]]], EncodeStats]:
+        rows, stats = [], EncodeStats()
+        for conv in conversations:
+            ids, labels = self.encode(list(conv.messages))
+            stats.rows += 1
+            if len(ids) > self.max_seq_length:
+                if self.truncation == "drop":
+                    stats.dropped_too_long += 1
+                    continue
+                stats.truncated += 1
+                ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                stats.dropped_no_target += 1
+                continue
+            stats.tokens += len(ids)
+            stats.target_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
+            stats.lengths.append(len(ids))
+            rows.append((ids, labels))
+        if not rows:
+            raise UserError(
+                f"no usable rows: {stats.dropped_too_long} longer than max_seq_length={self.max_seq_length} "
+                f"(dropped), {stats.dropped_no_target} with no answer tokens left after truncation; "
+                "raise training_args.max_seq_length or set dataset.truncation: truncate"
+            )
+        return rows, stats

@@ -1,0 +1,78 @@
+"""Device and precision decisions, each returned with the reason that gets printed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract.errors import UserError
+
+
+@dataclass(frozen=True)
+class Decision:
+    value: str
+    reason: str
+
+
+def _available() -> dict[str, bool]:
+    import torch
+
+    return {
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "cpu": True,
+    }
+
+
+def choose_device(requested: str, fallback: str | None, available: dict[str, bool] | None = None) -> Decision:
+    available = available if available is not None else _available()
+    if requested == "auto":
+        for name in ("cuda", "mps"):
+            if available[name]:
+                return Decision(name, f"{name} is available; auto picks cuda, then mps, then cpu")
+        return Decision("cpu", "no CUDA and no MPS device found; auto picks cuda, then mps, then cpu")
+    if available[requested]:
+        return Decision(requested, "set in the strategy")
+    if fallback:
+        return Decision(fallback, f"{requested} was asked for but is not available; strategy falls back to {fallback}")
+    raise UserError(
+        f"device {requested!r} is not available on this machine; set fine_tuner.config.device to auto or cpu, "
+        "or set fallback_device: cpu"
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def choose_precision(requested: str, device: str) -> Decision:
+    import torch
+
+    if device == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested in ("auto", "bf16"):
+            if bf16_ok:
+                return Decision("bf16", "the GPU supports bf16" if requested == "auto" else "set in the strategy")
+            if requested == "bf16":
+                raise UserError("precision bf16 was asked for but this GPU does not support it; use fp16 or auto")
+            return Decision("fp16", "the GPU has no bf16 support")
+        return Decision(requested, "set in the strategy")
+    if device == "mps":
+        if requested == "bf16":
+            raise UserError("precision bf16 is not reliable on MPS; use fp16, fp32 or auto")
+        if requested == "auto":
+            return Decision("fp32", "MPS autocast is not reliable for training; fp32 is the safe default")
+        return Decision(requested, "set in the strategy")
+    # cpu
+    if requested == "fp16":
+        raise UserError("precision fp16 is not supported for CPU training; use bf16, fp32 or auto")
+    if requested == "auto":
+        if cpu_has_bf16():
+            return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
+        return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
+    return Decision(requested, "set in the strategy")

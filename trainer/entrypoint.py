@@ -1,0 +1,168 @@
+"""The shared training entrypoint: every runner ends here with a job folder.
+
+    python -m trainer train <job_dir>
+
+It reads only the job folder (strategy.yaml and the inputs in job.json), prints each decision with
+its reason, trains, and writes status, metrics, checkpoints and final weights back into the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import traceback
+from pathlib import Path
+
+import yaml
+
+from contract.errors import UserError
+from contract.job_folder import STRATEGY_FILE, now_iso, read_job, update_job
+from contract.strategy import Strategy, parse_strategy
+
+
+def load_job_strategy(folder: Path) -> tuple[Strategy, str]:
+    text = (folder / STRATEGY_FILE).read_text()
+    return parse_strategy(str(folder / STRATEGY_FILE), yaml.safe_load(text)), text
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _say(what: str, decision) -> dict:
+    print(f"{what}: {decision.value} ({decision.reason})", flush=True)
+    return {"value": decision.value, "reason": decision.reason}
+
+
+def _train(folder: Path, stop_flag: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer import loop, saving
+    from trainer.data.records import read_dataset
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+    from trainer.devices import choose_device, choose_precision
+    from trainer.methods import METHODS, choose_method
+    from trainer.models import source
+
+    strategy, strategy_text = load_job_strategy(folder)
+    cfg = strategy.cfg
+    job = read_job(folder)
+    args = cfg.training_args
+
+    device = choose_device(cfg.device, cfg.fallback_device)
+    precision = choose_precision(args.precision, device.value)
+    method = choose_method(cfg.method, device.value)
+    decisions = {"device": _say("device", device), "precision": _say("precision", precision)}
+    decisions["method"] = _say("method", method)
+
+    _seed_everything(args.seed)
+    print(f"base model: {cfg.base_model.huggingface_id} ({source.check_available(cfg.base_model)})", flush=True)
+    model_path = source.resolve(cfg.base_model)
+    if cfg.base_model.trust_remote_code:
+        print("trust_remote_code: on (set in the strategy): the model repo's own code will run", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code
+    )
+    template, template_reason = choose_template(cfg.dataset.template, tokenizer)
+    print(template_reason, flush=True)
+    decisions["template"] = {"value": template.name, "reason": template_reason}
+
+    conversations = read_dataset(job["dataset"], cfg.dataset.format)
+    encoder = ConversationEncoder(
+        tokenizer, template, args.max_seq_length, cfg.dataset.train_on_inputs, cfg.dataset.truncation
+    )
+    rows, stats = encoder.encode_all(conversations)
+    print(
+        f"data: {stats.rows} rows read, {len(rows)} used; {stats.truncated} truncated, "
+        f"{stats.dropped_too_long} dropped as too long, {stats.dropped_no_target} dropped with no answer tokens; "
+        f"{stats.tokens} tokens, {stats.target_tokens} in the loss",
+        flush=True,
+    )
+
+    # Frozen weights in the compute dtype halve their memory; trainable ones stay fp32 (below).
+    load_dtype = torch.float32
+    if method.value != "full" and precision.value in ("bf16", "fp16") and device.value == "cuda":
+        load_dtype = torch.bfloat16 if precision.value == "bf16" else torch.float16
+    builder = METHODS[method.value]
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        revision=cfg.base_model.revision,
+        trust_remote_code=cfg.base_model.trust_remote_code,
+        dtype=load_dtype,
+        use_safetensors=True,
+        **builder.load_kwargs(cfg.method, load_dtype),
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model = builder.make_trainable(model, cfg.method)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if method.value != "qlora":
+        model.to(device.value)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
+    # The tokenizer saved with every artifact carries the template the data was shaped with.
+    tokenizer.chat_template = template.jinja
+    update_job(
+        folder,
+        decisions=decisions,
+        data={"rows": stats.rows, "used": len(rows), "truncated": stats.truncated,
+              "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens},
+        trainable_parameters=trainable,
+    )
+
+    def checkpoint(step: int) -> None:
+        path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, step, args.save_total_limit)
+        print(f"checkpoint: {path}", flush=True)
+
+    result = loop.train(
+        model, rows, args, device=device.value, precision=precision.value,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        job_dir=folder, save_checkpoint=checkpoint, stop_requested=lambda: stop_flag["stop"],
+    )
+    final = saving.save_final(model, tokenizer, strategy_text, folder)
+    print(f"final weights: {final}", flush=True)
+    update_job(folder, final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
+               train_seconds=round(result.elapsed, 2))
+
+
+def run(folder: Path) -> int:
+    """Run the job in `folder`; the exit code is 0 only when it completed."""
+    from trainer.loop import StopRequested
+
+    folder = Path(folder).resolve()
+    stop_flag = {"stop": False}
+
+    def _on_term(signum, frame):
+        stop_flag["stop"] = True
+        print("stop requested: saving a checkpoint, then stopping", flush=True)
+
+    signal.signal(signal.SIGTERM, _on_term)
+    update_job(folder, status="running", started_at=now_iso(), pid=os.getpid())
+    try:
+        _train(folder, stop_flag)
+    except StopRequested:
+        update_job(folder, status="stopped", finished_at=now_iso())
+        print("status: stopped", flush=True)
+        return 3
+    except UserError as exc:
+        update_job(folder, status="failed", finished_at=now_iso(), error=str(exc))
+        print(f"error: {exc}", flush=True)
+        return 1
+    except BaseException as exc:  # a crash: keep the traceback in train.log, the message in job.json
+        traceback.print_exc()
+        update_job(folder, status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        return 1
+    update_job(folder, status="completed", finished_at=now_iso())
+    print("status: completed", flush=True)
+    return 0

@@ -1,0 +1,78 @@
+"""Generation from a fine-tuned job (or a saved folder) with the template it was trained with.
+
+    python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T]
+
+<folder> is a job's final/ or checkpoints/checkpoint-N/ folder: it holds the adapter (or full
+weights), the tokenizer carrying the training chat template, and the strategy that made it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from contract.errors import UserError
+from contract.job_folder import STRATEGY_FILE
+
+
+def load_for_inference(folder: Path):
+    """(model, tokenizer, encoder) for an artifact folder written by trainer.saving."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+
+    # The answer is the output: no loading bars or library chatter around it.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from trainer.entrypoint import load_job_strategy
+    from trainer.models import source
+
+    if not (folder / STRATEGY_FILE).exists():
+        raise UserError(f"{folder} is not a llamafarm model folder (no {STRATEGY_FILE}); give a job id or its final/ folder")
+    strategy, _ = load_job_strategy(folder)
+    cfg = strategy.cfg
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template, _ = choose_template(cfg.dataset.template, tokenizer)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(
+            source.resolve(cfg.base_model), revision=cfg.base_model.revision,
+            trust_remote_code=cfg.base_model.trust_remote_code, dtype=torch.float32, use_safetensors=True,
+        )
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    encoder = ConversationEncoder(tokenizer, template, cfg.training_args.max_seq_length, False, "truncate")
+    return model, tokenizer, encoder
+
+
+def generate(folder: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> str:
+    import torch
+
+    model, tokenizer, encoder = load_for_inference(Path(folder))
+    ids = encoder.prompt_ids([{"role": "user", "content": prompt}])
+    torch.manual_seed(seed)
+    stop = [s for s in encoder.template.stop_strings if s and s != tokenizer.eos_token]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            stop_strings=stop or None,
+            tokenizer=tokenizer if stop else None,
+        )
+    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    for s in stop:  # stop_strings end generation after the string; do not show it
+        text = text.split(s)[0]
+    return text.strip()

@@ -1,0 +1,98 @@
+"""Fine-tuning methods: small builders chosen by `method.type`, all feeding the same training loop.
+
+Each method says how to load the base model (e.g. 4-bit for QLoRA) and how to make it trainable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+from contract.errors import UserError
+from contract.strategy import MethodSpec
+from trainer.devices import Decision
+
+
+@dataclass(frozen=True)
+class Method:
+    load_kwargs: Callable[[MethodSpec, object], dict]
+    make_trainable: Callable[[object, MethodSpec], object]
+
+
+def _check_targets(model, method: MethodSpec) -> None:
+    import torch
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+    missing = [t for t in method.target_modules if t not in linear]
+    if missing:
+        raise UserError(
+            f"method.target_modules {missing} do not exist in this model; its linear layers are: {', '.join(linear)}"
+        )
+
+
+def _lora(model, method: MethodSpec):
+    from peft import LoraConfig, get_peft_model
+
+    _check_targets(model, method)
+    config = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=list(method.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _qlora(model, method: MethodSpec):
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _lora(model, method)
+
+
+def _qlora_load(method: MethodSpec, compute_dtype) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    }
+
+
+def _full(model, method: MethodSpec):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(lambda m, d: {}, _lora),
+    "qlora": Method(_qlora_load, _qlora),
+    "full": Method(lambda m, d: {}, _full),
+}
+
+
+def choose_method(method: MethodSpec, device: str) -> Decision:
+    """QLoRA needs CUDA and bitsandbytes; elsewhere fall back to LoRA only when the strategy allows."""
+    if method.type != "qlora":
+        return Decision(method.type, "set in the strategy")
+    missing = []
+    if device != "cuda":
+        missing.append(f"a CUDA device (training on {device})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if not missing:
+        return Decision("qlora", "CUDA and bitsandbytes are present")
+    if method.fallback_to_lora:
+        return Decision("lora", f"qlora needs {' and '.join(missing)}; method.fallback_to_lora is on, so plain LoRA")
+    raise UserError(
+        f"method qlora needs {' and '.join(missing)}; use method.type: lora, "
+        "or set method.fallback_to_lora: true to train LoRA instead"
+    )
