@@ -7,6 +7,7 @@
         train.log         everything the trainer printed
         checkpoints/      checkpoint-<step>/ folders
         final/            the trained adapter (or full weights) with tokenizer and strategy.yaml
+        best/             the same at the lowest eval loss, when training_args.save_best is on
 
 Whoever runs the trainer (a local process, a container, a venv on a Mac) reads and writes these
 files the same way, so `monitor` never needs to know which runner ran the job.
@@ -32,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
+BEST_DIR = "best"
 
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
 FINISHED = ("completed", "failed", "stopped")

@@ -81,6 +81,12 @@ class TrainingArgs(_Strict):
         default=None, gt=0, description="Checkpoint every N optimizer steps; null saves only the final weights."
     )
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    eval_steps: int | None = Field(
+        default=None, gt=0, description="Eval loss every N steps; null: at the end of every epoch. Needs eval data."
+    )
+    save_best: bool = Field(
+        default=False, description="Keep the checkpoint with the lowest eval loss as best/. Needs eval data."
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward: less memory, about 20-30% slower."
     )
@@ -90,8 +96,12 @@ class TrainingArgs(_Strict):
 
 
 class DatasetSpec(_Strict):
-    format: Literal["auto", "alpaca", "chat"] = Field(
-        default="auto", description="Row format; auto detects it from each file's rows."
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = Field(
+        default="auto", description="Row format; auto detects it from the rows' keys."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Your column names for the format's fields, e.g. {instruction: question, output: answer}.",
     )
     template: str = Field(
         default="auto",
@@ -101,6 +111,24 @@ class DatasetSpec(_Strict):
     truncation: Literal["truncate", "drop"] = Field(
         default="truncate", description="What to do with rows longer than max_seq_length."
     )
+    packing: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Pack several rows into each sequence (no attention across rows); auto: on where supported.",
+    )
+    eval_fraction: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="Share of the rows held out for eval loss (seeded split)."
+    )
+    eval_file: str | None = Field(default=None, description="A separate eval dataset; replaces eval_fraction.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DatasetSpec":
+        if self.eval_file and self.eval_fraction:
+            raise ValueError("set eval_fraction or eval_file, not both")
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_file or self.eval_fraction)
 
 
 class FineTunerConfig(_Strict):
@@ -115,6 +143,17 @@ class FineTunerConfig(_Strict):
         default=None, description="Device to use when `device` is not available; null makes that an error."
     )
     runner: str = Field(default="auto", description="How the job is started: auto or a runner name.")
+
+    @model_validator(mode="after")
+    def _eval_settings_need_eval_data(self) -> "FineTunerConfig":
+        if not self.dataset.has_eval:
+            used = [k for k in ("eval_steps", "save_best") if k in self.training_args.model_fields_set
+                    and getattr(self.training_args, k)]
+            if used:
+                raise ValueError(
+                    f"training_args.{', '.join(used)} need eval data: set dataset.eval_fraction or dataset.eval_file"
+                )
+        return self
 
 
 class FineTuner(_Strict):

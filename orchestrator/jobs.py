@@ -34,7 +34,8 @@ def new_job_id(strategy_name: str) -> str:
     return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, overrides: dict, runner: str) -> Path:
+def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, eval_dataset: Path | None,
+           overrides: dict, runner: str) -> Path:
     """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
     root = jobs_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,7 @@ def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, 
                 "strategy_source": str(source),
                 "overrides": overrides,
                 "dataset": str(dataset.resolve()),
+                "eval_dataset": str(eval_dataset.resolve()) if eval_dataset else None,
                 "runner": runner,
                 "status": "pending",
                 "pid": None,

@@ -13,7 +13,9 @@ from orchestrator import jobs
 
 def summary(job: dict, metrics: list[dict]) -> dict:
     """What a person or a script wants to know about a job, in one dict."""
-    last = metrics[-1] if metrics else {}
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    last = train[-1] if train else {}
     total = job.get("total_steps") or last.get("total_steps")
     step = last.get("step", 0)
     eta = None
@@ -27,7 +29,8 @@ def summary(job: dict, metrics: list[dict]) -> dict:
         "total_steps": total,
         "epoch": last.get("epoch"),
         "loss": last.get("loss"),
-        "first_loss": metrics[0]["loss"] if metrics else None,
+        "first_loss": train[0]["loss"] if train else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "learning_rate": last.get("learning_rate"),
         "tokens_per_second": last.get("tokens_per_second"),
         "elapsed": last.get("elapsed") or elapsed_since(job.get("started_at")),
@@ -54,6 +57,8 @@ def render(s: dict) -> str:
     parts = [f"{s['job_id']}  {s['status']:<9} {bar(s['step'], s['total_steps'])}"]
     if s["loss"] is not None:
         parts.append(f"loss {s['loss']:.4f} (first {s['first_loss']:.4f})")
+    if s["eval_loss"] is not None:
+        parts.append(f"eval {s['eval_loss']:.4f}")
     if s["tokens_per_second"]:
         parts.append(f"{s['tokens_per_second']:.0f} tok/s")
     parts.append(f"elapsed {_duration(s['elapsed'])}")

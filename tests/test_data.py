@@ -37,7 +37,7 @@ def test_alpaca_input_joins_the_instruction(write_jsonl):
         {"role": "user", "content": "Explain.\n\nHb 10.2 g/dL"},
         {"role": "assistant", "content": "Low."},
     )
-    assert [r.line for r in rows] == [1, 3], "blank lines are skipped, line numbers kept"
+    assert [r.where for r in rows] == [f"{path}:1", f"{path}:3"], "blank lines are skipped, line numbers kept"
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_alpaca_input_joins_the_instruction(write_jsonl):
         ([{"instruction": "a", "output": 3}], r"data\.jsonl:1: 'output' must be a string, got int"),
         ([{"instruction": " ", "output": "b"}], r"data\.jsonl:1: empty instruction or output"),
         ([{"question": "a"}], r"data\.jsonl:1: unrecognised row with keys \['question'\]"),
-        (["[1, 2]"], r"data\.jsonl:1: expected a JSON object, got list"),
+        (["[1, 2]"], r"data\.jsonl:1: expected an object, got list"),
         ([{"messages": [{"role": "bot", "content": "x"}]}], r"messages\[0\]\.role 'bot' is not one of"),
         ([{"messages": [{"role": "user", "content": "x"}]}], r"conversation has no assistant turn"),
         ([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}], "starting with user"),
@@ -65,8 +65,12 @@ def test_bad_rows_are_reported_with_file_and_line(write_jsonl, rows, message):
 def test_bad_files(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         read_dataset(tmp_path / "missing.jsonl")
-    with pytest.raises(DatasetError, match="is a folder"):
+    with pytest.raises(DatasetError, match="is a folder but not a saved Hugging Face dataset"):
         read_dataset(tmp_path)
+    ten_mb = tmp_path / "huge.jsonl"
+    ten_mb.write_text('{"instruction": "a", "output": "b"}\n' + '{"instruction": "' + "x" * 10_000_000 + '", "output": "b"}\n')
+    with pytest.raises(DatasetError, match=r"huge\.jsonl:2: line is 9 MB long \(limit 4 MB\)"):
+        read_dataset(ten_mb)
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
     with pytest.raises(DatasetError, match="not UTF-8 text"):
@@ -137,13 +141,13 @@ def test_truncation_and_dropping_are_counted(tokenizers):
     from trainer.data.records import Conversation
 
     tok = tokenizers["tiny-llama-spm"]
-    long = Conversation(({"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "fine " * 40}), 1)
-    short = Conversation(({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}), 2)
+    long = Conversation(({"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "fine " * 40}), "f:1", "chat")
+    short = Conversation(({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}), "f:2", "chat")
     rows, stats = ConversationEncoder(tok, get_template("alpaca"), 64, False, "truncate").encode_all([long, short])
     assert (len(rows), stats.truncated, len(rows[0][0])) == (2, 1, 64)
     rows, stats = ConversationEncoder(tok, get_template("alpaca"), 64, False, "drop").encode_all([long, short])
     assert (len(rows), stats.dropped_too_long) == (1, 1)
-    prompt_only = Conversation(({"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "x"}), 3)
+    prompt_only = Conversation(({"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "x"}), "f:3", "chat")
     with pytest.raises(UserError, match="no usable rows: 0 longer than max_seq_length=64 \\(dropped\\), 1 with no answer"):
         ConversationEncoder(tok, get_template("alpaca"), 64, False, "truncate").encode_all([prompt_only])
 

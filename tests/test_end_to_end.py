@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -21,8 +22,9 @@ LORA_SPM = {
                 "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
                 "training_args": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-                                  "logging_steps": 1, "save_steps": 2, "save_total_limit": 2, "max_seq_length": 128,
-                                  "seed": 7, "precision": "fp32"},
+                                  "logging_steps": 1, "save_steps": 2, "save_total_limit": 2, "max_seq_length": 256,
+                                  "seed": 7, "precision": "fp32", "eval_steps": 3, "save_best": True},
+                "dataset": {"eval_fraction": 0.1},
                 "device": "cpu",
             }
         },
@@ -70,17 +72,24 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     assert job["status"] == "completed", log
     assert job["decisions"]["device"]["value"] == "cpu" and job["decisions"]["method"]["value"] == "lora"
     assert job["decisions"]["template"]["value"] == "alpaca", "the spm builtin has no chat template of its own"
-    assert job["data"] == {"rows": 200, "used": 200, "truncated": 50, "dropped": 0, "tokens": 23596}
+    assert job["data"] == {"rows": 200, "train": 180, "eval": 20, "truncated": 0, "dropped": 0, "tokens": 24056,
+                           "sequences": 91, "padding_fraction": 0.0479, "cache_hit": False}
     assert "device: cpu (set in the strategy)" in log and "precision: fp32 (set in the strategy)" in log
+    assert "packing: on (auto; block-diagonal masks with sdpa attention)" in log
 
     metrics = read_metrics(folder)
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-    assert set(metrics[0]) == {"step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm",
-                               "tokens_per_second", "elapsed"}
-    losses = [m["loss"] for m in metrics]
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6] and [m["step"] for m in evals] == [3, 6]
+    assert set(train[0]) == {"step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm",
+                             "tokens_per_second", "elapsed"}
+    losses = [m["loss"] for m in train]
     # Golden values for this seed on this builtin (recipe version 2); the loss must fall.
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-2)
+    assert [m["eval_loss"] for m in evals] == pytest.approx(GOLDEN_EVAL_LOSSES, abs=2e-2)
     assert losses[-1] < losses[0] - 0.2
+    assert job["best_step"] == 6 and job["best_eval_loss"] == evals[-1]["eval_loss"]
+    assert (folder / "best" / "adapter_model.safetensors").exists()
 
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     final = sorted(p.name for p in (folder / "final").iterdir())
@@ -98,6 +107,17 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     answer = run_cli("generate", "--model", folder.name, "--prompt", "What are the symptoms of anemia?",
                      "--max-new-tokens", "20")
     assert answer.exit_code == 0
+
+    result = run_cli("finetune", "evaluate", "--model", folder.name, "--dataset",
+                     DATASETS / "medical_qa_eval.jsonl", "--samples", "2", "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.output)
+    assert evaluation == json.loads((folder / "evaluation.json").read_text())
+    assert evaluation["rows"] == 30 and len(evaluation["samples"]) == 2
+    assert set(evaluation["samples"][0]) == {"prompt", "reference", "base", "fine_tuned"}
+    # The adapter changed the model: its loss on held-out data differs from the base's.
+    assert evaluation["fine_tuned"]["loss"] != evaluation["base"]["loss"]
+    assert evaluation["base"]["perplexity"] == pytest.approx(math.exp(evaluation["base"]["loss"]), rel=1e-3)
 
 
 def test_generate_prints_the_answer(strategy_file, tmp_path, monkeypatch):
@@ -140,4 +160,5 @@ def test_stop_saves_a_checkpoint_and_ends_stopped(run_cli, strategy_file):
     assert again.exit_code == 1 and "already ended (stopped)" in again.output
 
 
-GOLDEN_LOSSES = [6.273964, 6.243537, 6.087262, 5.620635, 5.957738, 5.93991]
+GOLDEN_LOSSES = [6.302793, 5.979368, 6.094005, 5.896752, 5.847076, 5.584188]
+GOLDEN_EVAL_LOSSES = [5.825824, 5.742394]

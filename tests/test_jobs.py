@@ -24,7 +24,7 @@ STRATEGY = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"name":
 def _job(tmp_path, name="tiny_demo"):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
-    return jobs.create(name, STRATEGY, Path("strategies/x.yaml"), data, {"x": 1}, "local")
+    return jobs.create(name, STRATEGY, Path("strategies/x.yaml"), data, None, {"x": 1}, "local")
 
 
 def test_create_writes_the_contract_files(tmp_path, _isolated_home):

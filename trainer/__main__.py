@@ -2,11 +2,14 @@
 
     python -m trainer train <job_dir>
     python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T]
+    python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N]
+    python -m trainer dataset-stats <dataset> < strategy.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
+    ev = sub.add_parser("evaluate", help="loss, perplexity and sample answers, fine-tuned vs base")
+    ev.add_argument("folder", type=Path)
+    ev.add_argument("dataset", type=Path)
+    ev.add_argument("--output", type=Path, required=True)
+    ev.add_argument("--samples", type=int, default=3)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    stats = sub.add_parser("dataset-stats", help="token lengths of a dataset under the strategy read from stdin")
+    stats.add_argument("dataset", type=Path)
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -30,9 +41,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args.job_dir)
     try:
-        from trainer.generate import generate
+        if args.command == "generate":
+            from trainer.generate import generate
 
-        print(generate(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+            print(generate(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+        elif args.command == "evaluate":
+            from trainer.evaluate import evaluate
+
+            result = evaluate(args.folder, args.dataset, args.samples, args.max_new_tokens)
+            tmp = args.output.with_name(f".{args.output.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(args.output)
+        else:
+            import yaml
+
+            from contract.strategy import parse_strategy
+            from trainer.data.records import read_dataset
+            from trainer.data.report import token_stats
+
+            cfg = parse_strategy("stdin", yaml.safe_load(sys.stdin.read())).cfg
+            rows = read_dataset(args.dataset, cfg.dataset.format, cfg.dataset.columns)
+            print(json.dumps(token_stats(rows, cfg)), flush=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

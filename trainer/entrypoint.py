@@ -40,13 +40,28 @@ def _say(what: str, decision) -> dict:
     return {"value": decision.value, "reason": decision.reason}
 
 
+def choose_packing(setting, model):
+    """Packing needs attention that honours a 4-D mask; FlashAttention-style kernels do not."""
+    from trainer.devices import Decision
+
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    supported = impl in ("sdpa", "eager")
+    if setting is False:
+        return Decision("off", "set in the strategy")
+    if setting is True and not supported:
+        raise UserError(f"dataset.packing: true needs sdpa or eager attention, but the model uses {impl}; set packing: auto")
+    if not supported:
+        return Decision("off", f"auto; {impl} attention does not take block-diagonal masks")
+    return Decision("on", "set in the strategy" if setting is True else f"auto; block-diagonal masks with {impl} attention")
+
+
 def _train(folder: Path, stop_flag: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import loop, saving
-    from trainer.data.records import read_dataset
-    from trainer.data.tokenize import ConversationEncoder, choose_template
+    from trainer.data.prepare import prepare
+    from trainer.data.tokenize import choose_template
     from trainer.devices import choose_device, choose_precision
     from trainer.methods import METHODS, choose_method
     from trainer.models import source
@@ -74,15 +89,14 @@ def _train(folder: Path, stop_flag: dict) -> None:
     print(template_reason, flush=True)
     decisions["template"] = {"value": template.name, "reason": template_reason}
 
-    conversations = read_dataset(job["dataset"], cfg.dataset.format)
-    encoder = ConversationEncoder(
-        tokenizer, template, args.max_seq_length, cfg.dataset.train_on_inputs, cfg.dataset.truncation
-    )
-    rows, stats = encoder.encode_all(conversations)
+    eval_file = Path(job["eval_dataset"]) if job.get("eval_dataset") else None
+    data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
+    stats = data.stats
     print(
-        f"data: {stats.rows} rows read, {len(rows)} used; {stats.truncated} truncated, "
-        f"{stats.dropped_too_long} dropped as too long, {stats.dropped_no_target} dropped with no answer tokens; "
-        f"{stats.tokens} tokens, {stats.target_tokens} in the loss",
+        f"data: {stats.rows} rows read, {len(data.train)} for training, {len(data.eval)} for eval; "
+        f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as longer than {args.max_seq_length} tokens, "
+        f"{stats.dropped_no_target} dropped with no answer tokens; {stats.tokens} tokens, {stats.target_tokens} in the loss"
+        + ("; tokenized rows from cache" if data.cache_hit else ""),
         flush=True,
     )
 
@@ -113,11 +127,17 @@ def _train(folder: Path, stop_flag: dict) -> None:
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
     # The tokenizer saved with every artifact carries the template the data was shaped with.
     tokenizer.chat_template = template.jinja
+    packing = choose_packing(cfg.dataset.packing, model)
+    decisions["packing"] = _say("packing", packing)
+    sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
+    padding = loop.padding_fraction(sequences, args.per_device_train_batch_size)
+    print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)", flush=True)
     update_job(
         folder,
         decisions=decisions,
-        data={"rows": stats.rows, "used": len(rows), "truncated": stats.truncated,
-              "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens},
+        data={"rows": stats.rows, "train": len(data.train), "eval": len(data.eval), "truncated": stats.truncated,
+              "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens,
+              "sequences": len(sequences), "padding_fraction": round(padding, 4), "cache_hit": data.cache_hit},
         trainable_parameters=trainable,
     )
 
@@ -125,10 +145,15 @@ def _train(folder: Path, stop_flag: dict) -> None:
         path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, step, args.save_total_limit)
         print(f"checkpoint: {path}", flush=True)
 
+    def best(step: int) -> None:
+        saving.save_best(model, tokenizer, strategy_text, folder)
+        print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
+
     result = loop.train(
-        model, rows, args, device=device.value, precision=precision.value,
+        model, sequences, data.eval, args, device=device.value, precision=precision.value,
+        packed=packing.value == "on",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        job_dir=folder, save_checkpoint=checkpoint, stop_requested=lambda: stop_flag["stop"],
+        job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]),
     )
     final = saving.save_final(model, tokenizer, strategy_text, folder)
     print(f"final weights: {final}", flush=True)

@@ -15,21 +15,37 @@ from contract.errors import UserError
 from contract.job_folder import STRATEGY_FILE
 
 
-def load_for_inference(folder: Path):
-    """(model, tokenizer, encoder) for an artifact folder written by trainer.saving."""
-    import torch
+def quiet_libraries() -> None:
+    """The answer is the output: no loading bars or library chatter around it."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data.tokenize import ConversationEncoder, choose_template
-
-    # The answer is the output: no loading bars or library chatter around it.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from trainer.entrypoint import load_job_strategy
+
+
+def load_base(cfg):
+    """The strategy's base model, fp32, as training started from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from trainer.models import source
 
+    return AutoModelForCausalLM.from_pretrained(
+        source.resolve(cfg.base_model), revision=cfg.base_model.revision,
+        trust_remote_code=cfg.base_model.trust_remote_code, dtype=torch.float32, use_safetensors=True,
+    )
+
+
+def load_for_inference(folder: Path):
+    """(model, tokenizer, encoder, strategy) for an artifact folder written by trainer.saving."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+    from trainer.entrypoint import load_job_strategy
+
+    quiet_libraries()
     if not (folder / STRATEGY_FILE).exists():
         raise UserError(f"{folder} is not a llamafarm model folder (no {STRATEGY_FILE}); give a job id or its final/ folder")
     strategy, _ = load_job_strategy(folder)
@@ -39,24 +55,19 @@ def load_for_inference(folder: Path):
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(
-            source.resolve(cfg.base_model), revision=cfg.base_model.revision,
-            trust_remote_code=cfg.base_model.trust_remote_code, dtype=torch.float32, use_safetensors=True,
-        )
-        model = PeftModel.from_pretrained(base, folder)
+        model = PeftModel.from_pretrained(load_base(cfg), folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     model.eval()
     encoder = ConversationEncoder(tokenizer, template, cfg.training_args.max_seq_length, False, "truncate")
-    return model, tokenizer, encoder
+    return model, tokenizer, encoder, strategy
 
 
-def generate(folder: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> str:
+def complete(model, tokenizer, encoder, messages, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    """The assistant's next turn for `messages`, stopping at EOS or a template stop string."""
     import torch
 
-    model, tokenizer, encoder = load_for_inference(Path(folder))
-    ids = encoder.prompt_ids([{"role": "user", "content": prompt}])
-    torch.manual_seed(seed)
+    ids = encoder.prompt_ids(messages)
     stop = [s for s in encoder.template.stop_strings if s and s != tokenizer.eos_token]
     with torch.no_grad():
         out = model.generate(
@@ -76,3 +87,11 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 128, temperature: 
     for s in stop:  # stop_strings end generation after the string; do not show it
         text = text.split(s)[0]
     return text.strip()
+
+
+def generate(folder: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> str:
+    import torch
+
+    model, tokenizer, encoder, _ = load_for_inference(Path(folder))
+    torch.manual_seed(seed)
+    return complete(model, tokenizer, encoder, [{"role": "user", "content": prompt}], max_new_tokens, temperature)

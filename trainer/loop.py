@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable
 
 from contract.job_folder import append_metrics, update_job
 from contract.strategy import TrainingArgs
-from trainer.data.tokenize import IGNORE_INDEX
+from trainer.data.batching import collate, pack
 
 
 class StopRequested(Exception):
@@ -26,32 +27,37 @@ class LoopResult:
     elapsed: float
 
 
-def _batches(rows, batch_size: int, seed: int, epoch: int):
+@dataclass
+class Hooks:
+    save_checkpoint: Callable[[int], None]
+    save_best: Callable[[int], None]
+    stop_requested: Callable[[], bool]
+
+
+def make_sequences(rows, max_len: int, packed: bool, seed: int) -> list[list]:
+    """Training sequences, fixed for the whole run: rows packed together, or one row each."""
+    if not packed:
+        return [[row] for row in rows]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [[rows[i] for i in group] for group in pack(rows, max_len, order)]
+
+
+def padding_fraction(sequences, batch_size: int) -> float:
+    """Share of positions that would be padding, over one epoch in order (an estimate for the log)."""
+    lengths = [sum(len(ids) for ids, _ in seq) for seq in sequences]
+    real = sum(lengths)
+    total = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+    return 1 - real / max(total, 1)
+
+
+def _epoch_batches(sequences, batch_size: int, seed: int, epoch: int):
     """Shuffled batches for one epoch; the order depends only on (seed, epoch)."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    return [[rows[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
-
-
-def _collate(batch, pad_id: int, device):
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention[row, : len(ids)] = 1
-    return input_ids.to(device), labels.to(device), attention.to(device)
-
-
-def _targets(batch) -> int:
-    # The model predicts labels[1:] from positions [:-1], so the first label never counts.
-    return sum(sum(label != IGNORE_INDEX for label in labs[1:]) for _, labs in batch)
+    order = torch.randperm(len(sequences), generator=g).tolist()
+    return [[sequences[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
 def _autocast(device: str, precision: str):
@@ -63,30 +69,47 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def plan_steps(num_rows: int, args: TrainingArgs) -> tuple[int, int]:
+def plan_steps(num_sequences: int, args: TrainingArgs) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    micro_batches = math.ceil(num_rows / args.per_device_train_batch_size)
+    micro_batches = math.ceil(num_sequences / args.per_device_train_batch_size)
     per_epoch = math.ceil(micro_batches / args.gradient_accumulation_steps)
     total = args.max_steps or math.ceil(per_epoch * args.num_train_epochs)
     return per_epoch, total
 
 
-def train(
-    model,
-    rows,
-    args: TrainingArgs,
-    *,
-    device: str,
-    precision: str,
-    pad_id: int,
-    job_dir: Path,
-    save_checkpoint: Callable[[int], None],
-    stop_requested: Callable[[], bool],
-) -> LoopResult:
+def _forward(model, batch, device: str, precision: str):
+    with _autocast(device, precision):
+        return model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            labels=batch.labels.to(device),
+        )
+
+
+def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precision: str) -> float:
+    """Mean loss per target token over `rows`, with no gradient."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(rows), batch_size):
+            batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, packed=False)
+            out = _forward(model, batch, device, precision)
+            total += out.loss.float().item() * batch.target_tokens
+            count += batch.target_tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
+          pad_id: int, job_dir: Path, hooks: Hooks) -> LoopResult:
     import torch
     from transformers import get_scheduler
 
-    per_epoch, total_steps = plan_steps(len(rows), args)
+    per_epoch, total_steps = plan_steps(len(sequences), args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
@@ -96,42 +119,52 @@ def train(
         num_training_steps=total_steps,
     )
     scaler = torch.amp.GradScaler("cuda") if (device == "cuda" and precision == "fp16") else None
+    mask_dtype = torch.float32
     update_job(job_dir, total_steps=total_steps, steps_per_epoch=per_epoch)
-    print(f"training: {len(rows)} rows, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
+    print(f"training: {len(sequences)} sequences, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
+
+    def run_eval(step: int, best: float | None) -> float | None:
+        loss = evaluate_loss(model, eval_rows, args.per_device_train_batch_size, pad_id, device, precision)
+        record = {"step": step, "epoch": round(step / per_epoch, 4), "eval_loss": round(loss, 6),
+                  "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
+        append_metrics(job_dir, record)
+        print(f"eval at step {step}: loss {loss:.4f} perplexity {record['eval_perplexity']:.2f}", flush=True)
+        if best is None or loss < best:
+            if args.save_best:
+                hooks.save_best(step)
+                update_job(job_dir, best_eval_loss=round(loss, 6), best_step=step)
+            return loss
+        return best
 
     model.train()
     start = time.perf_counter()
     step, window_loss, window_targets, window_tokens, window_start = 0, 0.0, 0, 0, start
-    tokens_seen, final_loss = 0, None
+    tokens_seen, final_loss, best = 0, None, None
     epoch = 0
     while step < total_steps:
-        batches = _batches(rows, args.per_device_train_batch_size, args.seed, epoch)
-        groups = [batches[i : i + args.gradient_accumulation_steps] for i in range(0, len(batches), args.gradient_accumulation_steps)]
-        for group in groups:
+        batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch)
+        accum = args.gradient_accumulation_steps
+        for group in (batches[i : i + accum] for i in range(0, len(batches), accum)):
             if step >= total_steps:
                 break
-            if stop_requested():
-                save_checkpoint(step)
+            if hooks.stop_requested():
+                hooks.save_checkpoint(step)
                 raise StopRequested()
-            step_targets = sum(_targets(b) for b in group) or 1
-            for batch in group:
-                input_ids, labels, attention = _collate(batch, pad_id, device)
-                with _autocast(device, precision):
-                    out = model(input_ids=input_ids, attention_mask=attention, labels=labels)
+            collated = [collate(b, pad_id, packed, mask_dtype) for b in group]
+            step_targets = sum(c.target_tokens for c in collated) or 1
+            for batch in collated:
+                out = _forward(model, batch, device, precision)
                 # Weight each micro-batch by its share of the step's target tokens, so accumulation
                 # gives the same gradient as one big batch.
-                n = _targets(batch)
-                loss = out.loss.float() * (n / step_targets)
+                loss = out.loss.float() * (batch.target_tokens / step_targets)
                 (scaler.scale(loss) if scaler else loss).backward()
-                window_loss += out.loss.item() * n
-                window_targets += n
-                window_tokens += int(attention.sum())
+                window_loss += out.loss.item() * batch.target_tokens
+                window_targets += batch.target_tokens
+                window_tokens += batch.real_tokens
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
-                if args.max_grad_norm
-                else None
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item() if args.max_grad_norm else None
             )
             if scaler:
                 scaler.step(optimizer)
@@ -157,14 +190,16 @@ def train(
                     "elapsed": round(now - start, 3),
                 }
                 append_metrics(job_dir, record)
-                print(
-                    f"step {step}/{total_steps} loss {final_loss:.4f} lr {lr:.2e} "
-                    f"{record['tokens_per_second']:.0f} tok/s",
-                    flush=True,
-                )
+                print(f"step {step}/{total_steps} loss {final_loss:.4f} lr {lr:.2e} "
+                      f"{record['tokens_per_second']:.0f} tok/s", flush=True)
                 window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, now
+            if eval_rows:
+                at_epoch_end = step % per_epoch == 0
+                if (args.eval_steps and step % args.eval_steps == 0) or (not args.eval_steps and at_epoch_end) \
+                        or step == total_steps:
+                    best = run_eval(step, best)
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                save_checkpoint(step)
+                hooks.save_checkpoint(step)
         epoch += 1
     elapsed = time.perf_counter() - start
     return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed)

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from contract.job_folder import CHECKPOINTS_DIR, FINAL_DIR, STRATEGY_FILE
+from contract.job_folder import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, STRATEGY_FILE
 
 
 def _write_artifact(model, tokenizer, strategy_text: str, target: Path) -> None:
@@ -40,5 +40,11 @@ def save_checkpoint(model, tokenizer, strategy_text: str, job_dir: Path, step: i
 
 def save_final(model, tokenizer, strategy_text: str, job_dir: Path) -> Path:
     target = job_dir / FINAL_DIR
+    _write_artifact(model, tokenizer, strategy_text, target)
+    return target
+
+
+def save_best(model, tokenizer, strategy_text: str, job_dir: Path) -> Path:
+    target = job_dir / BEST_DIR
     _write_artifact(model, tokenizer, strategy_text, target)
     return target

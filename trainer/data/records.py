@@ -1,11 +1,18 @@
-"""Reading a dataset file into conversations, with file:line for every problem.
+"""Reading a dataset into conversations, with file:line (or row) for every problem.
 
-Pure Python (no torch), so the host CLI checks a dataset before it starts a job. Every row becomes a
-list of messages ({"role", "content"}); the chat template turns that into text later.
+No torch here, so the host CLI checks a dataset before it starts a job. Every row becomes a
+Conversation: a list of messages ({"role", "content"}) for the chat template, or plain text.
 
-Formats (one registry; `dataset.format` in the strategy picks one or `auto` detects per row):
-    alpaca   {"instruction": ..., "input": ... (optional), "output": ...}
-    chat     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+Files: JSONL and JSON arrays are read here, line by line, so every error names its line; CSV, Parquet
+and Hugging Face dataset folders (`save_to_disk`) go through the `datasets` library.
+
+Formats (one registry; `dataset.format` picks one, or `auto` detects it from the rows' keys):
+    alpaca             {"instruction", "input" (optional), "output"}
+    chat               {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+    sharegpt           {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
+    prompt_completion  {"prompt", "completion"}
+    text               {"text"}: raw text, every token trained, no template
+`dataset.columns` renames a file's own column names to these (e.g. {instruction: question}).
 """
 
 from __future__ import annotations
@@ -18,116 +25,246 @@ from typing import Callable
 from contract.errors import DatasetError
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _MAX_REPORTED = 10
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one row this long is almost surely a broken file, not data
 
 
 @dataclass(frozen=True)
 class Conversation:
     messages: tuple[dict, ...]
-    line: int
+    where: str
+    """file:line or file row N, for messages about this row."""
+    format: str
+    text: str | None = None
+    """Set for plain-text rows, which skip the chat template."""
+
+
+def _strings(row: dict, keys: tuple[str, ...], required: tuple[str, ...], fmt: str) -> None:
+    for key in required:
+        if key not in row or row[key] is None:
+            raise ValueError(f"{fmt} row is missing {key!r}")
+    for key in keys:
+        if key in row and row[key] is not None and not isinstance(row[key], str):
+            raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
+    extra = set(row) - set(keys)
+    if extra:
+        raise ValueError(f"unexpected keys {sorted(extra)} for a {fmt} row ({', '.join(keys)})")
 
 
 def _alpaca(row: dict) -> list[dict]:
-    for key in ("instruction", "output"):
-        if key not in row:
-            raise ValueError(f"alpaca row is missing {key!r}")
-    for key in ("instruction", "input", "output"):
-        if key in row and not isinstance(row[key], str):
-            raise ValueError(f"{key!r} must be a string, got {type(row[key]).__name__}")
-    extra = set(row) - {"instruction", "input", "output"}
-    if extra:
-        raise ValueError(f"unexpected keys {sorted(extra)} for an alpaca row (instruction, input, output)")
+    _strings(row, ("instruction", "input", "output"), ("instruction", "output"), "alpaca")
     if not row["instruction"].strip() or not row["output"].strip():
         raise ValueError("empty instruction or output")
     prompt = row["instruction"]
-    if row.get("input", "").strip():
+    if (row.get("input") or "").strip():
         prompt = f"{prompt}\n\n{row['input']}"
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
 
-def _chat(row: dict) -> list[dict]:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    out = []
+def _prompt_completion(row: dict) -> list[dict]:
+    _strings(row, ("prompt", "completion"), ("prompt", "completion"), "prompt_completion")
+    if not row["prompt"].strip() or not row["completion"].strip():
+        raise ValueError("empty prompt or completion")
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+
+
+def _check_turns(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] must be an object with exactly 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{i}].content must be a string")
         if m["role"] == "system" and i != 0:
-            raise ValueError(f"messages[{i}]: a system message may only come first")
-        out.append({"role": m["role"], "content": m["content"]})
-    turns = [m["role"] for m in out if m["role"] != "system"]
+            raise ValueError(f"turn {i}: a system message may only come first")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
     if "assistant" not in turns:
         raise ValueError("conversation has no assistant turn, so nothing to learn from")
-    if any(a == b for a, b in zip(turns, turns[1:])) or turns[0] != "user":
+    if turns[0] != "user" or any(a == b for a, b in zip(turns, turns[1:])):
         raise ValueError("turns must alternate user, assistant, user, ... starting with user")
-    if any(not m["content"].strip() for m in out if m["role"] == "assistant"):
+    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
         raise ValueError("an assistant message is empty")
-    return out
+    return messages
 
 
-FORMATS: dict[str, Callable[[dict], list[dict]]] = {"alpaca": _alpaca, "chat": _chat}
+def _turn_list(row: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    if set(row) - {key}:
+        raise ValueError(f"unexpected keys {sorted(set(row) - {key})} beside {key!r}")
+    items = row.get(key)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{key!r} must be a non-empty list")
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or set(m) != {role_key, text_key}:
+            raise ValueError(f"{key}[{i}] must be an object with exactly {role_key!r} and {text_key!r}")
+        if m[role_key] not in roles:
+            raise ValueError(f"{key}[{i}].{role_key} {m[role_key]!r} is not one of {', '.join(roles)}")
+        if not isinstance(m[text_key], str):
+            raise ValueError(f"{key}[{i}].{text_key} must be a string")
+        out.append({"role": roles[m[role_key]], "content": m[text_key]})
+    return _check_turns(out)
+
+
+def _chat(row: dict) -> list[dict]:
+    return _turn_list(row, "messages", "role", "content", {r: r for r in ROLES})
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    return _turn_list(row, "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def _text(row: dict) -> str:
+    _strings(row, ("text",), ("text",), "text")
+    if not row["text"].strip():
+        raise ValueError("empty text")
+    return row["text"]
+
+
+FORMATS: dict[str, Callable[[dict], list[dict] | str]] = {
+    "alpaca": _alpaca,
+    "chat": _chat,
+    "sharegpt": _sharegpt,
+    "prompt_completion": _prompt_completion,
+    "text": _text,
+}
+# The key that gives each format away, checked in this order.
+_SIGNATURES = (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"), ("output", "alpaca"),
+               ("completion", "prompt_completion"), ("prompt", "prompt_completion"), ("text", "text"))
 
 
 def detect_format(row: dict) -> str | None:
-    if "messages" in row:
-        return "chat"
-    if "instruction" in row or "output" in row:
-        return "alpaca"
+    for key, fmt in _SIGNATURES:
+        if key in row:
+            return fmt
     return None
 
 
-def read_dataset(path: str | Path, fmt: str = "auto") -> list[Conversation]:
-    """Read a JSONL dataset; raise DatasetError naming file:line for each bad row (first ten)."""
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist")
-    if path.is_dir():
-        raise DatasetError(f"dataset {path} is a folder; give a .jsonl file")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DatasetError(f"unknown dataset format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM is tolerated
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
-    problems: list[str] = []
-    conversations: list[Conversation] = []
-    seen_formats: set[str] = set()
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _jsonl_rows(path: Path, text: str, problems: list[str]):
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
+        if len(line) > MAX_LINE_BYTES:
+            problems.append(f"{where}: line is {len(line) // 1024 // 1024} MB long (limit 4 MB); is this really one row?")
+            continue
         try:
-            row = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
+            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _json_rows(path: Path, text: str, problems: list[str]):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        problems.append(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+        return
+    if not isinstance(data, list):
+        problems.append(f"{path}: a .json dataset must be an array of rows (use .jsonl for one row per line)")
+        return
+    for i, row in enumerate(data):
+        yield f"{path} row {i + 1}", row
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a BOM is tolerated
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+
+
+def _library_rows(path: Path):
+    """CSV, Parquet and dataset folders through the `datasets` library (imported only here)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DatasetError(f"dataset folder {path} has splits {list(ds)} but no 'train' split")
+                ds = ds["train"]
+        else:
+            kind = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
+            ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True) if kind == "csv" else \
+                datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except DatasetError:
+        raise
+    except Exception as exc:  # the library's own message says what is wrong with the file
+        raise DatasetError(f"{path}: cannot be read as a dataset ({type(exc).__name__}: {exc})") from None
+    # CSV rows count from 2: line 1 is the header.
+    first = 2 if path.suffix == ".csv" else 1
+    for i, row in enumerate(ds):
+        where = f"{path}:{i + first}" if path.suffix == ".csv" else f"{path} row {i + 1}"
+        yield where, dict(row)  # an empty cell is None: optional fields treat it as absent
+
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _raw_rows(path: Path, problems: list[str]):
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise DatasetError(
+                f"dataset {path} is a folder but not a saved Hugging Face dataset; give a "
+                f"{', '.join(SUFFIXES)} file or a folder written by Dataset.save_to_disk"
+            )
+        return _library_rows(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path, _read_text(path), problems)
+    if path.suffix == ".json":
+        return _json_rows(path, _read_text(path), problems)
+    if path.suffix in (".csv", ".parquet"):
+        return _library_rows(path)
+    raise DatasetError(f"dataset {path}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Conversation]:
+    """Read a dataset; raise DatasetError naming file:line for each bad row (the first ten shown)."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+    rename = {source: canonical for canonical, source in (columns or {}).items()}
+    problems: list[str] = []
+    conversations: list[Conversation] = []
+    seen_formats: set[str] = set()
+    for where, row in _raw_rows(path, problems):
         if not isinstance(row, dict):
-            problems.append(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            problems.append(f"{where}: expected an object, got {type(row).__name__}")
             continue
+        if rename:
+            missing = [s for s in rename if s not in row]
+            if missing:
+                problems.append(f"{where}: column {missing[0]!r} (from dataset.columns) is missing")
+                continue
+            row = {rename.get(k, k): v for k, v in row.items()}
         row_format = fmt if fmt != "auto" else detect_format(row)
         if row_format is None:
             problems.append(
-                f"{path}:{number}: unrecognised row with keys {sorted(row)}; expected alpaca "
-                "(instruction, input, output) or chat (messages)"
+                f"{where}: unrecognised row with keys {sorted(row)}; expected one of the formats "
+                f"{', '.join(FORMATS)}, or map your columns with dataset.columns"
             )
             continue
         try:
-            messages = FORMATS[row_format](row)
+            parsed = FORMATS[row_format](row)
         except ValueError as exc:
-            problems.append(f"{path}:{number}: {exc}")
+            problems.append(f"{where}: {exc}")
             continue
         seen_formats.add(row_format)
-        conversations.append(Conversation(tuple(messages), number))
-    if len(seen_formats) > 1 and fmt == "auto":
+        if isinstance(parsed, str):
+            conversations.append(Conversation((), where, row_format, text=parsed))
+        else:
+            conversations.append(Conversation(tuple(parsed), where, row_format))
+    if len(seen_formats) > 1:
         problems.append(f"{path}: mixes formats ({', '.join(sorted(seen_formats))}); use one format per file")
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
         more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
         raise DatasetError(f"dataset {path} has {len(problems)} bad row(s):\n{shown}{more}")
     if not conversations:
-        raise DatasetError(f"dataset {path} has no rows; add JSON lines in alpaca or chat format")
+        raise DatasetError(f"dataset {path} has no rows; add rows in one of the formats {', '.join(FORMATS)}")
     return conversations

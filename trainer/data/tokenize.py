@@ -91,6 +91,13 @@ class ConversationEncoder:
                 labels.insert(insert_at, self.eos_id)
         return ids, labels
 
+    def encode_text(self, text: str) -> tuple[list[int], list[int]]:
+        """A plain-text row: no template, every token in the loss, EOS at the end."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids, list(ids)
+
     def prompt_ids(self, messages) -> list[int]:
         """Ids of a conversation ready for the assistant's next turn (for generation)."""
         return list(self._tokenize(self.render(messages, add_generation_prompt=True))["input_ids"])
@@ -98,7 +105,7 @@ class ConversationEncoder:
     def encode_all(self, conversations) -> tuple[list[tuple[list[int], list[int]]], EncodeStats]:
         rows, stats = [], EncodeStats()
         for conv in conversations:
-            ids, labels = self.encode(list(conv.messages))
+            ids, labels = self.encode_text(conv.text) if conv.text is not None else self.encode(list(conv.messages))
             stats.rows += 1
             if len(ids) > self.max_seq_length:
                 if self.truncation == "drop":
