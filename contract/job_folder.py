@@ -5,7 +5,7 @@
         job.json          status, pid, runner, timestamps, inputs, decisions, error
         metrics.jsonl     one JSON object per logged step
         train.log         everything the trainer printed
-        checkpoints/      checkpoint-<step>/ folders
+        checkpoints/      checkpoint-<step>/ folders: weights, optimizer.pt, trainer_state.json
         final/            the trained adapter (or full weights) with tokenizer and strategy.yaml
         best/             the same at the lowest eval loss, when training_args.save_best is on
 
@@ -34,6 +34,7 @@ LOG_FILE = "train.log"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 BEST_DIR = "best"
+TRAINER_STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
 FINISHED = ("completed", "failed", "stopped")
@@ -151,3 +152,17 @@ def elapsed_since(iso: str | None) -> float | None:
     if not iso:
         return None
     return time.time() - datetime.fromisoformat(iso).timestamp()
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """A job's complete checkpoints, oldest first. Half-written ones (a `.tmp` name, or no
+    trainer_state.json) are never listed, so resume cannot pick them."""
+    root = Path(folder) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        name, _, step = path.name.rpartition("-")
+        if name == "checkpoint" and step.isdigit() and (path / TRAINER_STATE_FILE).is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]

@@ -303,6 +303,44 @@ def stop(job_id):
     click.echo(f"stop sent to job {job_id}; it saves a checkpoint, then ends (`llamafarm finetune monitor --job-id {job_id}`)")
 
 
+@finetune.command("resume")
+@click.option("--job-id", required=True, help="A stopped or failed job with a checkpoint.")
+@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+def resume(job_id, foreground):
+    """Continue a stopped or failed job from its newest complete checkpoint, in the same job folder.
+
+    \b
+    Example:
+      llamafarm finetune resume --job-id tiny_demo-20260101-120000-ab12
+    """
+    from contract.job_folder import complete_checkpoints, update_job
+    from orchestrator import jobs
+    from orchestrator.runners import get_runner
+
+    folder, job = jobs.get(job_id)
+    if job["status"] in ("pending", "running"):
+        raise UserError(f"job {job_id} is {job['status']}; only a stopped or failed job can be resumed")
+    if job["status"] == "completed":
+        raise UserError(f"job {job_id} already completed; start a new job to train further")
+    checkpoints = complete_checkpoints(folder)
+    if not checkpoints:
+        raise UserError(
+            f"job {job_id} has no complete checkpoint to resume from (it saves every training_args.save_steps "
+            "steps, and on stop); start it again with `llamafarm finetune start`"
+        )
+    runner = get_runner(job["runner"])
+    latest = checkpoints[-1]
+    update_job(folder, status="pending", pid=None, error=None, finished_at=None,
+               resume_from=str(latest.relative_to(folder)), resumes=job.get("resumes", 0) + 1)
+    pid = runner.start(runner.launch_spec(folder))
+    update_job(folder, pid=pid)
+    click.echo(f"job {job_id} resumes from {latest.name} (runner {runner.name}, pid {pid})")
+    if foreground:
+        from orchestrator.monitor import follow
+
+        sys.exit(0 if follow(folder)["status"] == "completed" else 1)
+
+
 @finetune.group()
 def dataset():
     """Check a dataset before training.

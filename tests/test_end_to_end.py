@@ -95,7 +95,15 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     final = sorted(p.name for p in (folder / "final").iterdir())
     assert final == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
                      "strategy.yaml", "tokenizer.json", "tokenizer_config.json"]
-    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt")), "safetensors only"
+    assert not list(folder.rglob("*.bin")), "weights are safetensors only"
+    assert {p.relative_to(folder).as_posix() for p in folder.rglob("*.pt")} == {
+        "checkpoints/checkpoint-2/optimizer.pt", "checkpoints/checkpoint-4/optimizer.pt"
+    }, "optimizer state only in checkpoints (read back with weights_only=True)"
+    assert sorted(p.name for p in (folder / "checkpoints" / "checkpoint-4").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "optimizer.pt",
+        "strategy.yaml", "tokenizer.json", "tokenizer_config.json", "trainer_state.json"]
+    state = json.loads((folder / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state == {"step": 4, "epoch": 0, "groups_done": 4, "best_eval_loss": pytest.approx(GOLDEN_EVAL_LOSSES[0], abs=2e-2)}
     assert yaml.safe_load((folder / "final" / "strategy.yaml").read_text())["fine_tuner"]["config"]["method"]["r"] == 8
 
     monitor = json.loads(run_cli("finetune", "monitor", "--job-id", folder.name, "--json").output)

@@ -8,6 +8,7 @@ its reason, trains, and writes status, metrics, checkpoints and final weights ba
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,7 +18,15 @@ from pathlib import Path
 import yaml
 
 from contract.errors import UserError
-from contract.job_folder import STRATEGY_FILE, now_iso, read_job, update_job
+from contract.job_folder import (
+    METRICS_FILE,
+    STRATEGY_FILE,
+    complete_checkpoints,
+    now_iso,
+    read_job,
+    read_metrics,
+    update_job,
+)
 from contract.strategy import Strategy, parse_strategy
 
 
@@ -38,6 +47,28 @@ def _seed_everything(seed: int) -> None:
 def _say(what: str, decision) -> dict:
     print(f"{what}: {decision.value} ({decision.reason})", flush=True)
     return {"value": decision.value, "reason": decision.reason}
+
+
+def _resume_point(folder: Path, job: dict):
+    """(checkpoint path, TrainState, optimizer/RNG states) when this run resumes, else None.
+
+    metrics.jsonl is cut back to the checkpoint's step, so the resumed run's records follow on."""
+    from trainer import saving
+
+    if not job.get("resume_from"):
+        return None
+    path = folder / job["resume_from"]
+    if path not in complete_checkpoints(folder):
+        raise UserError(f"checkpoint {path} is missing or incomplete; `llamafarm finetune resume` picks a complete one")
+    state, extra = saving.load_checkpoint(path)
+    metrics = folder / METRICS_FILE
+    if metrics.exists():
+        kept = [r for r in read_metrics(folder) if r.get("step", 0) <= state.step]
+        tmp = metrics.with_name(f".{metrics.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(metrics)
+    print(f"resume: from {path.name}", flush=True)
+    return path, state, extra
 
 
 def choose_packing(setting, model):
@@ -105,8 +136,10 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if method.value != "full" and precision.value in ("bf16", "fp16") and device.value == "cuda":
         load_dtype = torch.bfloat16 if precision.value == "bf16" else torch.float16
     builder = METHODS[method.value]
+    resume = _resume_point(folder, job)
+    resume_path = resume[0] if resume else None
     model = AutoModelForCausalLM.from_pretrained(
-        model_path,
+        resume_path if (resume and method.value == "full") else model_path,
         revision=cfg.base_model.revision,
         trust_remote_code=cfg.base_model.trust_remote_code,
         dtype=load_dtype,
@@ -116,7 +149,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    model = builder.make_trainable(model, cfg.method)
+    model = builder.make_trainable(model, cfg.method, resume_path if method.value != "full" else None)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -141,8 +174,9 @@ def _train(folder: Path, stop_flag: dict) -> None:
         trainable_parameters=trainable,
     )
 
-    def checkpoint(step: int) -> None:
-        path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, step, args.save_total_limit)
+    def checkpoint(state, optimizer, scheduler, scaler) -> None:
+        path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, state, optimizer, scheduler, scaler,
+                                      args.save_total_limit)
         print(f"checkpoint: {path}", flush=True)
 
     def best(step: int) -> None:
@@ -154,6 +188,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
         packed=packing.value == "on",
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]),
+        resume=resume[1:] if resume else None,
     )
     final = saving.save_final(model, tokenizer, strategy_text, folder)
     print(f"final weights: {final}", flush=True)

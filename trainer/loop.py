@@ -13,6 +13,7 @@ from typing import Callable
 from contract.job_folder import append_metrics, update_job
 from contract.strategy import TrainingArgs
 from trainer.data.batching import collate, pack
+from trainer.saving import TrainState, restore_rng
 
 
 class StopRequested(Exception):
@@ -29,7 +30,7 @@ class LoopResult:
 
 @dataclass
 class Hooks:
-    save_checkpoint: Callable[[int], None]
+    save_checkpoint: Callable[..., None]  # (TrainState, optimizer, scheduler, scaler)
     save_best: Callable[[int], None]
     stop_requested: Callable[[], bool]
 
@@ -105,7 +106,9 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
 
 
 def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
-          pad_id: int, job_dir: Path, hooks: Hooks) -> LoopResult:
+          pad_id: int, job_dir: Path, hooks: Hooks, resume: tuple[TrainState, dict] | None = None) -> LoopResult:
+    """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
+    it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position."""
     import torch
     from transformers import get_scheduler
 
@@ -136,19 +139,36 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
             return loss
         return best
 
+    state = TrainState(step=0, epoch=0, groups_done=0)
+    if resume:
+        state, extra = resume
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if scaler and extra["scaler"]:
+            scaler.load_state_dict(extra["scaler"])
+        restore_rng(extra["rng"])  # last, so nothing above consumes the restored streams
+        print(f"resumed at step {state.step} (epoch {state.epoch}, {state.groups_done} steps into it)", flush=True)
+
+    def checkpoint(epoch: int, groups_done: int) -> None:
+        hooks.save_checkpoint(TrainState(step, epoch, groups_done, best), optimizer, scheduler, scaler)
+
     model.train()
     start = time.perf_counter()
-    step, window_loss, window_targets, window_tokens, window_start = 0, 0.0, 0, 0, start
-    tokens_seen, final_loss, best = 0, None, None
-    epoch = 0
+    step, best = state.step, state.best_eval_loss
+    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, start
+    tokens_seen, final_loss = 0, None
+    epoch, skip = state.epoch, state.groups_done
     while step < total_steps:
         batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch)
         accum = args.gradient_accumulation_steps
-        for group in (batches[i : i + accum] for i in range(0, len(batches), accum)):
+        groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
+        for done, group in enumerate(groups):
+            if done < skip:
+                continue  # taken before the checkpoint we resumed from
             if step >= total_steps:
                 break
             if hooks.stop_requested():
-                hooks.save_checkpoint(step)
+                checkpoint(epoch, done)
                 raise StopRequested()
             collated = [collate(b, pad_id, packed, mask_dtype) for b in group]
             step_targets = sum(c.target_tokens for c in collated) or 1
@@ -199,7 +219,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
                         or step == total_steps:
                     best = run_eval(step, best)
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                hooks.save_checkpoint(step)
-        epoch += 1
+                checkpoint(epoch, done + 1)
+        epoch, skip = epoch + 1, 0
     elapsed = time.perf_counter() - start
     return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed)

@@ -17,7 +17,8 @@ from trainer.devices import Decision
 @dataclass(frozen=True)
 class Method:
     load_kwargs: Callable[[MethodSpec, object], dict]
-    make_trainable: Callable[[object, MethodSpec], object]
+    make_trainable: Callable[..., object]
+    """(model, method, adapter_from) -> trainable model; adapter_from is a checkpoint to resume."""
 
 
 def _check_targets(model, method: MethodSpec) -> None:
@@ -31,10 +32,12 @@ def _check_targets(model, method: MethodSpec) -> None:
         )
 
 
-def _lora(model, method: MethodSpec):
-    from peft import LoraConfig, get_peft_model
+def _lora(model, method: MethodSpec, adapter_from=None):
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     _check_targets(model, method)
+    if adapter_from:
+        return PeftModel.from_pretrained(model, adapter_from, is_trainable=True)
     config = LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
@@ -46,11 +49,11 @@ def _lora(model, method: MethodSpec):
     return get_peft_model(model, config)
 
 
-def _qlora(model, method: MethodSpec):
+def _qlora(model, method: MethodSpec, adapter_from=None):
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _lora(model, method)
+    return _lora(model, method, adapter_from)
 
 
 def _qlora_load(method: MethodSpec, compute_dtype) -> dict:
@@ -66,7 +69,8 @@ def _qlora_load(method: MethodSpec, compute_dtype) -> dict:
     }
 
 
-def _full(model, method: MethodSpec):
+def _full(model, method: MethodSpec, adapter_from=None):
+    # A resumed full fine-tune was loaded from the checkpoint's weights already.
     for p in model.parameters():
         p.requires_grad_(True)
     return model
