@@ -38,14 +38,20 @@ def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, 
            overrides: dict, runner: str) -> Path:
     """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
     root = jobs_root()
-    root.mkdir(parents=True, exist_ok=True)
     while True:
         folder = root / new_job_id(strategy_name)
         try:
+            root.mkdir(parents=True, exist_ok=True)
             folder.mkdir()
             break
         except FileExistsError:
-            continue
+            if folder.is_dir():
+                continue  # the same id in the same second: draw again
+            raise UserError(f"cannot create job folders in {root}: a file is in the way; "
+                            "set LLAMAFARM_HOME to a writable folder") from None
+        except OSError as exc:
+            raise UserError(f"cannot create job folders in {root}: {exc.strerror}; "
+                            "set LLAMAFARM_HOME to a writable folder") from None
     try:
         (folder / STRATEGY_FILE).write_text(
             f"# {strategy_name} from {source}" + (f", with --set {overrides}" if overrides else "") + "\n"

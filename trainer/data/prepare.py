@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def _save(path: Path, prepared: Prepared) -> None:
     tl, ti, tlab = flat(prepared.train)
     el, ei, elab = flat(prepared.eval)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # concurrent jobs may write the same key
     stats = json.dumps(asdict(prepared.stats))
     np.savez(tmp, train_lengths=tl, train_ids=ti, train_labels=tlab, eval_lengths=el, eval_ids=ei,
              eval_labels=elab, stats=np.frombuffer(stats.encode(), dtype=np.uint8))
