@@ -93,6 +93,9 @@ class TrainingArgs(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="Compute precision; auto picks the best the device supports."
     )
+    report_to: Literal["none", "tensorboard"] = Field(
+        default="none", description="Also write TensorBoard event files into the job's tensorboard/ folder."
+    )
 
 
 class DatasetSpec(_Strict):

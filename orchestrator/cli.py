@@ -148,7 +148,7 @@ def strategies_validate(files):
 
     failures = 0
     for item in files:
-        for path in strat._yaml_files(Path(item)):
+        for path in strat.yaml_files(Path(item)):
             for name, raw in strat.read_strategy_file(path).items():
                 try:
                     strat.validate(name, raw, str(path))
@@ -170,9 +170,10 @@ def strategies_validate(files):
               help="Override a strategy value for this run, e.g. training_args.learning_rate=1e-4.")
 @click.option("--runner", "runner_flag", default=None, help="Runner to use (default: the strategy's, else auto).")
 @click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+@click.option("--ignore-estimate", is_flag=True, help="Start even when the estimate says it will not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @_STRATEGY_FILES
-def start(strategy_name, dataset, assignments, runner_flag, foreground, as_json, strategy_files):
+def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_estimate, as_json, strategy_files):
     """Start a fine-tuning job; prints its id at once.
 
     \b
@@ -203,6 +204,16 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, as_json,
         read_dataset(eval_path, cfg.dataset.format, cfg.dataset.columns)
     model_source = check_available(cfg.base_model)
     runner, runner_reason = choose_runner(runner_flag, cfg.runner)
+    from orchestrator.estimate import estimate
+
+    est = estimate(strategy, Path(dataset), device.value)
+    if est.fits is False and not ignore_estimate:
+        tips = "\n".join(f"  - {t}" for t in est.advice)
+        raise UserError(
+            f"strategy {strategy_name} needs about {est.peak_memory_mb:,.0f} MB on {device.value} but "
+            f"{est.available_memory_mb:,.0f} MB are available (`llamafarm finetune estimate` shows the breakdown):\n"
+            f"{tips}\n  - or pass --ignore-estimate to start anyway"
+        )
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     say(f"strategy: {strategy_name} ({entry.source})" + (f"; overrides {overrides}" if overrides else ""))
     say(f"dataset: {dataset} ({len(conversations)} rows, {conversations[0].format} format)"
@@ -210,8 +221,12 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, as_json,
     say(f"base model: {cfg.base_model.huggingface_id} ({model_source})")
     say(f"device: {device.value} ({device.reason}; the trainer confirms it)")
     say(f"runner: {runner.name} ({runner_reason})")
+    say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {_duration(est.seconds)} for {est.steps} steps"
+        + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
 
-    folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name)
+    folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
+                         estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
+                                   "device": est.device})
     try:
         pid = runner.start(runner.launch_spec(folder))
     except OSError as exc:
@@ -232,9 +247,12 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, as_json,
 @finetune.command("monitor")
 @click.option("--job-id", required=True, help="The job to watch.")
 @click.option("--follow", "follow_", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Write loss, eval loss and learning-rate curves to this PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def monitor(job_id, follow_, as_json):
-    """Show a job's progress: bar, loss, tokens/s and ETA. With --follow, exit 1 unless it completes.
+def monitor(job_id, follow_, plot_path, as_json):
+    """Show a job's progress: bar, loss with a sparkline, tokens/s and ETA; --plot draws the curves to a PNG.
+    With --follow, exit 1 unless the job completes.
 
     \b
     Example:
@@ -245,6 +263,14 @@ def monitor(job_id, follow_, as_json):
     from orchestrator import monitor as mon
 
     folder, job = jobs.get(job_id)
+    if plot_path:
+        from orchestrator.plot import plot_metrics
+
+        metrics = read_metrics(folder)
+        if not metrics:
+            raise UserError(f"job {job_id} has no metrics yet; nothing to plot")
+        written = plot_metrics(metrics, Path(plot_path), f"{job_id} ({job['status']})")
+        click.echo(f"plot: {written}", err=as_json)
     if follow_:
         final = mon.follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
         if as_json:
@@ -339,6 +365,74 @@ def resume(job_id, foreground):
         from orchestrator.monitor import follow
 
         sys.exit(0 if follow(folder)["status"] == "completed" else 1)
+
+
+@finetune.command("estimate")
+@click.option("--strategy", "strategy_name", required=True, help="Strategy name (see `strategies list`).")
+@click.option("--dataset", type=click.Path(), default=None, help="Count tokens from this dataset (else an assumption, stated).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+              help="Device to judge against (default: what the strategy would get here).")
+@click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE", help="Override a strategy value.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_STRATEGY_FILES
+def estimate_cmd(strategy_name, dataset, device, assignments, as_json, strategy_files):
+    """Predict peak memory, time and disk for a strategy, and whether it fits this machine.
+
+    \b
+    Example:
+      llamafarm finetune estimate --strategy tiny_demo --dataset demos/datasets/medical_qa.jsonl
+    """
+    from orchestrator import strategies as strat
+    from orchestrator.estimate import estimate
+
+    entry, _ = strat.get(strategy_name, strategy_files)
+    raw, _ = strat.apply_overrides(entry.raw, assignments)
+    strategy = strat.validate(strategy_name, raw, str(entry.source))
+    est = estimate(strategy, Path(dataset) if dataset else None, _estimate_device(strategy, device))
+    if as_json:
+        _emit_json(est.to_dict())
+        return
+    _print_estimate(strategy_name, est)
+
+
+def _estimate_device(strategy, flag: str) -> str:
+    from orchestrator.platform import available_devices
+    from trainer.devices import choose_device
+
+    if flag != "auto":
+        return flag
+    cfg = strategy.cfg
+    try:
+        return choose_device(cfg.device, cfg.fallback_device, available_devices()).value
+    except UserError:
+        return cfg.device  # judged against the device it asks for, even if absent here
+
+
+def _print_estimate(name: str, est) -> None:
+    click.echo(f"{name}: {est.model} ({est.params / 1e6:,.1f}M parameters, {est.trainable_params / 1e6:,.2f}M trained; "
+               f"shape from {est.shape_source})")
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in est.memory_mb.items())
+    avail = f" of {est.available_memory_mb:,.0f} MB available" if est.available_memory_mb else ""
+    click.echo(f"memory on {est.device}: peak about {est.peak_memory_mb:,.0f} MB{avail} ({parts} MB)")
+    click.echo(f"time: about {_duration(est.seconds)} for {est.steps} steps, {est.train_tokens:,} tokens "
+               f"({est.tokens_per_epoch:,} per epoch, {est.tokens_source}); "
+               f"{est.flops_per_token / 1e6:,.1f} MFLOP/token at {est.device_gflops:,.0f} GFLOP/s peak")
+    click.echo("disk: " + ", ".join(f"{k} {v:,.0f} MB" for k, v in est.disk_mb.items()))
+    if est.fits is None:
+        click.echo(f"verdict: unknown, no {est.device} device on this machine to compare with")
+    elif est.fits:
+        click.echo("verdict: fits")
+    else:
+        click.echo("verdict: does NOT fit; to make it fit:")
+        for tip in est.advice:
+            click.echo(f"  - {tip}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @finetune.group()

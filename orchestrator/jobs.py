@@ -35,7 +35,7 @@ def new_job_id(strategy_name: str) -> str:
 
 
 def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, eval_dataset: Path | None,
-           overrides: dict, runner: str) -> Path:
+           overrides: dict, runner: str, estimate: dict | None = None) -> Path:
     """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
     root = jobs_root()
     while True:
@@ -67,6 +67,7 @@ def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, 
                 "dataset": str(dataset.resolve()),
                 "eval_dataset": str(eval_dataset.resolve()) if eval_dataset else None,
                 "runner": runner,
+                "estimate": estimate,
                 "status": "pending",
                 "pid": None,
                 "created_at": now_iso(),

@@ -9,6 +9,7 @@ import click
 
 from contract.job_folder import FINISHED, elapsed_since, read_metrics
 from orchestrator import jobs
+from orchestrator.plot import sparkline
 
 
 def summary(job: dict, metrics: list[dict]) -> dict:
@@ -31,6 +32,7 @@ def summary(job: dict, metrics: list[dict]) -> dict:
         "loss": last.get("loss"),
         "first_loss": train[0]["loss"] if train else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "loss_sparkline": sparkline([m["loss"] for m in train]),
         "learning_rate": last.get("learning_rate"),
         "tokens_per_second": last.get("tokens_per_second"),
         "elapsed": last.get("elapsed") or elapsed_since(job.get("started_at")),
@@ -56,7 +58,7 @@ def bar(step: int, total: int | None, width: int = 30) -> str:
 def render(s: dict) -> str:
     parts = [f"{s['job_id']}  {s['status']:<9} {bar(s['step'], s['total_steps'])}"]
     if s["loss"] is not None:
-        parts.append(f"loss {s['loss']:.4f} (first {s['first_loss']:.4f})")
+        parts.append(f"loss {s['loss']:.4f} (first {s['first_loss']:.4f}) {s['loss_sparkline']}")
     if s["eval_loss"] is not None:
         parts.append(f"eval {s['eval_loss']:.4f}")
     if s["tokens_per_second"]:

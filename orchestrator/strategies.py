@@ -29,7 +29,7 @@ class StrategyEntry:
     raw: dict
 
 
-def _yaml_files(path: Path) -> list[Path]:
+def yaml_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
     if path.is_file():
@@ -60,7 +60,7 @@ def discover(extra_paths: tuple[str, ...] = ()) -> dict[str, StrategyEntry]:
     env = os.environ.get(ENV_VAR, "")
     for item in [*env.split(os.pathsep), *extra_paths]:
         if item.strip():
-            paths.extend(_yaml_files(Path(item).expanduser()))
+            paths.extend(yaml_files(Path(item).expanduser()))
     entries: dict[str, StrategyEntry] = {}
     for path in paths:
         for name, raw in read_strategy_file(path).items():

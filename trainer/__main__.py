@@ -4,6 +4,7 @@
     python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T]
     python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N]
     python -m trainer dataset-stats <dataset> < strategy.yaml
+    python -m trainer calibrate [--device cpu] [--dtype fp32]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--output", type=Path, required=True)
     ev.add_argument("--samples", type=int, default=3)
     ev.add_argument("--max-new-tokens", type=int, default=64)
+    cal = sub.add_parser("calibrate", help="measure this machine's matmul rate (GFLOP/s) for the estimator")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     stats = sub.add_parser("dataset-stats", help="token lengths of a dataset under the strategy read from stdin")
     stats.add_argument("dataset", type=Path)
     args = parser.parse_args(argv)
@@ -40,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.entrypoint import run
 
         return run(args.job_dir)
+    if args.command == "calibrate":
+        from trainer.devices import matmul_gflops
+
+        print(json.dumps({"gflops": round(matmul_gflops(args.device, args.dtype), 1)}), flush=True)
+        return 0
     try:
         if args.command == "generate":
             from trainer.generate import generate

@@ -76,3 +76,23 @@ def choose_precision(requested: str, device: str) -> Decision:
             return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
         return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
     return Decision(requested, "set in the strategy")
+
+
+def matmul_gflops(device: str, dtype: str, seconds: float = 1.5) -> float:
+    """Sustained matmul rate on `device`: square products sized like a small model's layers."""
+    import time
+
+    import torch
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(1024, 1024, dtype=torch_dtype, device=device)
+    b = torch.randn(1024, 1024, dtype=torch_dtype, device=device)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9

@@ -95,6 +95,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     from trainer.data.tokenize import choose_template
     from trainer.devices import choose_device, choose_precision
     from trainer.methods import METHODS, choose_method
+    from trainer.reporting import MetricsSink
     from trainer.models import source
 
     strategy, strategy_text = load_job_strategy(folder)
@@ -183,17 +184,33 @@ def _train(folder: Path, stop_flag: dict) -> None:
         saving.save_best(model, tokenizer, strategy_text, folder)
         print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
 
-    result = loop.train(
-        model, sequences, data.eval, args, device=device.value, precision=precision.value,
-        packed=packing.value == "on",
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]),
-        resume=resume[1:] if resume else None,
-    )
+    sink = MetricsSink(folder, args.report_to)
+    try:
+        result = loop.train(
+            model, sequences, data.eval, args, device=device.value, precision=precision.value,
+            packed=packing.value == "on",
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
+            resume=resume[1:] if resume else None,
+        )
+    finally:
+        sink.close()
     final = saving.save_final(model, tokenizer, strategy_text, folder)
     print(f"final weights: {final}", flush=True)
+    import resource
+
+    measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
+    estimate = job.get("estimate") or {}
+    if estimate and device.value == estimate.get("device") == "cpu":
+        # The estimator checks itself after every run: its error, signed (+ means it guessed high).
+        measured["memory_error"] = round(estimate["peak_memory_mb"] / measured["peak_rss_mb"] - 1, 3)
+        measured["time_error"] = round(estimate["seconds"] / max(measured["train_seconds"], 1e-3) - 1, 3)
+        print(f"estimate vs measured: memory {estimate['peak_memory_mb']:.0f} vs {measured['peak_rss_mb']:.0f} MB "
+              f"({100 * measured['memory_error']:+.0f}%), time {estimate['seconds']:.1f} vs "
+              f"{measured['train_seconds']:.1f} s ({100 * measured['time_error']:+.0f}%)", flush=True)
     update_job(folder, final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
-               train_seconds=round(result.elapsed, 2))
+               train_seconds=round(result.elapsed, 2), measured=measured)
 
 
 def run(folder: Path) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from contract.job_folder import append_metrics, update_job
+from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
 from trainer.data.batching import collate, pack
 from trainer.saving import TrainState, restore_rng
@@ -26,6 +26,7 @@ class LoopResult:
     final_loss: float | None
     tokens_per_second: float
     elapsed: float
+    tokens: int
 
 
 @dataclass
@@ -106,7 +107,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
 
 
 def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
-          pad_id: int, job_dir: Path, hooks: Hooks, resume: tuple[TrainState, dict] | None = None) -> LoopResult:
+          pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None) -> LoopResult:
     """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
     it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position."""
     import torch
@@ -130,7 +131,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
         loss = evaluate_loss(model, eval_rows, args.per_device_train_batch_size, pad_id, device, precision)
         record = {"step": step, "epoch": round(step / per_epoch, 4), "eval_loss": round(loss, 6),
                   "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
-        append_metrics(job_dir, record)
+        sink.log(record)
         print(f"eval at step {step}: loss {loss:.4f} perplexity {record['eval_perplexity']:.2f}", flush=True)
         if best is None or loss < best:
             if args.save_best:
@@ -209,7 +210,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
                     "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 2),
                     "elapsed": round(now - start, 3),
                 }
-                append_metrics(job_dir, record)
+                sink.log(record)
                 print(f"step {step}/{total_steps} loss {final_loss:.4f} lr {lr:.2e} "
                       f"{record['tokens_per_second']:.0f} tok/s", flush=True)
                 window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, now
@@ -222,4 +223,4 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
                 checkpoint(epoch, done + 1)
         epoch, skip = epoch + 1, 0
     elapsed = time.perf_counter() - start
-    return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed)
+    return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed, tokens_seen)

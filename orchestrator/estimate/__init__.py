@@ -1,0 +1,172 @@
+"""Predict a run's peak memory, time and disk before it starts, without torch or any download.
+
+Memory (bytes): frozen weights at their stored width, 16 bytes per trainable parameter (fp32 weight,
+gradient, two AdamW moments), activations kept for the backward pass per token and layer, the logits
+and their gradient, and the framework's fixed overhead. Time: tokens times FLOPs per token (2 per
+matmul weight forward, as much again backward for activation gradients, and again for weight
+gradients when the weights train),
+divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
+cost. The constants were measured on CPU runs here (docs/ESTIMATE.md); `job.json` records every run's
+measured peak and time beside this estimate, so the error is visible after each run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from contract.strategy import Strategy
+from orchestrator.estimate.shapes import ModelShape, shape_for
+from orchestrator.estimate.throughput import device_memory_gb, matmul_gflops
+
+MB = 1024 * 1024
+# Host memory of a Python process with torch, transformers and peft loaded and a job running.
+CPU_OVERHEAD_MB = 430
+CUDA_CONTEXT_MB = 600
+# Tensors a Llama layer keeps per token for backward, in units of hidden / intermediate / head*seq.
+ACT_HIDDEN, ACT_INTER = 16, 4
+# Share of the matmul peak a training step reaches, and the fixed cost per step and per layer.
+EFFICIENCY = 0.8
+STEP_SECONDS, LAYER_STEP_SECONDS = 0.015, 0.01
+# Without a dataset: the assumption the estimate states.
+ASSUMED_ROWS, ASSUMED_FILL = 1000, 0.5
+
+
+@dataclass
+class Estimate:
+    model: str
+    shape_source: str
+    params: int
+    trainable_params: int
+    device: str
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+    available_memory_mb: float | None = None
+    tokens_per_epoch: int = 0
+    tokens_source: str = ""
+    train_tokens: int = 0
+    steps: int = 0
+    flops_per_token: float = 0.0
+    device_gflops: float = 0.0
+    seconds: float = 0.0
+    disk_mb: dict[str, float] = field(default_factory=dict)
+    fits: bool | None = True
+    """None: the device is not on this machine, so its memory is unknown."""
+    advice: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _trainable(shape: ModelShape, strategy: Strategy) -> int:
+    method = strategy.cfg.method
+    if method.type == "full":
+        return shape.params
+    shapes = shape.linear_shapes()
+    return shape.num_layers * sum(method.r * (a + b) for name, (a, b) in shapes.items() if name in method.target_modules)
+
+
+def _weight_bytes(device: str, method: str, precision: str) -> float:
+    if method == "qlora":
+        return 0.56  # nf4 with double-quantized constants; embeddings stay in the compute dtype (below)
+    if device == "cuda" and method == "lora" and precision in ("auto", "bf16", "fp16"):
+        return 2.0
+    return 4.0  # CPU and MPS train on fp32 weights (autocast computes in bf16 where it pays)
+
+
+def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpointing: bool | None = None) -> dict:
+    cfg = strategy.cfg
+    args = cfg.training_args
+    ckpt = args.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    trainable = _trainable(shape, strategy)
+    method = cfg.method.type
+    act_bytes = 4 if device != "cuda" or args.precision == "fp32" else 2
+    frozen = 0 if method == "full" else shape.params
+    weight_b = _weight_bytes(device, method, args.precision)
+    weights = frozen * weight_b
+    if method == "qlora":  # embeddings and the output head are not quantized
+        emb = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+        weights += emb * (2.0 - weight_b)
+    tokens = args.per_device_train_batch_size * args.max_seq_length
+    per_token_layer = (ACT_HIDDEN * shape.hidden_size + 3 * shape.kv_dim + ACT_INTER * shape.intermediate_size
+                       + shape.num_heads * args.max_seq_length) * act_bytes
+    if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
+        activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
+    else:
+        activations = tokens * shape.num_layers * per_token_layer
+    logits = tokens * shape.vocab_size * 4 * 3  # fp32 logits, log-softmax and their gradient
+    overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
+    parts = {"weights": weights, "trainable_state": trainable * 16, "activations": activations,
+             "logits": logits, "framework": overhead}
+    return {k: round(v / MB, 1) for k, v in parts.items()}
+
+
+def _tokens_per_epoch(strategy: Strategy, dataset: Path | None) -> tuple[int, str]:
+    args = strategy.cfg.training_args
+    if dataset is None:
+        n = int(ASSUMED_ROWS * args.max_seq_length * ASSUMED_FILL)
+        return n, f"assumed: {ASSUMED_ROWS} rows of {int(100 * ASSUMED_FILL)}% of max_seq_length (pass --dataset)"
+    from orchestrator.estimate.tokens import count_tokens
+
+    return count_tokens(dataset, strategy)
+
+
+def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu") -> Estimate:
+    cfg, args = strategy.cfg, strategy.cfg.training_args
+    shape, source = shape_for(cfg.base_model)
+    trainable = _trainable(shape, strategy)
+    est = Estimate(cfg.base_model.huggingface_id, source, shape.params, trainable, device)
+    est.memory_mb = memory(shape, strategy, device)
+    est.peak_memory_mb = round(sum(est.memory_mb.values()), 1)
+    est.tokens_per_epoch, est.tokens_source = _tokens_per_epoch(strategy, dataset)
+
+    # Packed sequences are about 95% full; unpacked rows are counted as full sequences (the upper bound).
+    per_sequence = args.max_seq_length * (0.95 if cfg.dataset.packing is not False else 1.0)
+    sequences = max(1, math.ceil(est.tokens_per_epoch / per_sequence))
+    per_epoch = math.ceil(math.ceil(sequences / args.per_device_train_batch_size) / args.gradient_accumulation_steps)
+    est.steps = args.max_steps or math.ceil(per_epoch * args.num_train_epochs)
+    est.train_tokens = int(est.steps * est.tokens_per_epoch / per_epoch)
+
+    forward = 2 * shape.matmul_params + 4 * args.max_seq_length * shape.hidden_size * shape.num_layers
+    # Backward: gradients for activations always, for weights only when they train; checkpointing
+    # runs the forward pass twice.
+    backward = 2 if cfg.method.type == "full" else 1
+    est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
+    est.device_gflops = matmul_gflops(device, "bf16" if args.precision == "bf16" else "fp32")
+    compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
+    est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
+
+    weights_mb = (trainable if cfg.method.type != "full" else shape.params) * 4 / MB
+    checkpoint_mb = weights_mb + trainable * 8 / MB  # weights plus AdamW moments
+    kept = min(args.save_total_limit, math.ceil(est.steps / args.save_steps)) if args.save_steps else 0
+    est.disk_mb = {"checkpoints": round(kept * checkpoint_mb, 1), "final": round(weights_mb, 1),
+                   "best": round(weights_mb, 1) if args.save_best else 0.0,
+                   "merged_export_f16": round(shape.params * 2 / MB, 1)}
+
+    available = device_memory_gb(device)
+    est.available_memory_mb = round(available * 1024, 1) if available else None
+    if available is None:
+        est.fits = None  # no such device here to judge against
+    elif est.peak_memory_mb > available * 1024:
+        est.fits = False
+        est.advice = _advice(shape, strategy, device)
+    return est
+
+
+def _advice(shape: ModelShape, strategy: Strategy, device: str) -> list[str]:
+    args, method = strategy.cfg.training_args, strategy.cfg.method
+    tips = []
+    if not args.gradient_checkpointing:
+        with_ckpt = sum(memory(shape, strategy, device, gradient_checkpointing=True).values())
+        tips.append(f"set training_args.gradient_checkpointing: true (peak about {with_ckpt:,.0f} MB, ~25% slower)")
+    if args.per_device_train_batch_size > 1:
+        tips.append("lower training_args.per_device_train_batch_size and raise gradient_accumulation_steps to match")
+    if args.max_seq_length > 512:
+        tips.append("lower training_args.max_seq_length")
+    if method.type == "full":
+        tips.append("use method.type: lora (trains a fraction of the parameters)")
+    elif method.type == "lora" and device == "cuda":
+        tips.append("use method.type: qlora (4-bit base weights)")
+    tips.append(f"or a smaller base model: this one needs {shape.params / 1e9:.2f}B parameters' weights in memory")
+    return tips

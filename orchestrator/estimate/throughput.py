@@ -1,0 +1,76 @@
+"""How fast and how big this machine's devices are, without importing torch here.
+
+The matmul rate is measured once per machine, device and dtype by a short trainer subprocess (about
+2 s) and cached in $LLAMAFARM_CACHE/throughput.json; a device this machine lacks gets a documented
+table value (an A100 for cuda, an M2 Pro for mps), which the estimate says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# GFLOP/s for devices that are not here to measure.
+TABLE = {("cuda", "bf16"): 312_000.0, ("cuda", "fp32"): 19_500.0, ("mps", "fp32"): 6_800.0, ("mps", "bf16"): 6_800.0}
+
+
+def _cache_file() -> Path:
+    from trainer.models.builtin import cache_root
+
+    return cache_root() / "throughput.json"
+
+
+def _present(device: str) -> bool:
+    from orchestrator.platform import available_devices
+
+    return available_devices()[device]
+
+
+def matmul_gflops(device: str, dtype: str) -> float:
+    if not _present(device):
+        return TABLE[(device, dtype)]
+    key = f"{device}-{dtype}-{os.cpu_count()}"
+    path = _cache_file()
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cached:
+        cached[key] = measure(device, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=2))
+        tmp.replace(path)
+    return cached[key]
+
+
+def measure(device: str, dtype: str) -> float:
+    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+
+    print(f"measuring this machine's {device} {dtype} matmul rate once for estimates (about 2 s)", file=sys.stderr)
+    out = subprocess.run([sys.executable, "-m", "trainer", "calibrate", "--device", device, "--dtype", dtype],
+                         cwd=PROJECT_ROOT, env=trainer_env(), capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["gflops"])
+
+
+def device_memory_gb(device: str) -> float | None:
+    """Memory a run can use on the device: available host RAM for cpu (and mps, which shares it),
+    the GPU's total for cuda; None when it cannot be known here."""
+    if device in ("cpu", "mps"):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024 / 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+        except (ValueError, OSError):
+            return None
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return int(out.stdout.split()[0]) / 1024
+    return None

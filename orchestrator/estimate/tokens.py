@@ -1,0 +1,63 @@
+"""Tokens in a dataset under a strategy, with the `tokenizers` library and jinja2 (no torch).
+
+The strategy's chat template renders each row as training will; the model's tokenizer.json (a local
+folder, a builtin already built, or the Hugging Face cache) counts it. Without a tokenizer on disk,
+4 characters per token is assumed and said.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from contract.chat_templates import FALLBACK_TEMPLATE, get_template
+from contract.strategy import Strategy
+from trainer.data.records import read_dataset
+
+
+def _tokenizer_folder(strategy: Strategy) -> Path | None:
+    from trainer.models import builtin
+
+    model_id = strategy.cfg.base_model.huggingface_id
+    if builtin.is_builtin(model_id):
+        spec = builtin.get_spec(model_id)
+        folder = builtin.cache_root() / "builtin" / f"{spec.name}-{builtin._fingerprint(spec)}"
+        return folder if (folder / "tokenizer.json").exists() else None
+    local = Path(model_id).expanduser()
+    if (local / "tokenizer.json").exists():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(model_id, "tokenizer.json", revision=strategy.cfg.base_model.revision)
+    except Exception:
+        hit = None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def count_tokens(dataset: Path, strategy: Strategy) -> tuple[int, str]:
+    d = strategy.cfg.dataset
+    conversations = read_dataset(dataset, d.format, d.columns)
+    limit = strategy.cfg.training_args.max_seq_length
+    folder = _tokenizer_folder(strategy)
+    if folder is None:
+        chars = sum(len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages) for c in conversations)
+        return min(chars // 4, limit * len(conversations)), "assumed 4 characters per token (no tokenizer on disk)"
+    import jinja2
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    own = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").exists() else config.get("chat_template")
+    name = d.template if d.template != "auto" else (None if own else FALLBACK_TEMPLATE)
+    template = jinja2.Environment().from_string(own if name is None else get_template(name).jinja)
+    bos, eos = config.get("bos_token") or "", config.get("eos_token") or ""
+    total = 0
+    for c in conversations:
+        text = c.text if c.text is not None else template.render(messages=list(c.messages), bos_token=bos,
+                                                                 eos_token=eos, add_generation_prompt=False)
+        # BOS once: from the template text when it writes one, else from the tokenizer; then EOS.
+        n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
+        total += n if n <= limit or d.truncation == "truncate" else 0
+        total -= max(0, n - limit) if d.truncation == "truncate" else 0
+    return total, f"counted with {folder.name}'s tokenizer and the {name or 'model'} template"

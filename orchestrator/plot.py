@@ -1,0 +1,48 @@
+"""Pictures of a job's progress: a PNG of the loss curves and a one-line sparkline for terminals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """The last `width` values as block characters, low to high."""
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(_BARS[min(len(_BARS) - 1, int((v - lo) / span * len(_BARS)))] for v in values)
+
+
+def plot_metrics(metrics: list[dict], out: Path, title: str) -> Path:
+    """Training and eval loss against the step, with the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss", color="tab:blue")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot([m["step"] for m in train], [m["learning_rate"] for m in train], "--", color="tab:gray", alpha=0.7,
+            label="learning rate")
+    lr.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

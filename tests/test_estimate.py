@@ -1,0 +1,147 @@
+"""The estimator: its arithmetic (golden values), its verdict, and its error against real CPU runs of
+the builtin tiny models and a SmolLM2-135M-shaped model (memory within 25%, time within 35%).
+Also the progress pictures: the PNG plot, the sparkline and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contract.job_folder import read_job
+from contract.strategy import parse_strategy
+from orchestrator.estimate import estimate, memory
+from orchestrator.estimate.shapes import KNOWN, shape_for
+
+from conftest import DATASETS, ROOT
+
+
+def _strategy(model="builtin:tiny-llama-spm", method=None, **training):
+    return {"fine_tuner": {"config": {
+        "base_model": {"name": "m", "huggingface_id": model},
+        "method": method or {"type": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        "training_args": {"per_device_train_batch_size": 4, "max_seq_length": 256, "logging_steps": 10, **training},
+        "device": "cpu"}}}
+
+
+def test_shapes_and_parameter_counts():
+    llama8b = KNOWN["meta-llama/Llama-3.1-8B"]
+    assert llama8b.params == 8_030_261_248, "the published parameter count of Llama 3.1 8B"
+    assert KNOWN["meta-llama/Llama-3.2-3B"].params == 3_212_749_824
+    assert KNOWN["TinyLlama/TinyLlama-1.1B-Chat-v1.0"].params == 1_100_048_384
+    shape, source = shape_for(parse_strategy("x", _strategy()).cfg.base_model)
+    assert source == "builtin spec" and (shape.hidden_size, shape.num_layers, shape.vocab_size) == (128, 4, 2048)
+
+
+def test_memory_breakdown_golden():
+    s = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048))
+    parts = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu")
+    assert parts == {"weights": 30633.0, "trainable_state": 52.0, "activations": 191488.0, "logits": 12024.0,
+                     "framework": 430.0}
+    with_ckpt = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", gradient_checkpointing=True)
+    assert with_ckpt["activations"] < parts["activations"] / 10
+
+
+def test_a_run_that_cannot_fit_is_refused_with_advice(run_cli, tmp_path, _isolated_home):
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({"vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+                                                 "num_hidden_layers": 80, "num_attention_heads": 64,
+                                                 "num_key_value_heads": 8}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"huge": _strategy(model=str(big))}))
+    est = run_cli("finetune", "estimate", "--strategy", "huge", "--strategy-file", tmp_path / "s.yaml", "--json")
+    data = json.loads(est.output)
+    assert data["fits"] is False and data["shape_source"] == f"{big}/config.json"
+    assert data["advice"][0].startswith("set training_args.gradient_checkpointing: true")
+    result = run_cli("run", "--strategy", "huge", "--strategy-file", tmp_path / "s.yaml",
+                     "--dataset", DATASETS / "medical_qa.jsonl")
+    assert result.exit_code == 1
+    assert "needs about" in result.output and "or pass --ignore-estimate to start anyway" in result.output
+    assert not (_isolated_home / "jobs").exists()
+
+
+def test_estimate_for_an_absent_device_does_not_judge(run_cli):
+    out = run_cli("finetune", "estimate", "--strategy", "cuda_fine_tuning").output
+    assert "verdict: unknown, no cuda device on this machine" in out
+    assert "assumed: 1000 rows of 50% of max_seq_length" in out
+
+
+def test_estimate_imports_no_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom orchestrator.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['finetune', 'estimate', '--strategy', 'm1_fine_tuning', '--json'])\n"
+            "assert r.exit_code == 0, r.output\nassert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _smollm_shaped(folder: Path) -> Path:
+    """A SmolLM2-135M-shaped Llama, random init, built in code (as the benchmark issue specifies)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trainer.models.builtin import builtin_path
+
+    tok = AutoTokenizer.from_pretrained(builtin_path("builtin:tiny-llama-bpe"))
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["tiny_lora_spm", "tiny_full_bpe", "smollm135m_lora"])
+def test_estimate_is_close_to_the_measured_run(run_cli, tmp_path, name):
+    strategies = {
+        "tiny_lora_spm": _strategy(max_steps=30),
+        "tiny_full_bpe": _strategy(model="builtin:tiny-llama-bpe", method={"type": "full"}, max_steps=30),
+        "smollm135m_lora": _strategy(model=str(tmp_path / "smol"), max_steps=6, per_device_train_batch_size=2),
+    }
+    if name.startswith("smollm"):
+        _smollm_shaped(tmp_path / "smol")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({name: strategies[name]}))
+    result = run_cli("run", "--strategy", name, "--strategy-file", tmp_path / "s.yaml",
+                     "--dataset", DATASETS / "medical_qa.jsonl", "--foreground", "--json")
+    assert result.exit_code == 0, result.output
+    job = read_job(Path(json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}") + 1])["job_dir"]))
+    measured = job["measured"]
+    print(name, job["estimate"], measured)
+    assert abs(measured["memory_error"]) <= 0.25, (job["estimate"], measured)
+    assert abs(measured["time_error"]) <= 0.35, (job["estimate"], measured)
+    assert job["estimate"]["steps"] == measured["steps"]
+
+
+def test_plot_sparkline_and_tensorboard(run_cli, tmp_path):
+    from orchestrator.plot import sparkline
+
+    assert sparkline([3.0, 2.0, 1.0, 1.0]) == "█▅▁▁"
+    assert sparkline([]) == ""
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"tb": _strategy(
+        max_steps=4, logging_steps=1, eval_steps=2, report_to="tensorboard", max_seq_length=64)}))
+    raw = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    raw["tb"]["fine_tuner"]["config"]["dataset"] = {"eval_fraction": 0.1}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    result = run_cli("run", "--strategy", "tb", "--strategy-file", tmp_path / "s.yaml",
+                     "--dataset", DATASETS / "medical_qa.jsonl", "--foreground", "--json")
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}") + 1])["job_id"]
+    png = tmp_path / "curves.png"
+    shown = run_cli("finetune", "monitor", "--job-id", job_id, "--plot", png)
+    assert shown.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert any(c in shown.output for c in "▁▂▃▄▅▆▇█")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contract.job_folder import jobs_root
+
+    events = EventAccumulator(str(jobs_root() / job_id / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/eval_loss"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/eval_loss")] == [2, 4]
+
