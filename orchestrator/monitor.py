@@ -41,7 +41,7 @@ def summary(job: dict, metrics: list[dict]) -> dict:
     }
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     seconds = int(seconds)
@@ -63,9 +63,9 @@ def render(s: dict) -> str:
         parts.append(f"eval {s['eval_loss']:.4f}")
     if s["tokens_per_second"]:
         parts.append(f"{s['tokens_per_second']:.0f} tok/s")
-    parts.append(f"elapsed {_duration(s['elapsed'])}")
+    parts.append(f"elapsed {format_duration(s['elapsed'])}")
     if s["eta_seconds"] is not None:
-        parts.append(f"eta {_duration(s['eta_seconds'])}")
+        parts.append(f"eta {format_duration(s['eta_seconds'])}")
     line = "  ".join(parts)
     if s["error"]:
         line += f"\n  error: {s['error']}"

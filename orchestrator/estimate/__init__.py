@@ -42,6 +42,8 @@ class Estimate:
     device: str
     memory_mb: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    activations_mb_with_checkpointing: float = 0.0
+    activations_mb_without_checkpointing: float = 0.0
     available_memory_mb: float | None = None
     tokens_per_epoch: int = 0
     tokens_source: str = ""
@@ -102,24 +104,27 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     return {k: round(v / MB, 1) for k, v in parts.items()}
 
 
-def _tokens_per_epoch(strategy: Strategy, dataset: Path | None) -> tuple[int, str]:
+def _tokens_per_epoch(strategy: Strategy, dataset: Path | None, conversations=None) -> tuple[int, str]:
     args = strategy.cfg.training_args
     if dataset is None:
         n = int(ASSUMED_ROWS * args.max_seq_length * ASSUMED_FILL)
         return n, f"assumed: {ASSUMED_ROWS} rows of {int(100 * ASSUMED_FILL)}% of max_seq_length (pass --dataset)"
     from orchestrator.estimate.tokens import count_tokens
 
-    return count_tokens(dataset, strategy)
+    return count_tokens(dataset, strategy, conversations)
 
 
-def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu") -> Estimate:
+def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu", conversations=None) -> Estimate:
+    """`conversations`: the dataset's rows when the caller has read them already."""
     cfg, args = strategy.cfg, strategy.cfg.training_args
     shape, source = shape_for(cfg.base_model)
     trainable = _trainable(shape, strategy)
     est = Estimate(cfg.base_model.huggingface_id, source, shape.params, trainable, device)
     est.memory_mb = memory(shape, strategy, device)
     est.peak_memory_mb = round(sum(est.memory_mb.values()), 1)
-    est.tokens_per_epoch, est.tokens_source = _tokens_per_epoch(strategy, dataset)
+    est.activations_mb_with_checkpointing = memory(shape, strategy, device, gradient_checkpointing=True)["activations"]
+    est.activations_mb_without_checkpointing = memory(shape, strategy, device, gradient_checkpointing=False)["activations"]
+    est.tokens_per_epoch, est.tokens_source = _tokens_per_epoch(strategy, dataset, conversations)
 
     # Packed sequences are about 95% full; unpacked rows are counted as full sequences (the upper bound).
     per_sequence = args.max_seq_length * (0.95 if cfg.dataset.packing is not False else 1.0)

@@ -35,9 +35,9 @@ def _tokenizer_folder(strategy: Strategy) -> Path | None:
     return Path(hit).parent if isinstance(hit, str) else None
 
 
-def count_tokens(dataset: Path, strategy: Strategy) -> tuple[int, str]:
+def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple[int, str]:
     d = strategy.cfg.dataset
-    conversations = read_dataset(dataset, d.format, d.columns)
+    conversations = conversations or read_dataset(dataset, d.format, d.columns)
     limit = strategy.cfg.training_args.max_seq_length
     folder = _tokenizer_folder(strategy)
     if folder is None:
@@ -58,6 +58,6 @@ def count_tokens(dataset: Path, strategy: Strategy) -> tuple[int, str]:
                                                                  eos_token=eos, add_generation_prompt=False)
         # BOS once: from the template text when it writes one, else from the tokenizer; then EOS.
         n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
-        total += n if n <= limit or d.truncation == "truncate" else 0
-        total -= max(0, n - limit) if d.truncation == "truncate" else 0
+        if n <= limit or d.truncation == "truncate":
+            total += min(n, limit)  # longer rows are cut to the limit, or dropped
     return total, f"counted with {folder.name}'s tokenizer and the {name or 'model'} template"

@@ -1,0 +1,71 @@
+"""The root of the `llamafarm` CLI and what its commands share: user errors shown without a
+traceback, the --strategy-file option, JSON output, loading a strategy with --set overrides."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from contract.errors import UserError
+
+STRATEGY_FILES = click.option(
+    "--strategy-file",
+    "strategy_files",
+    multiple=True,
+    type=click.Path(),
+    help="Extra strategy YAML file or folder (repeatable; also $LLAMAFARM_STRATEGIES).",
+)
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+class _UserFacingError(click.ClickException):
+    exit_code = 1
+
+
+class _Root(click.Group):
+    """Turns a UserError anywhere below into one clear line and exit 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise _UserFacingError(str(exc)) from None
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llamafarm", message="llamafarm %(version)s")
+def cli():
+    """Fine-tune open LLMs on your own data, on CUDA, Apple MPS or plain CPU.
+
+    \b
+    Example:
+      llamafarm finetune start --strategy tiny_demo --dataset demos/datasets/medical_qa.jsonl
+    """
+
+
+@cli.group()
+def finetune():
+    """Strategies, training jobs and their progress.
+
+    \b
+    Example:
+      llamafarm finetune strategies list
+    """
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+
+
+def load_strategy(name: str, assignments: tuple[str, ...], strategy_files: tuple[str, ...]):
+    """(entry, validated strategy, applied overrides) for a strategy name and its --set values."""
+    from orchestrator import strategies as strat
+
+    entry, _ = strat.get(name, strategy_files)
+    raw, overrides = strat.apply_overrides(entry.raw, assignments)
+    strategy = strat.validate(name, raw, str(entry.source) + (" with --set" if overrides else ""))
+    return entry, strategy, overrides

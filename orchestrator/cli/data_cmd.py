@@ -1,0 +1,123 @@
+"""Data and quality: `llamafarm finetune dataset validate` and `llamafarm finetune evaluate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from contract.errors import UserError
+from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune
+
+@finetune.group()
+def dataset():
+    """Check a dataset before training.
+
+    \b
+    Example:
+      llamafarm finetune dataset validate demos/datasets/medical_qa.jsonl --strategy tiny_demo
+    """
+
+
+@dataset.command("validate")
+@click.argument("path", type=click.Path())
+@click.option("--strategy", "strategy_name", default=None, help="Also measure tokens with this strategy's tokenizer and template.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@STRATEGY_FILES
+def dataset_validate(path, strategy_name, as_json, strategy_files):
+    """Rows, format, blank and duplicate rows; with --strategy, token lengths (p50/p95/max), rows over
+    max_seq_length and tokens per epoch. Exit 1 when a row is unusable (each named with file:line).
+
+    \b
+    Example:
+      llamafarm finetune dataset validate demos/datasets/medical_chat.jsonl --strategy tiny_demo --json
+    """
+    import yaml
+
+    from contract.strategy import resolved_dict
+    from orchestrator import strategies as strat
+    from trainer.data.report import describe
+
+    strategy = strat.get(strategy_name, strategy_files)[1] if strategy_name else None
+    d = strategy.cfg.dataset if strategy else None
+    report = describe(Path(path), d.format if d else "auto", d.columns if d else None)
+    if strategy:
+        report.update(_trainer_json(["dataset-stats", str(Path(path).resolve())], yaml.safe_dump(resolved_dict(strategy))))
+        report["strategy"] = strategy_name
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"{report['dataset']}: {report['rows']} rows, {report['format']} format")
+    click.echo(f"  blank lines {report['blank_lines']}, duplicate rows {report['duplicates']}, "
+               f"multi-turn {report['multi_turn_rows']}, with a system prompt {report['with_system_prompt']}")
+    for example in report["duplicate_examples"]:
+        click.echo(f"  duplicate: {example}")
+    if strategy:
+        click.echo(f"  tokens ({strategy_name}, template {report['template']}): p50 {report['tokens_p50']}, "
+                   f"p95 {report['tokens_p95']}, max {report['tokens_max']}")
+        click.echo(f"  over max_seq_length {report['max_seq_length']}: {report['over_max_seq_length']} rows "
+                   f"({report['over_action']}); tokens per epoch {report['tokens_per_epoch']}, "
+                   f"in the loss {report['target_tokens']}")
+    else:
+        click.echo("  (add --strategy NAME for token lengths under that strategy's tokenizer and template)")
+
+
+def _trainer_json(args: list[str], stdin: str | None = None) -> dict:
+    """Run a trainer subcommand (where torch lives) and parse the JSON it prints."""
+    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=PROJECT_ROOT, env=trainer_env(),
+                          input=stdin, capture_output=True, text=True)
+    if proc.returncode:
+        message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise UserError(message.removeprefix("error: "))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@finetune.command("evaluate")
+@click.option("--model", required=True, help="A job id, a job folder, or a final/ folder.")
+@click.option("--dataset", required=True, type=click.Path(), help="Held-out data in any supported format.")
+@click.option("--samples", default=3, show_default=True, type=click.IntRange(0, 100), help="Prompts to answer side by side.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--output", type=click.Path(), default=None, help="Where to write the JSON (default: evaluation.json in the job).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate_cmd(model, dataset, samples, max_new_tokens, output, as_json):
+    """Eval loss and perplexity of the fine-tuned model and its base, and their answers side by side.
+
+    \b
+    Example:
+      llamafarm finetune evaluate --model tiny_demo-20260101-120000-ab12 --dataset demos/datasets/medical_qa_eval.jsonl
+    """
+    from orchestrator import jobs
+    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+    from trainer.data.records import read_dataset
+
+    folder = jobs.model_folder(model)
+    read_dataset(dataset)  # a bad file is reported here, with file:line, before any model loads
+    out = Path(output) if output else folder.parent / "evaluation.json"
+    if output is None and not (folder.parent / "job.json").exists():
+        out = folder / "evaluation.json"
+    argv = [sys.executable, "-m", "trainer", "evaluate", str(folder), str(Path(dataset).resolve()),
+            "--output", str(out.resolve()), "--samples", str(samples), "--max-new-tokens", str(max_new_tokens)]
+    proc = subprocess.run(argv, cwd=PROJECT_ROOT, env=trainer_env(), capture_output=True, text=True)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"evaluation failed (exit {proc.returncode})")
+    result = json.loads(out.read_text())
+    if as_json:
+        emit_json(result)
+        return
+    ft, base = result["fine_tuned"], result["base"]
+    click.echo(f"{result['dataset']}: {result['rows']} rows")
+    click.echo(f"{'':<12}{'loss':>10}{'perplexity':>14}")
+    click.echo(f"{'base':<12}{base['loss']:>10.4f}{base['perplexity']:>14.2f}")
+    click.echo(f"{'fine-tuned':<12}{ft['loss']:>10.4f}{ft['perplexity']:>14.2f}")
+    for i, sample in enumerate(result["samples"], 1):
+        click.echo(f"\n[{i}] {sample['prompt']}")
+        click.echo(f"  reference : {sample['reference']}")
+        click.echo(f"  base      : {sample['base']}")
+        click.echo(f"  fine-tuned: {sample['fine_tuned']}")
+    click.echo(f"\nwritten to {out}")

@@ -1,0 +1,221 @@
+"""Jobs: `llamafarm finetune start` (= `llamafarm run`), `monitor`, `jobs`, `stop`, `resume`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from contract.errors import UserError
+from orchestrator.cli.base import STRATEGY_FILES, cli, emit_json, finetune, load_strategy
+
+
+@finetune.command("start")
+@click.option("--strategy", "strategy_name", required=True, help="Strategy name (see `strategies list`).")
+@click.option("--dataset", required=True, type=click.Path(),
+              help="Training data: .jsonl, .json, .csv, .parquet or a saved Hugging Face dataset folder.")
+@click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE",
+              help="Override a strategy value for this run, e.g. training_args.learning_rate=1e-4.")
+@click.option("--runner", "runner_flag", default=None, help="Runner to use (default: the strategy's, else auto).")
+@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+@click.option("--ignore-estimate", is_flag=True, help="Start even when the estimate says it will not fit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@STRATEGY_FILES
+def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_estimate, as_json, strategy_files):
+    """Start a fine-tuning job; prints its id at once.
+
+    \b
+    Example:
+      llamafarm finetune start --strategy tiny_demo --dataset demos/datasets/medical_qa.jsonl
+    """
+    from contract.job_folder import update_job
+    from orchestrator import jobs
+    from orchestrator.backends import BACKENDS
+    from orchestrator.estimate import estimate
+    from orchestrator.monitor import format_duration
+    from orchestrator.platform import available_devices
+    from orchestrator.runners import choose_runner
+    from trainer.data.records import read_dataset
+    from trainer.devices import choose_device
+    from trainer.methods import choose_method
+    from trainer.models.source import check_available
+
+    entry, strategy, overrides = load_strategy(strategy_name, assignments, strategy_files)
+    cfg = strategy.cfg
+    backend = BACKENDS[strategy.fine_tuner.type]
+    if not backend.available:
+        raise UserError(f"strategy {strategy_name}: backend {strategy.fine_tuner.type!r}: {backend.note}")
+    device = choose_device(cfg.device, cfg.fallback_device, available_devices())
+    method = choose_method(cfg.method, device.value)  # QLoRA off CUDA: refused or LoRA, before any job exists
+    conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns)
+    eval_path = Path(cfg.dataset.eval_file).expanduser() if cfg.dataset.eval_file else None
+    if eval_path:
+        read_dataset(eval_path, cfg.dataset.format, cfg.dataset.columns)
+    model_source = check_available(cfg.base_model)
+    runner, runner_reason = choose_runner(runner_flag, cfg.runner)
+    est = estimate(strategy, Path(dataset), device.value, conversations)
+    if est.fits is False and not ignore_estimate:
+        tips = "\n".join(f"  - {t}" for t in est.advice)
+        raise UserError(
+            f"strategy {strategy_name} needs about {est.peak_memory_mb:,.0f} MB on {device.value} but "
+            f"{est.available_memory_mb:,.0f} MB are available (`llamafarm finetune estimate` shows the breakdown):\n"
+            f"{tips}\n  - or pass --ignore-estimate to start anyway"
+        )
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    say(f"strategy: {strategy_name} ({entry.source})" + (f"; overrides {overrides}" if overrides else ""))
+    say(f"dataset: {dataset} ({len(conversations)} rows, {conversations[0].format} format)"
+        + (f"; eval: {eval_path}" if eval_path else ""))
+    say(f"base model: {cfg.base_model.huggingface_id} ({model_source})")
+    say(f"device: {device.value} ({device.reason}; the trainer confirms it)")
+    say(f"method: {method.value} ({method.reason})")
+    say(f"runner: {runner.name} ({runner_reason})")
+    say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {format_duration(est.seconds)} for {est.steps} steps"
+        + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
+
+    folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
+                         estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
+                                   "device": est.device})
+    try:
+        pid = runner.start(runner.launch_spec(folder))
+    except OSError as exc:
+        update_job(folder, status="failed", error=f"runner {runner.name} could not start: {exc}")
+        raise UserError(f"runner {runner.name} could not start the job: {exc}") from None
+    update_job(folder, pid=pid)
+    if as_json:
+        emit_json({"job_id": folder.name, "job_dir": str(folder), "status": "pending", "pid": pid, "runner": runner.name})
+    else:
+        click.echo(folder.name)
+    if foreground:
+        from orchestrator.monitor import follow
+
+        final = follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+        sys.exit(0 if final["status"] == "completed" else 1)
+
+
+@finetune.command("monitor")
+@click.option("--job-id", required=True, help="The job to watch.")
+@click.option("--follow", "follow_", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Write loss, eval loss and learning-rate curves to this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def monitor(job_id, follow_, plot_path, as_json):
+    """Show a job's progress: bar, loss with a sparkline, tokens/s and ETA; --plot draws the curves to a PNG.
+    With --follow, exit 1 unless the job completes.
+
+    \b
+    Example:
+      llamafarm finetune monitor --job-id tiny_demo-20260101-120000-ab12 --follow
+    """
+    from contract.job_folder import read_metrics
+    from orchestrator import jobs
+    from orchestrator import monitor as mon
+
+    folder, job = jobs.get(job_id)
+    if plot_path:
+        from orchestrator.plot import plot_metrics
+
+        metrics = read_metrics(folder)
+        if not metrics:
+            raise UserError(f"job {job_id} has no metrics yet; nothing to plot")
+        written = plot_metrics(metrics, Path(plot_path), f"{job_id} ({job['status']})")
+        click.echo(f"plot: {written}", err=as_json)
+    if follow_:
+        final = mon.follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+        if as_json:
+            emit_json(final)
+        sys.exit(0 if final["status"] == "completed" else 1)
+    s = mon.summary(job, read_metrics(folder))
+    if as_json:
+        emit_json(s)
+    else:
+        click.echo(mon.render(s))
+
+
+@finetune.command("jobs")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def jobs_cmd(as_json):
+    """List jobs, oldest first.
+
+    \b
+    Example:
+      llamafarm finetune jobs --json
+    """
+    from orchestrator import jobs
+
+    all_jobs = jobs.list_jobs()
+    if as_json:
+        emit_json(all_jobs)
+        return
+    if not all_jobs:
+        click.echo("no jobs yet; start one with `llamafarm finetune start --strategy tiny_demo --dataset ...`")
+    for job in all_jobs:
+        loss = f"loss {job['final_loss']:.4f}" if job.get("final_loss") is not None else ""
+        click.echo(f"{job['job_id']:<40} {job['status']:<9} {job.get('created_at', '')}  {loss}")
+
+
+@finetune.command("stop")
+@click.option("--job-id", required=True, help="The job to stop.")
+def stop(job_id):
+    """Stop a job: it saves a checkpoint, then ends with status `stopped`.
+
+    \b
+    Example:
+      llamafarm finetune stop --job-id tiny_demo-20260101-120000-ab12
+    """
+    from contract.job_folder import FINISHED, now_iso, update_job
+    from orchestrator import jobs
+    from orchestrator.runners import get_runner
+
+    folder, job = jobs.get(job_id)
+    if job["status"] in FINISHED:
+        raise UserError(f"job {job_id} already ended ({job['status']}); nothing to stop")
+    if not job.get("pid"):
+        update_job(folder, status="stopped", finished_at=now_iso())
+        click.echo(f"job {job_id} had not started; marked stopped")
+        return
+    get_runner(job["runner"]).stop(job)
+    click.echo(f"stop sent to job {job_id}; it saves a checkpoint, then ends (`llamafarm finetune monitor --job-id {job_id}`)")
+
+
+@finetune.command("resume")
+@click.option("--job-id", required=True, help="A stopped or failed job with a checkpoint.")
+@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+def resume(job_id, foreground):
+    """Continue a stopped or failed job from its newest complete checkpoint, in the same job folder.
+
+    \b
+    Example:
+      llamafarm finetune resume --job-id tiny_demo-20260101-120000-ab12
+    """
+    from contract.job_folder import complete_checkpoints, update_job
+    from orchestrator import jobs
+    from orchestrator.runners import get_runner
+
+    folder, job = jobs.get(job_id)
+    if job["status"] in ("pending", "running"):
+        raise UserError(f"job {job_id} is {job['status']}; only a stopped or failed job can be resumed")
+    if job["status"] == "completed":
+        raise UserError(f"job {job_id} already completed; start a new job to train further")
+    checkpoints = complete_checkpoints(folder)
+    if not checkpoints:
+        raise UserError(
+            f"job {job_id} has no complete checkpoint to resume from (it saves every training_args.save_steps "
+            "steps, and on stop); start it again with `llamafarm finetune start`"
+        )
+    runner = get_runner(job["runner"])
+    latest = checkpoints[-1]
+    update_job(folder, status="pending", pid=None, error=None, finished_at=None,
+               resume_from=str(latest.relative_to(folder)), resumes=job.get("resumes", 0) + 1)
+    pid = runner.start(runner.launch_spec(folder))
+    update_job(folder, pid=pid)
+    click.echo(f"job {job_id} resumes from {latest.name} (runner {runner.name}, pid {pid})")
+    if foreground:
+        from orchestrator.monitor import follow
+
+        sys.exit(0 if follow(folder)["status"] == "completed" else 1)
+
+
+
+
+cli.add_command(start, "run")

@@ -1,0 +1,106 @@
+"""`llamafarm finetune strategies list|show|validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from contract.errors import UserError
+from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune
+
+@finetune.group()
+def strategies():
+    """List, show and validate strategies.
+
+    \b
+    Example:
+      llamafarm finetune strategies show tiny_demo
+    """
+
+
+@strategies.command("list")
+@STRATEGY_FILES
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def strategies_list(strategy_files, as_json):
+    """List the strategies with their model, method and device.
+
+    \b
+    Example:
+      llamafarm finetune strategies list --json
+    """
+    from orchestrator import strategies as strat
+
+    rows = []
+    for name, entry in sorted(strat.discover(strategy_files).items()):
+        cfg = (entry.raw.get("fine_tuner") or {}).get("config") or {} if isinstance(entry.raw, dict) else {}
+        rows.append(
+            {
+                "name": name,
+                "description": entry.raw.get("description", "") if isinstance(entry.raw, dict) else "",
+                "base_model": (cfg.get("base_model") or {}).get("huggingface_id"),
+                "method": (cfg.get("method") or {}).get("type", "lora"),
+                "device": cfg.get("device", "auto"),
+                "source": str(entry.source),
+            }
+        )
+    if as_json:
+        emit_json(rows)
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['method']:<5} {r['device']:<4}  {r['base_model']}  {r['description']}")
+
+
+@strategies.command("show")
+@click.argument("name")
+@STRATEGY_FILES
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def strategies_show(name, strategy_files, as_json):
+    """Show one strategy with every default filled in.
+
+    \b
+    Example:
+      llamafarm finetune strategies show cpu_fine_tuning
+    """
+    import yaml
+
+    from contract.strategy import resolved_dict
+    from orchestrator import strategies as strat
+
+    entry, strategy = strat.get(name, strategy_files)
+    data = resolved_dict(strategy)
+    if as_json:
+        emit_json({"name": name, "source": str(entry.source), "strategy": data})
+        return
+    click.echo(f"# {name} from {entry.source}")
+    click.echo(yaml.safe_dump({name: data}, sort_keys=False).rstrip())
+
+
+@strategies.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def strategies_validate(files):
+    """Check strategy files (or folders of them); report every problem with its path.
+
+    \b
+    Example:
+      llamafarm finetune strategies validate strategies/ my_strategy.yaml
+    """
+    from contract.errors import StrategyError
+    from orchestrator import strategies as strat
+
+    failures = 0
+    for item in files:
+        for path in strat.yaml_files(Path(item)):
+            for name, raw in strat.read_strategy_file(path).items():
+                try:
+                    strat.validate(name, raw, str(path))
+                    click.echo(f"ok      {name} ({path})")
+                except StrategyError as exc:
+                    failures += 1
+                    click.echo(f"invalid {exc}", err=True)
+    if failures:
+        raise UserError(f"{failures} invalid strateg{'y' if failures == 1 else 'ies'}")
+
+
+# --- jobs ----------------------------------------------------------------------------------------
