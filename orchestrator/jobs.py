@@ -8,6 +8,7 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -26,7 +27,9 @@ from contract.job_folder import (
     update_job,
     write_json_atomic,
 )
-from contract.strategy import Strategy, resolved_dict
+
+if TYPE_CHECKING:
+    from contract.strategy import Strategy
 
 
 def new_job_id(strategy_name: str) -> str:
@@ -37,6 +40,8 @@ def new_job_id(strategy_name: str) -> str:
 def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, eval_dataset: Path | None,
            overrides: dict, runner: str, estimate: dict | None = None) -> Path:
     """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
+    from contract.strategy import resolved_dict
+
     root = jobs_root()
     while True:
         folder = root / new_job_id(strategy_name)

@@ -11,11 +11,17 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from contract.errors import StrategyError, UserError
-from contract.strategy import Strategy, parse_strategy
+
+if TYPE_CHECKING:
+    from contract.strategy import Strategy
+
+# contract.strategy (pydantic) is imported where a strategy is validated, not at module import:
+# `strategies list` and `jobs` only read files and must answer at once.
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = PROJECT_ROOT / "strategies" / "default_strategies.yaml"
@@ -95,6 +101,8 @@ def registry_problems(strategy: Strategy) -> list[str]:
 
 def validate(name: str, raw: object, source: str) -> Strategy:
     """Schema plus registry checks; every problem reported at once."""
+    from contract.strategy import parse_strategy
+
     label = f"{name!r} in {source}"
     strategy = parse_strategy(label, raw)
     problems = registry_problems(strategy)

@@ -117,6 +117,20 @@ def test_cli_start_up_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_listing_commands_stay_light():
+    """`--help`, `strategies list` and `jobs` load no torch and not even the schema library."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from orchestrator.cli import cli\n"
+        "for args in (['--help'], ['finetune', 'strategies', 'list'], ['finetune', 'jobs']):\n"
+        "    assert CliRunner().invoke(cli, args).exit_code == 0\n"
+        "heavy = [m for m in ('torch', 'transformers', 'pydantic', 'huggingface_hub') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_python_cli_py_form_works():
     out = subprocess.run(
         [sys.executable, "cli.py", "finetune", "strategies", "list"], cwd=ROOT, capture_output=True, text=True, check=True
