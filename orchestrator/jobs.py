@@ -122,7 +122,7 @@ def get(job_id: str) -> tuple[Path, dict]:
 
 def model_folder(model: str) -> Path:
     """A job id or a folder to the folder that holds trained weights."""
-    path = Path(model).expanduser()
+    path = Path(model).expanduser().resolve()  # the trainer subprocess runs in another folder
     if path.is_dir():
         if (path / FINAL_DIR / STRATEGY_FILE).exists():
             return path / FINAL_DIR

@@ -9,6 +9,8 @@ import time
 import pytest
 import yaml
 
+from pathlib import Path
+
 from contract.job_folder import read_job, read_metrics
 
 from conftest import DATASETS
@@ -61,8 +63,6 @@ def _wait(folder, statuses, timeout=240):
 
 
 def test_train_files_monitor_and_generate(run_cli, strategy_file):
-    from pathlib import Path
-
     started = _start(run_cli, strategy_file, "--foreground")
     folder = Path(started["job_dir"])
     assert started["status"] == "pending" and started["job_id"] == folder.name
@@ -152,8 +152,6 @@ def test_generate_prints_the_answer(strategy_file, tmp_path, monkeypatch):
 
 
 def test_stop_saves_a_checkpoint_and_ends_stopped(run_cli, strategy_file):
-    from pathlib import Path
-
     started = _start(run_cli, strategy_file, "--set", "training_args.max_steps=2000", "--set", "training_args.save_steps=1000")
     folder = Path(started["job_dir"])
     deadline = time.time() + 180
@@ -170,3 +168,33 @@ def test_stop_saves_a_checkpoint_and_ends_stopped(run_cli, strategy_file):
 
 GOLDEN_LOSSES = [6.302793, 5.979368, 6.094005, 5.896752, 5.847076, 5.584188]
 GOLDEN_EVAL_LOSSES = [5.825824, 5.742394]
+
+
+def test_relative_paths_work_from_any_folder(run_cli, tmp_path, monkeypatch):
+    """A local base model and a model folder given relative to the user's folder, while the trainer
+    runs elsewhere."""
+    import shutil
+
+    from trainer.models.builtin import builtin_path
+
+    shutil.copytree(builtin_path("builtin:tiny-llama-spm"), tmp_path / "mymodel")
+    strategy = {"local": {"fine_tuner": {"config": {
+        "base_model": {"name": "mine", "huggingface_id": "./mymodel"},
+        "training_args": {"max_steps": 2, "max_seq_length": 64}, "device": "cpu"}}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(strategy))
+    monkeypatch.chdir(tmp_path)
+    started = _start_named(run_cli, "local", "s.yaml")
+    folder = Path(started["job_dir"])
+    assert read_job(folder)["status"] == "completed", (folder / "train.log").read_text()
+    resolved = yaml.safe_load((folder / "strategy.yaml").read_text())
+    assert resolved["fine_tuner"]["config"]["base_model"]["huggingface_id"] == str(tmp_path / "mymodel")
+    shutil.copytree(folder / "final", tmp_path / "exported")
+    answer = run_cli("generate", "--model", "./exported", "--prompt", "Hi", "--max-new-tokens", "4")
+    assert answer.exit_code == 0, answer.output
+
+
+def _start_named(run_cli, name, strategy_file):
+    result = run_cli("run", "--strategy", name, "--strategy-file", strategy_file,
+                     "--dataset", DATASETS / "medical_qa.jsonl", "--foreground", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}") + 1])

@@ -15,43 +15,52 @@ from contract.strategy import Strategy
 from trainer.data.records import read_dataset
 
 
-def _tokenizer_folder(strategy: Strategy) -> Path | None:
+def _tokenizer(strategy: Strategy):
+    """(tokenizers.Tokenizer, bos, eos, the model's own chat template or None, a label) or None."""
+    from tokenizers import Tokenizer
+
     from trainer.models import builtin
 
     model_id = strategy.cfg.base_model.huggingface_id
     if builtin.is_builtin(model_id):
+        # A builtin's tokenizer is rebuilt from the corpus here (about 1 s, no torch) when the model
+        # itself has not been built yet.
         spec = builtin.get_spec(model_id)
-        folder = builtin.cache_root() / "builtin" / f"{spec.name}-{builtin._fingerprint(spec)}"
-        return folder if (folder / "tokenizer.json").exists() else None
+        raw, names, own = builtin.raw_tokenizer(spec)
+        return raw, names["bos_token"], names["eos_token"], own, f"{spec.name}'s tokenizer"
+    folder = None
     local = Path(model_id).expanduser()
     if (local / "tokenizer.json").exists():
-        return local
-    try:
-        from huggingface_hub import try_to_load_from_cache
+        folder = local
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(model_id, "tokenizer.json", revision=strategy.cfg.base_model.revision)
-    except Exception:
-        hit = None
-    return Path(hit).parent if isinstance(hit, str) else None
+            hit = try_to_load_from_cache(model_id, "tokenizer.json", revision=strategy.cfg.base_model.revision)
+        except Exception:
+            hit = None
+        folder = Path(hit).parent if isinstance(hit, str) else None
+    if folder is None:
+        return None
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    own = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").exists() else config.get("chat_template")
+    return (Tokenizer.from_file(str(folder / "tokenizer.json")), config.get("bos_token") or "",
+            config.get("eos_token") or "", own, f"{folder.name}'s tokenizer")
 
 
 def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple[int, str]:
     d = strategy.cfg.dataset
     conversations = conversations or read_dataset(dataset, d.format, d.columns)
     limit = strategy.cfg.training_args.max_seq_length
-    folder = _tokenizer_folder(strategy)
-    if folder is None:
+    found = _tokenizer(strategy)
+    if found is None:
         chars = sum(len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages) for c in conversations)
         return min(chars // 4, limit * len(conversations)), "assumed 4 characters per token (no tokenizer on disk)"
     import jinja2
-    from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-    own = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").exists() else config.get("chat_template")
+    tok, bos, eos, own, label = found
     name = d.template if d.template != "auto" else (None if own else FALLBACK_TEMPLATE)
     template = jinja2.Environment().from_string(own if name is None else get_template(name).jinja)
-    bos, eos = config.get("bos_token") or "", config.get("eos_token") or ""
     total = 0
     for c in conversations:
         text = c.text if c.text is not None else template.render(messages=list(c.messages), bos_token=bos,
@@ -60,4 +69,4 @@ def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple
         n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
         if n <= limit or d.truncation == "truncate":
             total += min(n, limit)  # longer rows are cut to the limit, or dropped
-    return total, f"counted with {folder.name}'s tokenizer and the {name or 'model'} template"
+    return total, f"counted with {label} and the {name or 'model'} template"

@@ -183,16 +183,22 @@ def _bpe_tokenizer(spec: BuiltinSpec):
     return tok, names, TEMPLATES["llama3"].jinja
 
 
+def raw_tokenizer(spec: BuiltinSpec):
+    """(tokenizers.Tokenizer, special token names, chat template or None), without torch."""
+    from tokenizers import AddedToken
+
+    raw, names, chat_template = (_spm_tokenizer if spec.tokenizer_kind == "spm" else _bpe_tokenizer)(spec)
+    # Control tokens are matched whole in text and never split by BPE (they already have ids).
+    control = sorted({*names.values(), *(t for t in raw.get_vocab() if t.startswith("<|") and t.endswith("|>"))})
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return raw, names, chat_template
+
+
 def _build(spec: BuiltinSpec, out: Path) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    raw, names, chat_template = (_spm_tokenizer if spec.tokenizer_kind == "spm" else _bpe_tokenizer)(spec)
-    from tokenizers import AddedToken
-
-    # Control tokens are matched whole in text and never split by BPE (they already have ids).
-    control = sorted({*names.values(), *(t for t in raw.get_vocab() if t.startswith("<|") and t.endswith("|>"))})
-    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    raw, names, chat_template = raw_tokenizer(spec)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, clean_up_tokenization_spaces=False, **names)
     if chat_template:
         tokenizer.chat_template = chat_template
