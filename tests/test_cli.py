@@ -22,6 +22,19 @@ def test_strategies_list_and_json(run_cli):
     assert (tiny["base_model"], tiny["method"], tiny["device"]) == ("builtin:tiny-llama-bpe", "full", "auto")
 
 
+def test_strategies_list_shows_files_as_written_even_broken_ones(run_cli, tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("weird:\n  fine_tuner: just-a-string\n"
+                    "minimal:\n  fine_tuner: {config: {base_model: {name: x, huggingface_id: 'builtin:tiny-llama-spm'}}}\n")
+    result = run_cli("finetune", "strategies", "list", "--strategy-file", mine)
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line.split() for line in result.output.splitlines()}
+    assert lines["weird"][1:4] == ["default", "default", "-"]
+    assert lines["minimal"][1:4] == ["default", "default", "builtin:tiny-llama-spm"]
+    shown = run_cli("finetune", "strategies", "show", "weird", "--strategy-file", mine)
+    assert shown.exit_code == 1 and "fine_tuner: Input should be a valid dictionary" in shown.output
+
+
 def test_strategies_show_fills_defaults(run_cli):
     result = run_cli("finetune", "strategies", "show", "m1_fine_tuning")
     assert result.exit_code == 0

@@ -12,6 +12,7 @@ import click
 from contract.errors import UserError
 from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune
 
+
 @finetune.group()
 def dataset():
     """Check a dataset before training.

@@ -9,6 +9,7 @@ import click
 from contract.errors import UserError
 from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune, load_strategy
 
+
 @finetune.command("estimate")
 @click.option("--strategy", "strategy_name", required=True, help="Strategy name (see `strategies list`).")
 @click.option("--dataset", type=click.Path(), default=None, help="Count tokens from this dataset (else an assumption, stated).")

@@ -9,6 +9,7 @@ import click
 
 from orchestrator.cli.base import cli
 
+
 @cli.command()
 @click.option("--model", required=True, help="A job id, a job folder, or a final/ folder.")
 @click.option("--prompt", required=True, help="The user message to answer.")

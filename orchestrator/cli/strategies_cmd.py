@@ -9,6 +9,7 @@ import click
 from contract.errors import UserError
 from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune
 
+
 @finetune.group()
 def strategies():
     """List, show and validate strategies.
@@ -31,16 +32,17 @@ def strategies_list(strategy_files, as_json):
     """
     from orchestrator import strategies as strat
 
+    # Listing reads the files as written (no validation, so it stays instant and shows broken ones
+    # too); a key left to the schema's default shows as "default" (`strategies show` resolves it).
     rows = []
     for name, entry in sorted(strat.discover(strategy_files).items()):
-        cfg = (entry.raw.get("fine_tuner") or {}).get("config") or {} if isinstance(entry.raw, dict) else {}
         rows.append(
             {
                 "name": name,
-                "description": entry.raw.get("description", "") if isinstance(entry.raw, dict) else "",
-                "base_model": (cfg.get("base_model") or {}).get("huggingface_id"),
-                "method": (cfg.get("method") or {}).get("type", "lora"),
-                "device": cfg.get("device", "auto"),
+                "description": _raw(entry.raw, "description") or "",
+                "base_model": _raw(entry.raw, "fine_tuner", "config", "base_model", "huggingface_id"),
+                "method": _raw(entry.raw, "fine_tuner", "config", "method", "type") or "default",
+                "device": _raw(entry.raw, "fine_tuner", "config", "device") or "default",
                 "source": str(entry.source),
             }
         )
@@ -49,7 +51,15 @@ def strategies_list(strategy_files, as_json):
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['method']:<5} {r['device']:<4}  {r['base_model']}  {r['description']}")
+        click.echo(f"{r['name']:<{width}}  {r['method']:<7} {r['device']:<7}  {r['base_model'] or '-'}  {r['description']}")
+
+
+def _raw(data, *path):
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
 
 
 @strategies.command("show")
