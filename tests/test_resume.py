@@ -48,6 +48,16 @@ def _weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _wait_until(condition, folder: Path, timeout: float = 180) -> None:
+    """Poll `condition` until true; fail with the job's log instead of hanging."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            log = (folder / "train.log").read_text() if (folder / "train.log").exists() else ""
+            raise AssertionError(f"timed out after {timeout}s; job: {read_job(folder)}\n{log}")
+        time.sleep(0.1)
+
+
 def _start(run_cli, strategy_file, *extra) -> Path:
     result = run_cli("run", "--strategy", "repro", "--strategy-file", strategy_file,
                      "--dataset", DATASETS / "medical_qa.jsonl", "--json", *extra)
@@ -75,8 +85,7 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
         time.sleep(0.05)
     pid = read_job(killed)["pid"]
     os.killpg(pid, signal.SIGKILL)
-    while jobs.refresh(killed)["status"] == "running":
-        time.sleep(0.1)
+    _wait_until(lambda: jobs.refresh(killed)["status"] != "running", killed)
     job = read_job(killed)
     assert job["status"] == "failed" and "ended without reporting a status" in job["error"], job
     assert not (killed / "final").exists()
@@ -97,20 +106,19 @@ def test_stop_then_resume_completes(run_cli, tmp_path):
     strategy_file = tmp_path / "repro.yaml"
     strategy_file.write_text(yaml.safe_dump(STRATEGY))
     folder = _start(run_cli, strategy_file, "--set", "training_args.max_steps=400")
-    while not read_metrics(folder):
-        time.sleep(0.1)
+    _wait_until(lambda: read_metrics(folder), folder)
     assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0
-    while jobs.refresh(folder)["status"] == "running":
-        time.sleep(0.2)
+    _wait_until(lambda: jobs.refresh(folder)["status"] != "running", folder)
     assert read_job(folder)["status"] == "stopped"
     stopped_at = json.loads((complete_checkpoints(folder)[-1] / "trainer_state.json").read_text())["step"]
     # Ask it to stop again right after the resume, so the test stays short; it continued from stopped_at.
     result = run_cli("finetune", "resume", "--job-id", folder.name)
     assert result.exit_code == 0
-    while not [m for m in read_metrics(folder) if m.get("step", 0) > stopped_at]:
-        time.sleep(0.1)
+    def resumed_and_stepping() -> bool:
         assert jobs.refresh(folder)["status"] in ("pending", "running"), (folder / "train.log").read_text()
+        return any(m.get("step", 0) > stopped_at for m in read_metrics(folder))
+
+    _wait_until(resumed_and_stepping, folder)
     run_cli("finetune", "stop", "--job-id", folder.name)
-    while jobs.refresh(folder)["status"] == "running":
-        time.sleep(0.2)
+    _wait_until(lambda: jobs.refresh(folder)["status"] not in ("pending", "running"), folder)
     assert read_job(folder)["status"] == "stopped" and read_job(folder)["resumes"] == 1
