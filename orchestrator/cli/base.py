@@ -62,10 +62,18 @@ def finetune():
 
 
 def load_strategy(name: str, assignments: tuple[str, ...], strategy_files: tuple[str, ...]):
-    """(entry, validated strategy, applied overrides) for a strategy name and its --set values."""
+    """(entry, validated strategy, applied overrides) for a strategy name and its --set values.
+
+    A base model given as a folder relative to where the user stands is pinned as an absolute path:
+    the trainer runs in another working folder."""
+    from pathlib import Path
+
     from orchestrator import strategies as strat
 
     entry, _ = strat.get(name, strategy_files)
     raw, overrides = strat.apply_overrides(entry.raw, assignments)
     strategy = strat.validate(name, raw, str(entry.source) + (" with --set" if overrides else ""))
+    base = strategy.cfg.base_model
+    if Path(base.huggingface_id).expanduser().exists():
+        base.huggingface_id = str(Path(base.huggingface_id).expanduser().resolve())
     return entry, strategy, overrides

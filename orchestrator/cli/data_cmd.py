@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from contract.errors import UserError
-from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune
+from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune, load_strategy
 
 
 @finetune.group()
@@ -39,10 +39,9 @@ def dataset_validate(path, strategy_name, as_json, strategy_files):
     import yaml
 
     from contract.strategy import resolved_dict
-    from orchestrator import strategies as strat
     from trainer.data.report import describe
 
-    strategy = strat.get(strategy_name, strategy_files)[1] if strategy_name else None
+    strategy = load_strategy(strategy_name, (), strategy_files)[1] if strategy_name else None
     d = strategy.cfg.dataset if strategy else None
     report = describe(Path(path), d.format if d else "auto", d.columns if d else None)
     if strategy:

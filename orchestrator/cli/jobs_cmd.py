@@ -53,9 +53,6 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     if eval_path:
         read_dataset(eval_path, cfg.dataset.format, cfg.dataset.columns)
     model_source = check_available(cfg.base_model)
-    if Path(cfg.base_model.huggingface_id).expanduser().exists():
-        # A local folder is pinned as an absolute path: the trainer runs in another working folder.
-        cfg.base_model.huggingface_id = str(Path(cfg.base_model.huggingface_id).expanduser().resolve())
     runner, runner_reason = choose_runner(runner_flag, cfg.runner)
     est = estimate(strategy, Path(dataset), device.value, conversations)
     if est.fits is False and not ignore_estimate:
