@@ -19,7 +19,7 @@ def _base_view(model, cfg):
     else:
         from trainer.generate import load_base
 
-        base = load_base(cfg)
+        base = load_base(cfg).to(model.device)
         base.eval()
         yield base
 
@@ -27,7 +27,7 @@ def _base_view(model, cfg):
 def _scores(model, rows, pad_id: int) -> dict:
     from trainer.loop import evaluate_loss
 
-    loss = evaluate_loss(model, rows, 4, pad_id, "cpu", "fp32")
+    loss = evaluate_loss(model, rows, 4, pad_id, model.device.type, "fp32")
     return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4)}
 
 

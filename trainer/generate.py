@@ -58,6 +58,10 @@ def load_for_inference(folder: Path):
         model = PeftModel.from_pretrained(load_base(cfg), folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    # Inference uses the best device present (cuda, then mps, then cpu), wherever training ran.
+    from trainer.devices import choose_device
+
+    model.to(choose_device("auto", None).value)
     model.eval()
     encoder = ConversationEncoder(tokenizer, template, cfg.training_args.max_seq_length, False, "truncate")
     return model, tokenizer, encoder, strategy
@@ -71,8 +75,8 @@ def complete(model, tokenizer, encoder, messages, max_new_tokens: int = 128, tem
     stop = [s for s in encoder.template.stop_strings if s and s != tokenizer.eos_token]
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            input_ids=torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
