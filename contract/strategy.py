@@ -11,11 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-METHOD_TYPES = ("lora", "qlora", "full")
-DEVICE_TYPES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.

@@ -18,7 +18,6 @@ from contract.job_folder import (
     FINISHED,
     JOB_FILE,
     STRATEGY_FILE,
-    check_job_id,
     job_dir,
     jobs_root,
     now_iso,
@@ -114,7 +113,7 @@ def list_jobs() -> list[dict]:
 
 
 def get(job_id: str) -> tuple[Path, dict]:
-    folder = job_dir(check_job_id(job_id))
+    folder = job_dir(job_id)  # validates the id
     if not (folder / JOB_FILE).exists():
         raise UserError(f"no job with id {job_id!r}; `llamafarm finetune jobs` lists the jobs")
     return folder, refresh(folder)

@@ -14,7 +14,7 @@ import yaml
 
 from contract.job_folder import read_job
 from contract.strategy import parse_strategy
-from orchestrator.estimate import estimate, memory
+from orchestrator.estimate import memory
 from orchestrator.estimate.shapes import KNOWN, shape_for
 
 from conftest import DATASETS, ROOT

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 
-from contract.errors import UserError
 from orchestrator.cli.base import STRATEGY_FILES, emit_json, finetune, load_strategy
 
 
@@ -66,15 +63,10 @@ def dataset_validate(path, strategy_name, as_json, strategy_files):
 
 
 def _trainer_json(args: list[str], stdin: str | None = None) -> dict:
-    """Run a trainer subcommand (where torch lives) and parse the JSON it prints."""
-    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+    """Run a trainer subcommand (where torch lives) and parse the JSON it prints last."""
+    from orchestrator.runners.local import run_trainer
 
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=PROJECT_ROOT, env=trainer_env(),
-                          input=stdin, capture_output=True, text=True)
-    if proc.returncode:
-        message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        raise UserError(message.removeprefix("error: "))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_trainer(*args, stdin=stdin).strip().splitlines()[-1])
 
 
 @finetune.command("evaluate")
@@ -92,7 +84,7 @@ def evaluate_cmd(model, dataset, samples, max_new_tokens, output, as_json):
       llamafarm finetune evaluate --model tiny_demo-20260101-120000-ab12 --dataset demos/datasets/medical_qa_eval.jsonl
     """
     from orchestrator import jobs
-    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+    from orchestrator.runners.local import run_trainer
     from trainer.data.records import read_dataset
 
     folder = jobs.model_folder(model)
@@ -100,12 +92,8 @@ def evaluate_cmd(model, dataset, samples, max_new_tokens, output, as_json):
     out = Path(output) if output else folder.parent / "evaluation.json"
     if output is None and not (folder.parent / "job.json").exists():
         out = folder / "evaluation.json"
-    argv = [sys.executable, "-m", "trainer", "evaluate", str(folder), str(Path(dataset).resolve()),
-            "--output", str(out.resolve()), "--samples", str(samples), "--max-new-tokens", str(max_new_tokens)]
-    proc = subprocess.run(argv, cwd=PROJECT_ROOT, env=trainer_env(), capture_output=True, text=True)
-    if proc.returncode:
-        lines = proc.stderr.strip().splitlines()
-        raise UserError(lines[-1].removeprefix("error: ") if lines else f"evaluation failed (exit {proc.returncode})")
+    run_trainer("evaluate", str(folder), str(Path(dataset).resolve()), "--output", str(out.resolve()),
+                "--samples", str(samples), "--max-new-tokens", str(max_new_tokens))
     result = json.loads(out.read_text())
     if as_json:
         emit_json(result)

@@ -24,11 +24,12 @@ def generate(model, prompt, max_new_tokens, temperature):
       llamafarm generate --model tiny_demo-20260101-120000-ab12 --prompt "What are the symptoms of anemia?"
     """
     from orchestrator import jobs
-    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+    from orchestrator.runners.local import PROJECT_ROOT, trainer_argv, trainer_env
 
     folder = jobs.model_folder(model)
-    argv = [sys.executable, "-m", "trainer", "generate", str(folder), "--prompt", prompt,
-            "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature)]
+    # Streamed, not captured: the answer (or the trainer's error line) goes straight to the terminal.
+    argv = trainer_argv("generate", str(folder), "--prompt", prompt,
+                        "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature))
     code = subprocess.call(argv, cwd=PROJECT_ROOT, env=trainer_env())
     if code:
         sys.exit(code)

@@ -46,11 +46,10 @@ def matmul_gflops(device: str, dtype: str) -> float:
 
 
 def measure(device: str, dtype: str) -> float:
-    from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+    from orchestrator.runners.local import run_trainer
 
     print(f"measuring this machine's {device} {dtype} matmul rate once for estimates (about 2 s)", file=sys.stderr)
-    out = subprocess.run([sys.executable, "-m", "trainer", "calibrate", "--device", device, "--dtype", dtype],
-                         cwd=PROJECT_ROOT, env=trainer_env(), capture_output=True, text=True, check=True).stdout
+    out = run_trainer("calibrate", "--device", device, "--dtype", dtype)
     return float(json.loads(out.strip().splitlines()[-1])["gflops"])
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from contract.errors import UserError
 from contract.job_folder import LOG_FILE
 from orchestrator.runners.base import LaunchSpec
 
@@ -21,12 +22,28 @@ def trainer_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT) + (os.pathsep + path if path else "")}
 
 
+def trainer_argv(*args: str) -> list[str]:
+    """The command line of a trainer subcommand (`python -m trainer ...`) in this interpreter."""
+    return [sys.executable, "-m", "trainer", *args]
+
+
+def run_trainer(*args: str, stdin: str | None = None) -> str:
+    """Run a trainer subcommand in the foreground (torch lives there) and return what it printed.
+    When it fails, its last stderr line (the trainer's own `error: ...`) becomes a UserError."""
+    proc = subprocess.run(trainer_argv(*args), cwd=PROJECT_ROOT, env=trainer_env(), input=stdin,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"trainer {args[0]} failed (exit {proc.returncode})")
+    return proc.stdout
+
+
 class LocalRunner:
     name = "local"
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
         return LaunchSpec(
-            argv=[sys.executable, "-m", "trainer", "train", str(job_dir)],
+            argv=trainer_argv("train", str(job_dir)),
             cwd=PROJECT_ROOT,
             env=trainer_env(),
             log_path=job_dir / LOG_FILE,
