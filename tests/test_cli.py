@@ -20,6 +20,7 @@ def test_strategies_list_and_json(run_cli):
     rows = json.loads(run_cli("finetune", "strategies", "list", "--json").output)
     tiny = next(r for r in rows if r["name"] == "tiny_demo")
     assert (tiny["base_model"], tiny["method"], tiny["device"]) == ("builtin:tiny-llama-bpe", "full", "auto")
+    assert tiny["base_model_name"] == "tiny-llama-bpe"
 
 
 def test_strategies_list_shows_files_as_written_even_broken_ones(run_cli, tmp_path):

@@ -75,6 +75,7 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     assert job["data"] == {"rows": 200, "train": 180, "eval": 20, "truncated": 0, "dropped": 0, "tokens": 24056,
                            "sequences": 91, "padding_fraction": 0.0479, "cache_hit": False}
     assert "device: cpu (set in the strategy)" in log and "precision: fp32 (set in the strategy)" in log
+    assert "base model: spm = builtin:tiny-llama-spm (builtin" in log, "the display name is used, not ignored"
     assert "packing: on (auto; block-diagonal masks with sdpa attention)" in log
 
     metrics = read_metrics(folder)

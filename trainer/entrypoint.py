@@ -110,7 +110,8 @@ def _train(folder: Path, stop_flag: dict) -> None:
     decisions["method"] = _say("method", method)
 
     _seed_everything(args.seed)
-    print(f"base model: {cfg.base_model.huggingface_id} ({source.check_available(cfg.base_model)})", flush=True)
+    print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
+          f"({source.check_available(cfg.base_model)})", flush=True)
     model_path = source.resolve(cfg.base_model)
     if cfg.base_model.trust_remote_code:
         print("trust_remote_code: on (set in the strategy): the model repo's own code will run", flush=True)

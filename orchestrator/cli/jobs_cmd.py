@@ -66,7 +66,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     say(f"strategy: {strategy_name} ({entry.source})" + (f"; overrides {overrides}" if overrides else ""))
     say(f"dataset: {dataset} ({len(conversations)} rows, {conversations[0].format} format)"
         + (f"; eval: {eval_path}" if eval_path else ""))
-    say(f"base model: {cfg.base_model.huggingface_id} ({model_source})")
+    say(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} ({model_source})")
     say(f"device: {device.value} ({device.reason}; the trainer confirms it)")
     say(f"method: {method.value} ({method.reason})")
     say(f"runner: {runner.name} ({runner_reason})")

@@ -41,6 +41,7 @@ def strategies_list(strategy_files, as_json):
                 "name": name,
                 "description": _raw(entry.raw, "description") or "",
                 "base_model": _raw(entry.raw, "fine_tuner", "config", "base_model", "huggingface_id"),
+                "base_model_name": _raw(entry.raw, "fine_tuner", "config", "base_model", "name"),
                 "method": _raw(entry.raw, "fine_tuner", "config", "method", "type") or "default",
                 "device": _raw(entry.raw, "fine_tuner", "config", "device") or "default",
                 "source": str(entry.source),
