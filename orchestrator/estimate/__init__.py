@@ -6,7 +6,7 @@ and their gradient, and the framework's fixed overhead. Time: tokens times FLOPs
 matmul weight forward, as much again backward for activation gradients, and again for weight
 gradients when the weights train),
 divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
-cost. The constants were measured on CPU runs here (docs/ESTIMATE.md); `job.json` records every run's
+cost. The constants were measured on CPU runs here (README, "Estimate before, measure after"); `job.json` records every run's
 measured peak and time beside this estimate, so the error is visible after each run.
 """
 
