@@ -9,13 +9,16 @@ from dataclasses import dataclass
 class Backend:
     available: bool
     note: str
+    runner: str | None = None
+    """The runner every job of this backend uses; None: the usual choice (--runner, strategy, auto)."""
 
 
 BACKENDS: dict[str, Backend] = {
     "pytorch": Backend(True, "llamafarm's own trainer (trainer/), LoRA, QLoRA or full"),
     "llamafactory": Backend(
-        False,
-        "LlamaFactory's trainer in an environment of its own; not available in this version yet. "
-        "Use fine_tuner.type: pytorch, which accepts the same settings",
+        True,
+        "LlamaFactory's own trainer (`llamafactory-cli train`) in a managed environment of its own "
+        "(orchestrator/llamafactory/)",
+        runner="llamafactory",
     ),
 }

@@ -86,6 +86,12 @@ def registry_problems(strategy: Strategy) -> list[str]:
         problems.append(f"fine_tuner.type: unknown backend {strategy.fine_tuner.type!r}; valid: {', '.join(BACKENDS)}")
     if cfg.runner != "auto" and cfg.runner not in RUNNERS:
         problems.append(f"fine_tuner.config.runner: unknown runner {cfg.runner!r}; valid: auto, {', '.join(RUNNERS)}")
+    if strategy.fine_tuner.type == "llamafactory":
+        from orchestrator.llamafactory.translate import problems as llamafactory_problems
+
+        problems.extend(llamafactory_problems(strategy))
+    elif cfg.runner == "llamafactory":
+        problems.append("fine_tuner.config.runner: llamafactory only runs fine_tuner.type: llamafactory")
     if cfg.dataset.template != "auto" and cfg.dataset.template not in TEMPLATES:
         problems.append(
             f"fine_tuner.config.dataset.template: unknown template {cfg.dataset.template!r}; "

@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# LlamaFactory's own venv for the llamafactory backend's tests: built once per machine (about 2 min), then reused.
+.venv/bin/python -m orchestrator.llamafactory.env
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

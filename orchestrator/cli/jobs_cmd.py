@@ -35,7 +35,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     from orchestrator.estimate import estimate
     from orchestrator.monitor import format_duration
     from orchestrator.platform import available_devices
-    from orchestrator.runners import choose_runner
+    from orchestrator.runners import choose_runner, get_runner
     from trainer.data.records import read_dataset
     from trainer.devices import choose_device
     from trainer.methods import choose_method
@@ -53,7 +53,10 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     if eval_path:
         read_dataset(eval_path, cfg.dataset.format, cfg.dataset.columns)
     model_source = check_available(cfg.base_model)
-    runner, runner_reason = choose_runner(runner_flag, cfg.runner)
+    if backend.runner:  # a backend with an environment of its own starts its own way
+        runner, runner_reason = get_runner(backend.runner), f"fine_tuner.type {strategy.fine_tuner.type}"
+    else:
+        runner, runner_reason = choose_runner(runner_flag, cfg.runner)
     est = estimate(strategy, Path(dataset), device.value, conversations)
     if est.fits is False and not ignore_estimate:
         tips = "\n".join(f"  - {t}" for t in est.advice)

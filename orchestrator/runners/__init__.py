@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from contract.errors import UserError
 from orchestrator.runners.base import LaunchSpec, Runner
+from orchestrator.runners.llamafactory import LlamaFactoryRunner
 from orchestrator.runners.local import LocalRunner
 
-RUNNERS: dict[str, Runner] = {r.name: r for r in (LocalRunner(),)}
+RUNNERS: dict[str, Runner] = {r.name: r for r in (LocalRunner(), LlamaFactoryRunner())}
 
 __all__ = ["RUNNERS", "LaunchSpec", "Runner", "get_runner", "choose_runner"]
 

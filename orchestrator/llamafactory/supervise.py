@@ -1,0 +1,251 @@
+"""The process of a llamafactory job: what `python -m trainer train` is for the pytorch backend.
+
+    python -m orchestrator.llamafactory.supervise JOB_DIR
+
+It reads only the job folder, writes LlamaFactory's config and data into JOB_DIR/llamafactory/, runs
+`llamafactory-cli train` in LlamaFactory's own environment, turns each line of its trainer_log.jsonl
+into a metrics.jsonl record (so `monitor` works unchanged), and finally puts the adapter, the
+tokenizer and the strategy into final/ in the layout trainer/saving.py writes, so `generate`,
+`evaluate` and the exporter read it like any job. Its checkpoints go to checkpoints/ (transformers'
+own checkpoint-N folders), so `stop` then `resume` continue from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from contract.errors import UserError
+from contract.job_folder import CHECKPOINTS_DIR, FINAL_DIR, STRATEGY_FILE, append_metrics, now_iso, read_job, update_job
+from contract.strategy import parse_strategy
+
+WORK_DIR = "llamafactory"  # inside the job folder: train.yaml, dataset_info.json, the data as conversations
+LF_LOG = "trainer_log.jsonl"
+# Weight files of an adapter or a full model; LlamaFactory's training records stay in checkpoints/.
+_WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+                 "model.safetensors", "model.safetensors.index.json")
+
+
+def _seconds(clock: str | None) -> float | None:
+    """LlamaFactory's "H:MM:SS" elapsed time in seconds."""
+    if not clock:
+        return None
+    total = 0.0
+    for part in clock.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
+def metrics_record(line: dict, steps_per_epoch: float | None = None) -> list[dict]:
+    """One trainer_log.jsonl line as our metrics.jsonl records (a training and/or an eval record)."""
+    import math
+
+    step = line.get("current_steps")
+    out = []
+    if line.get("loss") is not None:
+        out.append({
+            "step": step,
+            "total_steps": line.get("total_steps"),
+            "epoch": line.get("epoch"),
+            "loss": line["loss"],
+            "learning_rate": line.get("lr"),
+            "grad_norm": None,
+            "tokens_per_second": line.get("throughput"),
+            "elapsed": _seconds(line.get("elapsed_time")),
+        })
+    if line.get("eval_loss") is not None:
+        out.append({"step": step, "epoch": line.get("epoch"), "eval_loss": line["eval_loss"],
+                    "eval_perplexity": round(math.exp(min(line["eval_loss"], 50)), 4)})
+    return out
+
+
+class _LogFollower:
+    """Copies new trainer_log.jsonl lines into metrics.jsonl as they are written."""
+
+    def __init__(self, job_dir: Path, log: Path):
+        self.job_dir, self.log, self.offset, self.last = job_dir, log, 0, {}
+
+    def poll(self) -> None:
+        if not self.log.exists():
+            return
+        with open(self.log) as f:
+            f.seek(self.offset)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break  # half-written; read it next time
+                self.offset = f.tell()
+                data = json.loads(line)
+                if data.get("total_steps") and data.get("total_steps") != self.last.get("total_steps"):
+                    update_job(self.job_dir, total_steps=data["total_steps"])
+                for record in metrics_record(data):
+                    append_metrics(self.job_dir, record)
+                    if "loss" in record:
+                        self.last = record
+                        print(f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f}", flush=True)
+
+
+def _write_data(job: dict, cfg, work: Path) -> tuple[str, str | None]:
+    """The dataset (and eval dataset) as conversations our reader made of them, one JSON row each."""
+    from orchestrator.llamafactory.translate import messages_row
+    from trainer.data.records import read_dataset
+
+    def write(source: str, name: str) -> str:
+        rows = read_dataset(Path(source), cfg.dataset.format, cfg.dataset.columns)
+        path = work / name
+        path.write_text("".join(json.dumps(messages_row(c.messages), ensure_ascii=False) + "\n" for c in rows))
+        return str(path)
+
+    train = write(job["dataset"], "train.jsonl")
+    return train, write(job["eval_dataset"], "eval.jsonl") if job.get("eval_dataset") else None
+
+
+def _finalize(folder: Path, strategy_text: str, template, model_path: str, output: Path) -> Path:
+    """final/: LlamaFactory's weights, the base tokenizer carrying the training template, the strategy."""
+    from transformers import AutoTokenizer
+
+    target = folder / FINAL_DIR
+    tmp = folder / f".{FINAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in _WEIGHT_FILES:
+        if (output / name).is_file():
+            shutil.copy2(output / name, tmp / name)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.chat_template = template.jinja  # what trainer/saving.py's artifacts carry too
+    tokenizer.save_pretrained(tmp)
+    (tmp / STRATEGY_FILE).write_text(strategy_text)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)  # readers see a complete folder or none
+    return target
+
+
+def _train(folder: Path, child: dict) -> None:
+    from orchestrator.llamafactory import env, translate
+    from orchestrator.platform import available_devices
+    from trainer.data.tokenize import choose_template
+    from trainer.devices import choose_device
+    from trainer.methods import choose_method
+    from trainer.models import source
+
+    strategy_text = (folder / STRATEGY_FILE).read_text()
+    strategy = parse_strategy(str(folder / STRATEGY_FILE), yaml.safe_load(strategy_text))
+    cfg = strategy.cfg
+    job = read_job(folder)
+    problems = translate.problems(strategy)
+    if problems:
+        raise UserError("the llamafactory backend cannot run this strategy: " + "; ".join(problems))
+    device = choose_device(cfg.device, cfg.fallback_device, available_devices())
+    method = choose_method(cfg.method, device.value)
+    decisions = {"backend": {"value": "llamafactory", "reason": f"fine_tuner.type; LlamaFactory {env.LLAMAFACTORY_VERSION}"},
+                 "device": {"value": device.value, "reason": device.reason},
+                 "method": {"value": method.value, "reason": method.reason}}
+    print(f"backend: llamafactory {env.LLAMAFACTORY_VERSION} (fine_tuner.type; runs `llamafactory-cli train` in its own environment)", flush=True)
+    print(f"device: {device.value} ({device.reason})\nmethod: {method.value} ({method.reason})", flush=True)
+    env.ensure_env(echo=lambda m: print(m, flush=True))
+
+    print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
+          f"({source.check_available(cfg.base_model)})", flush=True)
+    model_path = source.resolve(cfg.base_model)
+    from transformers import AutoTokenizer
+
+    template, template_reason = choose_template(cfg.dataset.template, AutoTokenizer.from_pretrained(model_path))
+    if template.name not in translate.TEMPLATES:
+        raise UserError(f"{template_reason}, which has no identical LlamaFactory template; set "
+                        f"fine_tuner.config.dataset.template to one of {', '.join(t for t in translate.TEMPLATES if t != 'model')}")
+    lf_template = translate.TEMPLATES[template.name]
+    print(f"{template_reason}; LlamaFactory template: {lf_template or 'parsed from the tokenizer'}", flush=True)
+    decisions["template"] = {"value": template.name, "reason": template_reason}
+
+    work = folder / WORK_DIR
+    work.mkdir(exist_ok=True)
+    train_file, eval_file = _write_data(job, cfg, work)
+    output = folder / CHECKPOINTS_DIR
+    resume = str(folder / job["resume_from"]) if job.get("resume_from") else None
+    if method.value == "lora" and cfg.method.type == "qlora":
+        cfg.method.type = "lora"  # QLoRA fell back to LoRA (fallback_to_lora), as choose_method decided
+    config = translate.train_config(strategy, model_path=model_path, device=device.value, template=template.name,
+                                    dataset_dir=str(work), output_dir=str(output), has_eval_file=bool(eval_file),
+                                    resume_from=resume)
+    (work / "dataset_info.json").write_text(json.dumps(translate.dataset_info(train_file, eval_file), indent=2) + "\n")
+    config_path = work / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    update_job(folder, decisions=decisions)
+    print(f"llamafactory: config {config_path}", flush=True)
+
+    follower = _LogFollower(folder, output / LF_LOG)
+    if not resume:
+        (output / LF_LOG).unlink(missing_ok=True)
+    else:
+        follower.offset = (output / LF_LOG).stat().st_size if (output / LF_LOG).exists() else 0
+    started = time.time()
+    # Offline and quiet where the host is; LlamaFactory's own version check is what the venv pins.
+    child_env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    child_env.pop("PYTHONPATH", None)  # llamafarm's packages must not shadow LlamaFactory's environment
+    proc = subprocess.Popen([str(env.cli_path()), "train", str(config_path)], cwd=work, env=child_env,
+                            stdin=subprocess.DEVNULL)
+    child["proc"] = proc
+    while proc.poll() is None:
+        follower.poll()
+        time.sleep(1.0)
+    follower.poll()
+    if child.get("stop"):
+        raise _Stopped()
+    if proc.returncode:
+        raise UserError(f"llamafactory-cli train exited with code {proc.returncode}; see {folder / 'train.log'}")
+    final = _finalize(folder, strategy_text, template, model_path, output)
+    print(f"final weights: {final}", flush=True)
+    results = json.loads((output / "train_results.json").read_text()) if (output / "train_results.json").exists() else {}
+    last = follower.last
+    update_job(folder, final_loss=last.get("loss"), train_seconds=round(results.get("train_runtime", time.time() - started), 2),
+               tokens_per_second=last.get("tokens_per_second"))
+
+
+class _Stopped(Exception):
+    pass
+
+
+def run(folder: Path) -> int:
+    folder = Path(folder).resolve()
+    child: dict = {}
+
+    def _on_term(signum, frame):
+        child["stop"] = True
+        print("stop requested: LlamaFactory ends; its newest checkpoint (save_steps) is what resume continues from",
+              flush=True)
+        if child.get("proc") and child["proc"].poll() is None:
+            child["proc"].terminate()
+
+    signal.signal(signal.SIGTERM, _on_term)
+    update_job(folder, status="running", started_at=now_iso(), pid=os.getpid())
+    try:
+        _train(folder, child)
+    except _Stopped:
+        update_job(folder, status="stopped", finished_at=now_iso())
+        print("status: stopped", flush=True)
+        return 3
+    except UserError as exc:
+        update_job(folder, status="failed", finished_at=now_iso(), error=str(exc))
+        print(f"error: {exc}", flush=True)
+        return 1
+    except BaseException as exc:
+        traceback.print_exc()
+        update_job(folder, status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        return 1
+    update_job(folder, status="completed", finished_at=now_iso())
+    print("status: completed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1])))
