@@ -129,6 +129,66 @@ class DatasetSpec(_Strict):
         return bool(self.eval_file or self.eval_fraction)
 
 
+class DistributedSpec(_Strict):
+    """Several training processes, on one machine or many, started by PyTorch's own launcher
+    (torch.distributed.run, the module behind `torchrun`). docs/DISTRIBUTED.md has recipes."""
+
+    mode: Literal["none", "ddp", "fsdp"] = Field(
+        default="none",
+        description="none: one process. ddp: every process holds the whole model and takes its share of each "
+        "batch. fsdp: weights, gradients and optimizer state are sharded across processes (models too big for one device).",
+    )
+    nproc_per_node: int = Field(default=1, gt=0, description="Training processes on each machine: one per GPU.")
+    nnodes: int = Field(default=1, gt=0, description="Machines taking part; each starts the same strategy.")
+    node_rank: int = Field(
+        default=0, ge=0, description="This machine's number, 0 to nnodes-1 (rdzv_backend static; c10d numbers nodes itself)."
+    )
+    rdzv_backend: Literal["c10d", "static"] = Field(
+        default="c10d", description="How the machines meet: c10d (any order) or static (node_rank 0 hosts the meeting point)."
+    )
+    rdzv_endpoint: str | None = Field(
+        default=None, description="host:port that every machine can reach; required when nnodes > 1."
+    )
+    rdzv_id: str = Field(
+        default="llamafarm", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the rendezvous, the same on every machine of one job.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="Collective communication library; auto: nccl on CUDA, gloo on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "DistributedSpec":
+        chosen = self.model_fields_set - {"mode"}
+        if self.mode == "none":
+            if chosen:
+                raise ValueError(f"{', '.join(sorted(chosen))} only appl{'ies' if len(chosen) == 1 else 'y'} "
+                                 "when mode is ddp or fsdp")
+            return self
+        errors = []
+        if self.nproc_per_node * self.nnodes == 1:
+            errors.append(f"mode {self.mode} with one process in all: raise nproc_per_node or nnodes, or use mode none")
+        multi_node_keys = {"node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id"} & chosen
+        if self.nnodes == 1 and multi_node_keys:
+            errors.append(f"{', '.join(sorted(multi_node_keys))} only appl{'ies' if len(multi_node_keys) == 1 else 'y'} "
+                          "when nnodes > 1 "
+                          "(on one machine the launcher picks a free local port itself)")
+        if self.nnodes > 1:
+            if not self.rdzv_endpoint:
+                errors.append("rdzv_endpoint (host:port that every machine can reach) is required when nnodes > 1")
+            if self.node_rank >= self.nnodes:
+                errors.append(f"node_rank {self.node_rank} must be below nnodes ({self.nnodes})")
+            if self.rdzv_backend == "c10d" and "node_rank" in chosen:
+                errors.append("node_rank only applies to rdzv_backend static; c10d numbers the machines itself")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                errors.append(f"rdzv_endpoint {self.rdzv_endpoint!r} must be host:port, e.g. 10.0.0.1:29500")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
 class FineTunerConfig(_Strict):
     base_model: BaseModelSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -141,6 +201,7 @@ class FineTunerConfig(_Strict):
         default=None, description="Device to use when `device` is not available; null makes that an error."
     )
     runner: str = Field(default="auto", description="How the job is started: auto or a runner name.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _eval_settings_need_eval_data(self) -> "FineTunerConfig":
@@ -151,6 +212,25 @@ class FineTunerConfig(_Strict):
                 raise ValueError(
                     f"training_args.{', '.join(used)} need eval data: set dataset.eval_fraction or dataset.eval_file"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_fits_the_rest(self) -> "FineTunerConfig":
+        mode = self.distributed.mode
+        if mode == "none":
+            return self
+        errors = []
+        if self.device == "mps":
+            errors.append("distributed training needs cuda or cpu: PyTorch has no collective backend for mps")
+        if self.distributed.backend == "nccl" and self.device == "cpu":
+            errors.append("distributed.backend nccl needs CUDA but device is cpu: use backend gloo or auto")
+        if self.method.type == "qlora":
+            errors.append(f"method qlora is not supported with distributed.mode {mode}: use method lora")
+        if mode == "fsdp" and self.training_args.save_steps:
+            errors.append("training_args.save_steps: checkpoints are not supported with distributed.mode fsdp "
+                          "(its sharded optimizer state is not saved); use mode ddp or leave save_steps null")
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
 
@@ -204,4 +284,12 @@ def resolved_dict(strategy: Strategy) -> dict:
     if method["type"] == "full":
         for key in ("r", "alpha", "dropout", "target_modules"):
             method.pop(key)
+    distributed = data["fine_tuner"]["config"]["distributed"]
+    if distributed["mode"] == "none":
+        data["fine_tuner"]["config"]["distributed"] = {"mode": "none"}
+    elif distributed["nnodes"] == 1:
+        for key in ("node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id"):
+            distributed.pop(key)
+    elif distributed["rdzv_backend"] == "c10d":
+        distributed.pop("node_rank")
     return data

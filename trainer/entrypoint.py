@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import sys
 import traceback
 from pathlib import Path
 
@@ -49,10 +50,11 @@ def _say(what: str, decision) -> dict:
     return {"value": decision.value, "reason": decision.reason}
 
 
-def _resume_point(folder: Path, job: dict):
+def _resume_point(folder: Path, job: dict, world=None):
     """(checkpoint path, TrainState, optimizer/RNG states) when this run resumes, else None.
 
-    metrics.jsonl is cut back to the checkpoint's step, so the resumed run's records follow on."""
+    metrics.jsonl is cut back to the checkpoint's step, so the resumed run's records follow on.
+    In a distributed job each process takes its own RNG states, and only the writer cuts metrics."""
     from trainer import saving
 
     if not job.get("resume_from"):
@@ -61,8 +63,15 @@ def _resume_point(folder: Path, job: dict):
     if path not in complete_checkpoints(folder):
         raise UserError(f"checkpoint {path} is missing or incomplete; `llamafarm finetune resume` picks a complete one")
     state, extra = saving.load_checkpoint(path)
+    if world and world.active:
+        by_rank = extra.get("rng_by_rank") or []
+        if len(by_rank) == world.size:
+            extra["rng"] = by_rank[world.rank]
+        else:
+            print(f"resume: the checkpoint holds RNG states of {len(by_rank) or 1} processes, this job runs "
+                  f"{world.size}; every process continues from the saved rank-0 streams", flush=True)
     metrics = folder / METRICS_FILE
-    if metrics.exists():
+    if metrics.exists() and (world is None or world.writes):
         kept = [r for r in read_metrics(folder) if r.get("step", 0) <= state.step]
         tmp = metrics.with_name(f".{metrics.name}.tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
@@ -90,7 +99,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import loop, saving
+    from trainer import distributed, loop, saving
     from trainer.data.prepare import prepare
     from trainer.data.tokenize import choose_template
     from trainer.devices import choose_device, choose_precision
@@ -108,11 +117,16 @@ def _train(folder: Path, stop_flag: dict) -> None:
     method = choose_method(cfg.method, device.value)
     decisions = {"device": _say("device", device), "precision": _say("precision", precision)}
     decisions["method"] = _say("method", method)
+    world, how = distributed.join(cfg.distributed, device.value)
+    if how:
+        decisions["distributed"] = _say("distributed", how)
+    record = update_job if world.writes else (lambda *a, **k: None)  # one writer per job folder
 
     _seed_everything(args.seed)
     print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
           f"({source.check_available(cfg.base_model)})", flush=True)
-    model_path = source.resolve(cfg.base_model)
+    with world.local_first():
+        model_path = source.resolve(cfg.base_model)
     if cfg.base_model.trust_remote_code:
         print("trust_remote_code: on (set in the strategy): the model repo's own code will run", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(
@@ -123,7 +137,8 @@ def _train(folder: Path, stop_flag: dict) -> None:
     decisions["template"] = {"value": template.name, "reason": template_reason}
 
     eval_file = Path(job["eval_dataset"]) if job.get("eval_dataset") else None
-    data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
+    with world.local_first():
+        data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
     stats = data.stats
     print(
         f"data: {stats.rows} rows read, {len(data.train)} for training, {len(data.eval)} for eval; "
@@ -138,7 +153,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if method.value != "full" and precision.value in ("bf16", "fp16") and device.value == "cuda":
         load_dtype = torch.bfloat16 if precision.value == "bf16" else torch.float16
     builder = METHODS[method.value]
-    resume = _resume_point(folder, job)
+    resume = _resume_point(folder, job, world)
     resume_path = resume[0] if resume else None
     model = AutoModelForCausalLM.from_pretrained(
         resume_path if (resume and method.value == "full") else model_path,
@@ -167,7 +182,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
     padding = loop.padding_fraction(sequences, args.per_device_train_batch_size)
     print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)", flush=True)
-    update_job(
+    record(
         folder,
         decisions=decisions,
         data={"rows": stats.rows, "train": len(data.train), "eval": len(data.eval), "truncated": stats.truncated,
@@ -177,27 +192,39 @@ def _train(folder: Path, stop_flag: dict) -> None:
     )
 
     def checkpoint(state, optimizer, scheduler, scaler) -> None:
-        path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, state, optimizer, scheduler, scaler,
-                                      args.save_total_limit)
-        print(f"checkpoint: {path}", flush=True)
+        if world.mode == "fsdp":  # the schema refuses save_steps with fsdp; this is a stop
+            print("checkpoint: none (not supported with distributed.mode fsdp); the job cannot be resumed", flush=True)
+            return
+        rng_by_rank = world.gather(saving.rng_state()) if world.active else None
+        if world.writes:  # DDP: every process holds the same weights and optimizer state
+            path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, state, optimizer, scheduler, scaler,
+                                          args.save_total_limit, rng_by_rank)
+            print(f"checkpoint: {path}", flush=True)
 
     def best(step: int) -> None:
-        saving.save_best(model, tokenizer, strategy_text, folder)
-        print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
+        weights = world.full_state_dict(model)  # FSDP gathers on every process
+        if world.writes:
+            saving.save_best(model, tokenizer, strategy_text, folder, weights)
+            print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
 
-    sink = MetricsSink(folder, args.report_to)
+    trained = world.wrap(model, device.value)
+    if world.active:
+        torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
+    sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
     try:
         result = loop.train(
-            model, sequences, data.eval, args, device=device.value, precision=precision.value,
+            trained, sequences, data.eval, args, device=device.value, precision=precision.value,
             packed=packing.value == "on",
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
-            resume=resume[1:] if resume else None,
+            resume=resume[1:] if resume else None, world=world,
         )
     finally:
         sink.close()
-    final = saving.save_final(model, tokenizer, strategy_text, folder)
-    print(f"final weights: {final}", flush=True)
+    weights = world.full_state_dict(model)
+    if world.writes:
+        final = saving.save_final(model, tokenizer, strategy_text, folder, weights)
+        print(f"final weights: {final}", flush=True)
     import resource
 
     measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -210,15 +237,19 @@ def _train(folder: Path, stop_flag: dict) -> None:
         print(f"estimate vs measured: memory {estimate['peak_memory_mb']:.0f} vs {measured['peak_rss_mb']:.0f} MB "
               f"({100 * measured['memory_error']:+.0f}%), time {estimate['seconds']:.1f} vs "
               f"{measured['train_seconds']:.1f} s ({100 * measured['time_error']:+.0f}%)", flush=True)
-    update_job(folder, final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
-               train_seconds=round(result.elapsed, 2), measured=measured)
+    record(folder, final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
+           train_seconds=round(result.elapsed, 2), measured=measured)
+    world.close()
 
 
 def run(folder: Path) -> int:
     """Run the job in `folder`; the exit code is 0 only when it completed."""
+    from trainer.distributed import Role, quiet_unless_writer
     from trainer.loop import StopRequested
 
     folder = Path(folder).resolve()
+    role = Role.from_env()  # one process of a distributed job, or the only one
+    quiet_unless_writer(role)
     stop_flag = {"stop": False}
 
     def _on_term(signum, frame):
@@ -226,21 +257,37 @@ def run(folder: Path) -> int:
         print("stop requested: saving a checkpoint, then stopping", flush=True)
 
     signal.signal(signal.SIGTERM, _on_term)
-    update_job(folder, status="running", started_at=now_iso(), pid=os.getpid())
+    # Under the distributed launcher the job's pid is the launcher's, which the runner recorded.
+    own_pid = {} if role.launched else {"pid": os.getpid()}
+    if role.writes:
+        update_job(folder, status="running", started_at=now_iso(), **own_pid)
     try:
         _train(folder, stop_flag)
     except StopRequested:
-        update_job(folder, status="stopped", finished_at=now_iso())
+        if role.writes:
+            update_job(folder, status="stopped", finished_at=now_iso())
         print("status: stopped", flush=True)
         return 3
     except UserError as exc:
-        update_job(folder, status="failed", finished_at=now_iso(), error=str(exc))
+        _record_failure(folder, role, str(exc))
         print(f"error: {exc}", flush=True)
         return 1
     except BaseException as exc:  # a crash: keep the traceback in train.log, the message in job.json
         traceback.print_exc()
-        update_job(folder, status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        _record_failure(folder, role, f"{type(exc).__name__}: {exc}")
         return 1
-    update_job(folder, status="completed", finished_at=now_iso())
+    if role.writes:
+        update_job(folder, status="completed", finished_at=now_iso())
     print("status: completed", flush=True)
     return 0
+
+
+def _record_failure(folder: Path, role, error: str) -> None:
+    """Any process's failure fails the job. In a distributed job the first failure recorded stays:
+    the others usually follow from it (a collective whose peer is gone)."""
+    if role.launched:
+        error = f"rank {role.rank}: {error}"
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if read_job(folder).get("status") == "failed":
+            return
+    update_job(folder, status="failed", finished_at=now_iso(), error=error)

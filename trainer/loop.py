@@ -13,6 +13,7 @@ from typing import Callable
 from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
 from trainer.data.batching import collate, pack
+from trainer.distributed import World
 from trainer.saving import TrainState, restore_rng
 
 
@@ -71,10 +72,10 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def plan_steps(num_sequences: int, args: TrainingArgs) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
+def plan_steps(num_sequences: int, args: TrainingArgs, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps); a step takes micro-batches from every process."""
     micro_batches = math.ceil(num_sequences / args.per_device_train_batch_size)
-    per_epoch = math.ceil(micro_batches / args.gradient_accumulation_steps)
+    per_epoch = math.ceil(micro_batches / (args.gradient_accumulation_steps * world_size))
     total = args.max_steps or math.ceil(per_epoch * args.num_train_epochs)
     return per_epoch, total
 
@@ -106,14 +107,34 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     return total / max(count, 1)
 
 
+def _step_groups(batches: list, accum: int, world: World) -> list[tuple[list, int]]:
+    """(micro-batches, how many of them are real) for each optimizer step of an epoch, for this process.
+
+    A step takes the next accum x processes micro-batches of the epoch's order and deals them to the
+    processes in turn, so it sees the same rows for any number of processes with the same global batch
+    (per_device_train_batch_size x gradient_accumulation_steps x processes). At an epoch's ragged end a
+    process may be dealt fewer: it pads with copies of the step's first micro-batch that get weight 0,
+    because every process must run the same number of forward and backward passes."""
+    per_step = accum * world.size
+    groups = []
+    for i in range(0, len(batches), per_step):
+        step = batches[i : i + per_step]
+        mine = step[world.rank :: world.size]
+        groups.append((mine + [step[0]] * (math.ceil(len(step) / world.size) - len(mine)), len(mine)))
+    return groups
+
+
 def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
-          pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None) -> LoopResult:
+          pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None,
+          world: World | None = None) -> LoopResult:
     """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
-    it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position."""
+    it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position.
+    With a distributed `world`, `model` is the wrapped model and this process trains on its share."""
     import torch
     from transformers import get_scheduler
 
-    per_epoch, total_steps = plan_steps(len(sequences), args)
+    world = world or World()
+    per_epoch, total_steps = plan_steps(len(sequences), args, world.size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
@@ -124,7 +145,8 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
     )
     scaler = torch.amp.GradScaler("cuda") if (device == "cuda" and precision == "fp16") else None
     mask_dtype = torch.float32
-    update_job(job_dir, total_steps=total_steps, steps_per_epoch=per_epoch)
+    if world.writes:
+        update_job(job_dir, total_steps=total_steps, steps_per_epoch=per_epoch)
     print(f"training: {len(sequences)} sequences, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
     def run_eval(step: int, best: float | None) -> float | None:
@@ -136,7 +158,8 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
         if best is None or loss < best:
             if args.save_best:
                 hooks.save_best(step)
-                update_job(job_dir, best_eval_loss=round(loss, 6), best_step=step)
+                if world.writes:
+                    update_job(job_dir, best_eval_loss=round(loss, 6), best_step=step)
             return loss
         return best
 
@@ -161,27 +184,30 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
     epoch, skip = state.epoch, state.groups_done
     while step < total_steps:
         batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch)
-        accum = args.gradient_accumulation_steps
-        groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
-        for done, group in enumerate(groups):
+        groups = _step_groups(batches, args.gradient_accumulation_steps, world)
+        for done, (group, real) in enumerate(groups):
             if done < skip:
                 continue  # taken before the checkpoint we resumed from
             if step >= total_steps:
                 break
-            if hooks.stop_requested():
+            if world.any(hooks.stop_requested()):  # every process stops at the same step
                 checkpoint(epoch, done)
                 raise StopRequested()
             collated = [collate(b, pad_id, packed, mask_dtype) for b in group]
-            step_targets = sum(c.target_tokens for c in collated) or 1
-            for batch in collated:
-                out = _forward(model, batch, device, precision)
-                # Weight each micro-batch by its share of the step's target tokens, so accumulation
-                # gives the same gradient as one big batch.
-                loss = out.loss.float() * (batch.target_tokens / step_targets)
-                (scaler.scale(loss) if scaler else loss).backward()
-                window_loss += out.loss.item() * batch.target_tokens
-                window_targets += batch.target_tokens
-                window_tokens += batch.real_tokens
+            step_targets = int(world.sum(sum(c.target_tokens for c in collated[:real]))[0]) or 1
+            for i, batch in enumerate(collated):
+                with world.sync_gradients(model, sync=i == len(collated) - 1):
+                    out = _forward(model, batch, device, precision)
+                    # Weight each micro-batch by its share of the step's target tokens, so accumulation
+                    # gives the same gradient as one big batch (times the processes, whose gradients
+                    # DDP/FSDP average).
+                    weight = world.size * batch.target_tokens / step_targets if i < real else 0.0
+                    loss = out.loss.float() * weight
+                    (scaler.scale(loss) if scaler else loss).backward()
+                if i < real:
+                    window_loss += out.loss.item() * batch.target_tokens
+                    window_targets += batch.target_tokens
+                    window_tokens += batch.real_tokens
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = (
@@ -198,6 +224,8 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
             step += 1
             if step % args.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
+                window_loss, window_targets, window_tokens = world.sum(window_loss, window_targets, window_tokens)
+                window_targets, window_tokens = int(window_targets), int(window_tokens)
                 final_loss = window_loss / max(window_targets, 1)
                 tokens_seen += window_tokens
                 record = {

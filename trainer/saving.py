@@ -34,8 +34,9 @@ class TrainState:
     best_eval_loss: float | None = None
 
 
-def _write_weights(model, tokenizer, strategy_text: str, tmp: Path) -> None:
-    model.save_pretrained(tmp, safe_serialization=True)
+def _write_weights(model, tokenizer, strategy_text: str, tmp: Path, state_dict: dict | None = None) -> None:
+    # state_dict: the whole weights gathered from an FSDP-sharded model (trainer.distributed)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     (tmp / STRATEGY_FILE).write_text(strategy_text)
 
@@ -59,7 +60,7 @@ def _write_artifact(target: Path, write) -> None:
         raise
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     import numpy as np
     import torch
 
@@ -87,16 +88,17 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(model, tokenizer, strategy_text: str, job_dir: Path, state: TrainState, optimizer, scheduler,
-                    scaler, keep: int) -> Path:
+                    scaler, keep: int, rng_by_rank: list[dict] | None = None) -> Path:
+    """rng_by_rank: every process's RNG states (distributed jobs), so each resumes its own streams."""
     import torch
 
     def write(tmp: Path) -> None:
         _write_weights(model, tokenizer, strategy_text, tmp)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler else None, "rng": _rng_state()},
-            tmp / OPTIMIZER_FILE,
-        )
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "rng": rng_state()}
+        if rng_by_rank is not None:
+            extra["rng_by_rank"] = rng_by_rank
+        torch.save(extra, tmp / OPTIMIZER_FILE)
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
 
     target = job_dir / CHECKPOINTS_DIR / f"checkpoint-{state.step}"
@@ -116,13 +118,13 @@ def load_checkpoint(path: Path) -> tuple[TrainState, dict]:
     return state, extra
 
 
-def save_final(model, tokenizer, strategy_text: str, job_dir: Path) -> Path:
+def save_final(model, tokenizer, strategy_text: str, job_dir: Path, state_dict: dict | None = None) -> Path:
     target = job_dir / FINAL_DIR
-    _write_artifact(target, lambda tmp: _write_weights(model, tokenizer, strategy_text, tmp))
+    _write_artifact(target, lambda tmp: _write_weights(model, tokenizer, strategy_text, tmp, state_dict))
     return target
 
 
-def save_best(model, tokenizer, strategy_text: str, job_dir: Path) -> Path:
+def save_best(model, tokenizer, strategy_text: str, job_dir: Path, state_dict: dict | None = None) -> Path:
     target = job_dir / BEST_DIR
-    _write_artifact(target, lambda tmp: _write_weights(model, tokenizer, strategy_text, tmp))
+    _write_artifact(target, lambda tmp: _write_weights(model, tokenizer, strategy_text, tmp, state_dict))
     return target

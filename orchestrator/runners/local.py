@@ -42,8 +42,11 @@ class LocalRunner:
     name = "local"
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
+        from orchestrator.runners.distributed import job_launch_argv
+
         return LaunchSpec(
-            argv=trainer_argv("train", str(job_dir)),
+            # distributed.mode ddp/fsdp: the same command inside torch.distributed.run
+            argv=job_launch_argv(job_dir, trainer_argv("train", str(job_dir))),
             cwd=PROJECT_ROOT,
             env=trainer_env(),
             log_path=job_dir / LOG_FILE,
