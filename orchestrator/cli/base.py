@@ -74,6 +74,12 @@ def load_strategy(name: str, assignments: tuple[str, ...], strategy_files: tuple
     raw, overrides = strat.apply_overrides(entry.raw, assignments)
     strategy = strat.validate(name, raw, str(entry.source) + (" with --set" if overrides else ""))
     base = strategy.cfg.base_model
-    if Path(base.huggingface_id).expanduser().exists():
+    from trainer.models.job_output import base_folder
+
+    # A previous job's output (job:<id> or its folder) becomes a plain model folder (LoRA merged in).
+    job_base = base_folder(base.huggingface_id, echo=lambda m: click.echo(m, err=True))
+    if job_base:
+        base.huggingface_id = str(job_base)
+    elif Path(base.huggingface_id).expanduser().exists():
         base.huggingface_id = str(Path(base.huggingface_id).expanduser().resolve())
     return entry, strategy, overrides
