@@ -7,6 +7,7 @@ written as strings ("3e-4") are coerced; every error is reported at once with it
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -190,6 +191,41 @@ class DistributedSpec(_Strict):
         return self
 
 
+class ContainerSettings(_Strict):
+    """How the container runner starts the job's container (other runners ignore these)."""
+
+    image: str | None = Field(
+        default=None, description="Image to run; null: llamafarm-cuda or llamafarm-cpu at this version, by device."
+    )
+    gpus: Literal["all"] | list[int | str] = Field(
+        default="all", description="GPUs a cuda job gets: all, or a list of indexes or UUIDs."
+    )
+    ipc: Literal["private", "host"] = Field(
+        default="private", description="IPC namespace; host shares the host's /dev/shm (NVIDIA's advice for multi-GPU)."
+    )
+    shm_size: str = Field(
+        default="2g", pattern=r"^[0-9]+[bkmg]?$", description="Size of /dev/shm with ipc private (data loaders use it)."
+    )
+    ulimits: dict[str, int | str] = Field(
+        default_factory=lambda: {"nofile": "1024:4096", "nproc": "4096:4096"},
+        description="Resource limits as soft:hard (or one value for both; -1 is unlimited), e.g. memlock: '-1'.",
+    )
+    pass_env: list[str] = Field(
+        default_factory=lambda: ["HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"],
+        description="Host environment variables copied into the container, each only when it is set.",
+    )
+
+    @model_validator(mode="after")
+    def _limits_parse(self) -> "ContainerSettings":
+        limit = re.compile(r"(-1|[0-9]+)(:(-1|[0-9]+))?")
+        bad = [f"{k}: {v!r}" for k, v in self.ulimits.items() if not limit.fullmatch(str(v))]
+        if bad:
+            raise ValueError(f"ulimits must be soft:hard numbers (-1 for unlimited): {', '.join(bad)}")
+        if self.ipc == "host" and "shm_size" in self.model_fields_set:
+            raise ValueError("shm_size only applies with ipc: private (ipc: host uses the host's /dev/shm)")
+        return self
+
+
 class FineTunerConfig(_Strict):
     base_model: BaseModelSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -201,7 +237,10 @@ class FineTunerConfig(_Strict):
     fallback_device: Literal["cpu"] | None = Field(
         default=None, description="Device to use when `device` is not available; null makes that an error."
     )
-    runner: str = Field(default="auto", description="How the job is started: auto or a runner name.")
+    runner: str = Field(
+        default="auto", description="How the job is started: auto, local, container or native (see README, Runners)."
+    )
+    container: ContainerSettings = Field(default_factory=ContainerSettings)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
@@ -285,6 +324,9 @@ def resolved_dict(strategy: Strategy) -> dict:
     if method["type"] == "full":
         for key in ("r", "alpha", "dropout", "target_modules"):
             method.pop(key)
+    container = data["fine_tuner"]["config"]["container"]
+    if container["ipc"] == "host":
+        container.pop("shm_size")
     distributed = data["fine_tuner"]["config"]["distributed"]
     if distributed["mode"] == "none":
         data["fine_tuner"]["config"]["distributed"] = {"mode": "none"}

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 # LlamaFactory's own venv for the llamafactory backend's tests: built once per machine (about 2 min), then reused.
 .venv/bin/python -m orchestrator.llamafactory.env
+# The container runner's tests need a Docker-API engine and the CPU image (README, Runners).
+if [ "$(uname -s)" = Linux ]; then bash scripts/container_setup.sh; fi
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

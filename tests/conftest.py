@@ -18,6 +18,9 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMAFARM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("LLAMAFARM_STRATEGIES", raising=False)
+    # Jobs started without --runner run in the local process, whatever engine or image this machine
+    # has; the runner tests choose their runner explicitly (README, Runners).
+    monkeypatch.setenv("LLAMAFARM_RUNNER", "local")
     return tmp_path / "home"
 
 

@@ -15,6 +15,7 @@ import yaml
 from contract.job_folder import update_job
 from contract.strategy import parse_strategy
 from orchestrator import jobs
+from orchestrator.runners import RUNNERS
 
 from conftest import DATASETS
 
@@ -116,7 +117,7 @@ def _cases():
         ("--set bad value", lambda w: s("tiny_demo", "--dataset", QA, "--set", "training_args.seed=-3"),
          "fine_tuner.config.training_args.seed: Input should be greater than or equal to 0"),
         ("unknown runner", lambda w: s("tiny_demo", "--dataset", QA, "--runner", "k8s"),
-         "unknown runner 'k8s'; valid: local"),
+         f"unknown runner 'k8s'; valid: {', '.join(RUNNERS)}"),
         ("llamafactory strategy off CUDA", lambda w: s("llamafactory_advanced", "--dataset", QA),
          "device 'cuda' is not available on this machine"),
         ("device not present", lambda w: s("cuda_fine_tuning", "--dataset", QA),

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import DATASETS, ROOT
+from orchestrator.runners import RUNNERS
 
 
 def test_strategies_list_and_json(run_cli):
@@ -66,7 +67,7 @@ def test_strategies_validate(run_cli, tmp_path):
         (["--strategy", "tiny_demo", "--set", "training_args.learning_rate=-1"],
          "fine_tuner.config.training_args.learning_rate: Input should be greater than 0"),
         (["--strategy", "tiny_demo", "--set", "method.r=8"], "r only apply to lora and qlora, not to method type full"),
-        (["--strategy", "tiny_demo", "--runner", "slurm"], "unknown runner 'slurm'; valid: local"),
+        (["--strategy", "tiny_demo", "--runner", "slurm"], f"unknown runner 'slurm'; valid: {', '.join(RUNNERS)}"),
         (["--strategy", "llamafactory_advanced"], "device 'cuda' is not available on this machine"),
         (["--strategy", "cuda_fine_tuning"], "device 'cuda' is not available on this machine"),
         (["--strategy", "cpu_fine_tuning"], "base model TinyLlama/TinyLlama-1.1B-Chat-v1.0 is not in the local Hugging Face cache and HF_HUB_OFFLINE=1"),

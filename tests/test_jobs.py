@@ -109,8 +109,8 @@ def test_local_runner_launch_spec(tmp_path):
 
 
 def test_runner_registry_and_choice():
-    assert list(RUNNERS) == ["local"]
-    with pytest.raises(UserError, match="unknown runner 'docker'; valid: local"):
+    assert list(RUNNERS)[:3] == ["local", "container", "native"]
+    with pytest.raises(UserError, match=f"unknown runner 'docker'; valid: {', '.join(RUNNERS)}"):
         get_runner("docker")
     assert choose_runner(None, "auto")[0].name == "local"
     assert choose_runner("local", "auto")[1] == "--runner flag"

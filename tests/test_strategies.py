@@ -11,6 +11,7 @@ import yaml
 from contract.errors import StrategyError, UserError
 from contract.strategy import parse_strategy, resolved_dict
 from orchestrator import strategies as strat
+from orchestrator.runners import RUNNERS
 
 SHIPPED = yaml.safe_load(strat.DEFAULT_STRATEGIES.read_text())
 
@@ -93,7 +94,7 @@ def test_registry_names_are_checked_and_listed():
         strat.validate("x", raw, "file.yaml")
     assert info.value.problems == [
         "fine_tuner.type: unknown backend 'axolotl'; valid: pytorch, llamafactory",
-        "fine_tuner.config.runner: unknown runner 'kubernetes'; valid: auto, local",
+        f"fine_tuner.config.runner: unknown runner 'kubernetes'; valid: auto, {', '.join(RUNNERS)}",
         "fine_tuner.config.dataset.template: unknown template 'vicuna'; valid: auto, alpaca, chatml, llama2, llama3, mistral",
         "fine_tuner.config.method.type: qlora needs CUDA but device is cpu; use lora, or set method.fallback_to_lora: true",
     ]

@@ -63,8 +63,12 @@ def choose_precision(requested: str, device: str) -> Decision:
             return Decision("fp16", "the GPU has no bf16 support")
         return Decision(requested, "set in the strategy")
     if device == "mps":
-        if requested == "bf16":
-            raise UserError("precision bf16 is not reliable on MPS; use fp16, fp32 or auto")
+        if requested in ("bf16", "fp16"):
+            ok, detail = probe_precision("mps", requested)
+            if not ok:
+                raise UserError(f"precision {requested} is not reliable on MPS here: a {requested} training step "
+                                f"failed its check on this device ({detail}); use fp32 or auto")
+            return Decision(requested, f"set in the strategy; a {requested} training step checked out on this device ({detail})")
         if requested == "auto":
             return Decision("fp32", "MPS autocast is not reliable for training; fp32 is the safe default")
         return Decision(requested, "set in the strategy")
@@ -76,6 +80,35 @@ def choose_precision(requested: str, device: str) -> Decision:
             return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
         return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
     return Decision(requested, "set in the strategy")
+
+
+def probe_precision(device: str, precision: str) -> tuple[bool, str]:
+    """(usable, detail): one small forward and backward pass under `precision` autocast, compared with
+    fp32. Support for half types on MPS varies with macOS and chip, so it is checked, not assumed."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=gen)
+    w = torch.randn(128, 128, generator=gen) / 128**0.5
+
+    def grad(autocast: bool):
+        weight = w.to(device).clone().requires_grad_(True)  # a fresh leaf each time: no shared .grad
+        with torch.autocast(device_type=device, dtype=dtype, enabled=autocast):
+            loss = (x.to(device) @ weight).float().pow(2).mean()
+        loss.backward()
+        return weight.grad.float().cpu()
+
+    try:
+        reference, half = grad(False), grad(True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"
+    if not torch.isfinite(half).all():
+        return False, "non-finite gradients"
+    error = ((half - reference).abs().max() / reference.abs().max()).item()
+    if error > 0.05:  # bf16 keeps about 3 significant digits; 5% means the kernels are wrong, not imprecise
+        return False, f"gradients {error:.1%} off fp32"
+    return True, f"gradients within {error:.2%} of fp32"
 
 
 def matmul_gflops(device: str, dtype: str, seconds: float = 1.5) -> float:

@@ -257,8 +257,9 @@ def run(folder: Path) -> int:
         print("stop requested: saving a checkpoint, then stopping", flush=True)
 
     signal.signal(signal.SIGTERM, _on_term)
+    # In a container our pid means nothing to the host: the container runner's supervisor holds it.
     # Under the distributed launcher the job's pid is the launcher's, which the runner recorded.
-    own_pid = {} if role.launched else {"pid": os.getpid()}
+    own_pid = {} if (os.environ.get("LLAMAFARM_SUPERVISED") or role.launched) else {"pid": os.getpid()}
     if role.writes:
         update_job(folder, status="running", started_at=now_iso(), **own_pid)
     try:

@@ -17,7 +17,7 @@ from orchestrator.cli.base import STRATEGY_FILES, cli, emit_json, finetune, load
               help="Training data: .jsonl, .json, .csv, .parquet or a saved Hugging Face dataset folder.")
 @click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE",
               help="Override a strategy value for this run, e.g. training_args.learning_rate=1e-4.")
-@click.option("--runner", "runner_flag", default=None, help="Runner to use (default: the strategy's, else auto).")
+@click.option("--runner", "runner_flag", default=None, help="auto, local, container or native (default: the strategy's, else $LLAMAFARM_RUNNER, else auto).")
 @click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
 @click.option("--ignore-estimate", is_flag=True, help="Start even when the estimate says it will not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
@@ -56,7 +56,8 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     if backend.runner:  # a backend with an environment of its own starts its own way
         runner, runner_reason = get_runner(backend.runner), f"fine_tuner.type {strategy.fine_tuner.type}"
     else:
-        runner, runner_reason = choose_runner(runner_flag, cfg.runner)
+        runner, runner_reason = choose_runner(runner_flag, cfg.runner, cfg, device.value)
+    runner_note = runner.preflight(cfg)  # no engine, no image, no venv: refused before a job exists
     est = estimate(strategy, Path(dataset), device.value, conversations)
     if est.fits is False and not ignore_estimate:
         tips = "\n".join(f"  - {t}" for t in est.advice)
@@ -72,7 +73,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     say(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} ({model_source})")
     say(f"device: {device.value} ({device.reason}; the trainer confirms it)")
     say(f"method: {method.value} ({method.reason})")
-    say(f"runner: {runner.name} ({runner_reason})")
+    say(f"runner: {runner.name} ({runner_reason})" + (f"; {runner_note}" if runner_note else ""))
     say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {format_duration(est.seconds)} for {est.steps} steps"
         + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
 
@@ -207,6 +208,9 @@ def resume(job_id, foreground):
             "steps, and on stop); start it again with `llamafarm finetune start`"
         )
     runner = get_runner(job["runner"])
+    from trainer.entrypoint import load_job_strategy
+
+    runner.preflight(load_job_strategy(folder)[0].cfg)  # the engine, image or venv may be gone since start
     latest = checkpoints[-1]
     update_job(folder, status="pending", pid=None, error=None, finished_at=None,
                resume_from=str(latest.relative_to(folder)), resumes=job.get("resumes", 0) + 1)

@@ -1,7 +1,8 @@
 """The runner interface: where and how the shared training entrypoint starts.
 
-A runner is pure until it executes: `launch_spec` builds the exact command (testable anywhere),
-`start` executes it detached and returns a pid, `stop` asks the job to checkpoint and end.
+A runner is pure until it executes: `preflight` refuses what cannot start before a job exists,
+`launch_spec` builds the exact command (testable anywhere), `start` executes it detached and returns
+a pid, `stop` asks the job to checkpoint and end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ class LaunchSpec:
 
 class Runner(Protocol):
     name: str
+
+    def preflight(self, cfg) -> str | None:
+        """Refuse with a UserError, before any job exists, what this runner cannot start; else
+        return a line worth printing (what it will use) or None."""
+        ...
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec: ...
 

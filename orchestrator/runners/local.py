@@ -41,6 +41,9 @@ def run_trainer(*args: str, stdin: str | None = None) -> str:
 class LocalRunner:
     name = "local"
 
+    def preflight(self, cfg) -> None:
+        return None  # this interpreter already runs; the trainer checks the rest
+
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
         from orchestrator.runners.distributed import job_launch_argv
 

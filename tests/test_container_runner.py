@@ -1,0 +1,243 @@
+"""The container runner: its launch spec for the CPU and CUDA images (pure, no engine needed), its
+refusals before a job exists, the auto rules, and real runs of tiny_demo in the CPU image through the
+machine's engine (scripts/container_setup.sh sets up Podman and builds the image; scripts/test.sh
+runs it first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from contract.errors import UserError
+from contract.job_folder import pid_alive, read_job
+from orchestrator import strategies
+from orchestrator.images import IMAGES, version
+from orchestrator.runners import RUNNERS, choose_runner, engine
+from orchestrator.runners.container import ContainerRunner, ContainerSpec, HostFacts, container_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+QA = ROOT / "demos" / "datasets" / "medical_qa.jsonl"
+HOST = HostFacts(uid=1234, gid=5678, llamafarm_cache=Path("/home/u/.cache/llamafarm"), hf_home=None,
+                 engine_url="unix:///run/podman/podman.sock")
+
+
+def _cfg(name: str, **overrides):
+    entry, _ = strategies.get(name, ())
+    raw, _ = strategies.apply_overrides(entry.raw, tuple(f"{k}={v}" for k, v in overrides.items()))
+    return strategies.validate(name, raw, name).cfg
+
+
+def test_cpu_launch_spec(tmp_path):
+    job_dir = tmp_path / "tiny_demo-1"
+    job = {"dataset": "/data/qa.jsonl", "eval_dataset": "/data/eval.jsonl"}
+    spec = container_spec(job_dir, job, _cfg("tiny_demo"), "cpu", HOST)
+    assert spec.image == f"llamafarm-cpu:{version()}" == IMAGES["cpu"].tag
+    assert spec.name == "llamafarm-tiny_demo-1"
+    assert spec.command == ["train", str(job_dir)]
+    assert spec.user == "1234:5678"
+    assert spec.mounts == [
+        {"source": str(job_dir), "target": str(job_dir), "read_only": False},
+        {"source": "/home/u/.cache/llamafarm", "target": "/cache/llamafarm", "read_only": False},
+        {"source": "/data/qa.jsonl", "target": "/data/qa.jsonl", "read_only": True},
+        {"source": "/data/eval.jsonl", "target": "/data/eval.jsonl", "read_only": True},
+    ]
+    assert spec.environment == {"PYTHONUNBUFFERED": "1", "LLAMAFARM_SUPERVISED": "1",
+                                "LLAMAFARM_CACHE": "/cache/llamafarm"}
+    assert spec.ulimits == [{"name": "nofile", "soft": 1024, "hard": 4096},
+                            {"name": "nproc", "soft": 4096, "hard": 4096}]
+    assert spec.device_requests == [] and spec.ipc_mode is None and spec.shm_size == "2g"
+    assert ContainerSpec.from_json(spec.to_json()) == spec
+
+
+def test_cuda_launch_spec_asks_for_gpus_host_ipc_and_nvidia_limits(tmp_path):
+    hf = tmp_path / "hf"
+    host = HostFacts(**{**HOST.__dict__, "hf_home": hf})
+    model = tmp_path / "my-model"
+    cfg = _cfg("cuda_fine_tuning", **{"base_model.huggingface_id": str(model)})
+    spec = container_spec(tmp_path / "job", {"dataset": "/d.jsonl"}, cfg, "cuda", host)
+    assert spec.image == IMAGES["cuda"].tag
+    assert spec.device_requests == [{"count": -1, "capabilities": [["gpu"]]}]
+    assert spec.ipc_mode == "host" and spec.shm_size is None
+    assert {u["name"]: (u["soft"], u["hard"]) for u in spec.ulimits} == {
+        "nofile": (1024, 4096), "memlock": (-1, -1), "stack": (67108864, 67108864)}
+    assert {"source": str(hf), "target": "/cache/huggingface", "read_only": False} in spec.mounts
+    assert {"source": str(model), "target": str(model), "read_only": True} in spec.mounts  # a local base model
+    assert spec.environment["HF_HOME"] == "/cache/huggingface"
+
+    listed = container_spec(tmp_path / "job", {"dataset": "/d.jsonl"},
+                            _cfg("cuda_fine_tuning", **{"container.gpus": "[0, GPU-5ac]"}), "cuda", host)
+    assert listed.device_requests == [{"device_ids": ["0", "GPU-5ac"], "capabilities": [["gpu"]]}]
+    # A cuda strategy that fell back to the CPU gets the CPU image and no GPU.
+    fell_back = container_spec(tmp_path / "job", {"dataset": "/d.jsonl"}, cfg, "cpu", host)
+    assert fell_back.image == IMAGES["cpu"].tag and fell_back.device_requests == []
+
+
+def test_sdk_arguments_pass_secrets_only_when_set(tmp_path):
+    from docker.types import DeviceRequest, Mount, Ulimit
+
+    spec = container_spec(tmp_path / "job", {"dataset": "/d.jsonl"}, _cfg("cuda_fine_tuning"), "cuda", HOST)
+    kwargs = spec.create_kwargs({"HF_TOKEN": "hf_secret", "HF_ENDPOINT": "", "PATH": "/bin"})
+    assert kwargs["environment"]["HF_TOKEN"] == "hf_secret"
+    assert "HF_ENDPOINT" not in kwargs["environment"] and "PATH" not in kwargs["environment"]
+    assert "hf_secret" not in spec.to_json()  # the supervisor's argv holds names, never values
+    assert kwargs["device_requests"] == [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    assert kwargs["mounts"][0] == Mount(target=str(tmp_path / "job"), source=str(tmp_path / "job"), type="bind",
+                                        read_only=False)
+    assert Ulimit(name="memlock", soft=-1, hard=-1) in kwargs["ulimits"]
+    assert kwargs["ipc_mode"] == "host" and "shm_size" not in kwargs
+    assert kwargs["user"] == "1234:5678" and kwargs["detach"] is True
+
+
+def test_container_settings_are_checked():
+    with pytest.raises(Exception, match="ulimits must be soft:hard numbers"):
+        _cfg("tiny_demo", **{"container.ulimits": "{nofile: lots}"})
+    with pytest.raises(Exception, match="shm_size only applies with ipc: private"):
+        _cfg("tiny_demo", **{"container.ipc": "host", "container.shm_size": "1g"})
+
+
+class _FakeImage:
+    labels = {"org.opencontainers.image.revision": "abc123"}
+
+
+def _fake_engine(monkeypatch, image=_FakeImage(), gpu=None):
+    monkeypatch.setattr(engine, "probe", lambda: ("client", "the container engine at unix:///fake.sock"))
+    monkeypatch.setattr(engine, "connect", lambda: ("client", "the container engine at unix:///fake.sock"))
+    monkeypatch.setattr(engine, "find_image", lambda client, tag: image)
+    monkeypatch.setattr(engine, "gpu_runtime", lambda client: gpu)
+
+
+def test_preflight_refusals(monkeypatch):
+    runner = ContainerRunner()
+    cfg = _cfg("tiny_demo")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(UserError, match=r"no container engine answers at unix:///nonexistent/docker.sock .*"
+                                        r"scripts/container_setup.sh.*--runner local"):
+        runner.preflight(cfg)
+
+    _fake_engine(monkeypatch, image=None)
+    with pytest.raises(UserError, match=rf"image llamafarm-cpu:{version()} is not in the container engine at "
+                                        r"unix:///fake.sock; build it with `llamafarm images build cpu`"):
+        runner.preflight(cfg)
+
+    _fake_engine(monkeypatch, gpu=None)
+    monkeypatch.setattr("orchestrator.runners.container.host_device", lambda cfg: "cuda")
+    with pytest.raises(UserError, match="trains on cuda but the container engine at unix:///fake.sock has no NVIDIA GPU runtime; "
+                                        "install the NVIDIA Container Toolkit"):
+        runner.preflight(_cfg("cuda_fine_tuning"))
+    _fake_engine(monkeypatch, gpu="the nvidia runtime")
+    assert runner.preflight(_cfg("cuda_fine_tuning")) == (
+        f"image llamafarm-cuda:{version()} (commit abc123) on the container engine at unix:///fake.sock")
+
+    monkeypatch.setattr("orchestrator.runners.container.host_device", lambda cfg: "mps")
+    with pytest.raises(UserError, match="MPS device cannot be used from a container.*--runner native"):
+        runner.preflight(cfg)
+
+
+def test_auto_rules(monkeypatch):
+    monkeypatch.delenv("LLAMAFARM_RUNNER")
+    cfg = _cfg("tiny_demo")
+    runner, why = choose_runner(None, "auto", cfg, "mps")
+    assert runner.name == "native" and "Metal cannot be used from a container" in why
+    _fake_engine(monkeypatch)
+    runner, why = choose_runner(None, "auto", cfg, "cpu")
+    assert (runner.name, why) == ("container", f"auto; device cpu: the container engine at unix:///fake.sock has "
+                                               f"llamafarm-cpu:{version()}")
+    _fake_engine(monkeypatch, image=None)
+    runner, why = choose_runner(None, "auto", cfg, "cpu")
+    assert runner.name == "local" and why.startswith(f"auto; image llamafarm-cpu:{version()} is not built")
+    _fake_engine(monkeypatch, gpu=None)
+    runner, why = choose_runner(None, "auto", cfg, "cuda")
+    assert runner.name == "local" and "has no NVIDIA GPU runtime" in why
+    monkeypatch.setattr(engine, "probe", lambda: (None, "no container engine: DOCKER_HOST is not set"))
+    assert choose_runner(None, "auto", cfg, "cpu") == (RUNNERS["local"], "auto; no container engine: DOCKER_HOST "
+                                                                         "is not set, so the local process")
+    monkeypatch.setenv("LLAMAFARM_RUNNER", "native")
+    assert choose_runner(None, "auto", cfg, "cpu") == (RUNNERS["native"], "LLAMAFARM_RUNNER=native")
+    assert choose_runner("container", "auto", cfg, "cpu") == (RUNNERS["container"], "--runner flag")
+
+
+def test_no_engine_refuses_before_a_job_exists(run_cli, monkeypatch, _isolated_home):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    result = run_cli("run", "--strategy", "tiny_demo", "--dataset", QA, "--runner", "container")
+    assert result.exit_code == 1
+    assert "Error: no container engine answers at unix:///nonexistent/docker.sock" in result.output
+    assert "Traceback" not in result.output
+    assert not (_isolated_home / "jobs").exists() or not any((_isolated_home / "jobs").iterdir())
+
+
+# --- real runs through the machine's engine ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_image():
+    """The engine and the CPU image; CI builds both (scripts/container_setup.sh) before the tests."""
+    client, where = engine.probe()
+    if client is None:
+        pytest.fail(f"{where}: run `bash scripts/container_setup.sh` (or start Docker and "
+                    "`llamafarm images build cpu`) before the container tests")
+    if engine.find_image(client, IMAGES["cpu"].tag) is None:
+        pytest.fail(f"{IMAGES['cpu'].tag} is not built in {where}: run `llamafarm images build cpu`")
+    from trainer.models.builtin import builtin_path
+
+    builtin_path("builtin:tiny-llama-bpe")  # built here once; containers find it in the mounted cache
+    return client
+
+
+def _wait(folder: Path, done, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = read_job(folder)
+        if done(job):
+            return job
+        time.sleep(0.5)
+    log = (folder / "train.log").read_text() if (folder / "train.log").exists() else ""
+    pytest.fail(f"timed out waiting for {what}; job: {read_job(folder)}\ntrain.log:\n{log[-3000:]}")
+
+
+def _removed(client, folder: Path) -> None:
+    """The supervisor removes the container right after it ends, then ends itself."""
+    deadline = time.time() + 60
+    while pid_alive(read_job(folder)["pid"]) or client.containers.list(all=True, filters={"name": f"llamafarm-{folder.name}"}):
+        assert time.time() < deadline, "the container was not removed, or its supervisor did not end"
+        time.sleep(0.5)
+
+
+def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
+    result = run_cli("run", "--strategy", "tiny_demo", "--dataset", QA, "--runner", "container",
+                     "--set", "training_args.max_steps=6", "--set", "training_args.logging_steps=2",
+                     "--set", "training_args.precision=fp32", "--json")  # fp32: fastest on any CPU
+    assert result.exit_code == 0, result.output
+    assert f"runner: container (--runner flag); image {IMAGES['cpu'].tag}" in result.output
+    folder = Path(json.loads(result.stdout)["job_dir"])
+    job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to end")
+    log = (folder / "train.log").read_text()
+    assert job["status"] == "completed", log[-3000:]
+    assert job["runner"] == "container" and job["container"]["image"] == IMAGES["cpu"].tag
+    assert f"container runner: container llamafarm-{folder.name}" in log and "status: completed" in log
+    assert "device: cpu" in log  # the trainer's own decisions, printed inside the container, reach train.log
+    for name in ("final/model.safetensors", "final/strategy.yaml", "final/tokenizer.json", "metrics.jsonl"):
+        assert (folder / name).is_file(), name
+    owners = {p.stat().st_uid for p in folder.rglob("*")}
+    assert owners == {os.getuid()}, f"files not owned by the caller: {owners}"
+    monitor = run_cli("finetune", "monitor", "--job-id", folder.name, "--json")
+    summary = json.loads(monitor.stdout)
+    assert (summary["status"], summary["step"], summary["total_steps"]) == ("completed", 6, 6)
+    _removed(cpu_image, folder)
+
+
+def test_stop_ends_the_container_with_a_checkpoint(run_cli, cpu_image):
+    result = run_cli("run", "--strategy", "tiny_demo", "--dataset", QA, "--runner", "container",
+                     "--set", "training_args.max_steps=5000", "--set", "training_args.precision=fp32", "--json")
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["job_dir"])
+    _wait(folder, lambda j: j["status"] == "running" and (folder / "metrics.jsonl").exists(), "the first steps")
+    stopped = run_cli("finetune", "stop", "--job-id", folder.name)
+    assert stopped.exit_code == 0, stopped.output
+    job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to stop", timeout=120)
+    assert job["status"] == "stopped", (folder / "train.log").read_text()[-3000:]
+    assert list((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    _removed(cpu_image, folder)
