@@ -186,3 +186,31 @@ def test_llamafactory_job_trains_is_monitored_and_generates(run_cli, tmp_path, l
 
     answer = run_cli("generate", "--model", folder.name, "--prompt", "What is anemia?", "--max-new-tokens", "8")
     assert answer.exit_code == 0
+
+    exported = run_cli("finetune", "export", "--model-path", folder.name, "--format", "gguf", "--json")
+    assert exported.exit_code == 0, exported.output
+    report = json.loads(exported.stdout[exported.stdout.index("{"):])
+    assert report["verification"]["passed"] and report["verification"]["tokenization_equal"]
+    assert (Path(report["output"]) / "model.gguf").is_file(), "LlamaFactory's adapter exports through our exporter"
+
+
+def test_llamafactory_job_stops(run_cli, tmp_path, lf_python):
+    import time
+
+    raw = json.loads(json.dumps(LF_TINY))
+    raw["fine_tuner"]["config"]["training_args"].update(max_steps=500)
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump({"lf_long": raw}))
+    result = run_cli("finetune", "start", "--strategy", "lf_long", "--strategy-file", path,
+                     "--dataset", DATASETS / "medical_qa.jsonl", "--json")
+    folder = Path(json.loads(result.stdout[result.stdout.index("{"):])["job_dir"])
+    deadline = time.time() + 240
+    while not read_metrics(folder) and time.time() < deadline and read_job(folder)["status"] in ("pending", "running"):
+        time.sleep(1)
+    assert read_metrics(folder), (folder / "train.log").read_text()[-3000:]
+    assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0
+    while read_job(folder)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    job = read_job(folder)
+    assert job["status"] == "stopped", (folder / "train.log").read_text()[-3000:]
+    assert not (folder / "final").exists() and len(read_metrics(folder)) < 500

@@ -25,7 +25,17 @@ from pathlib import Path
 import yaml
 
 from contract.errors import UserError
-from contract.job_folder import CHECKPOINTS_DIR, FINAL_DIR, STRATEGY_FILE, append_metrics, now_iso, read_job, update_job
+from contract.job_folder import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    STRATEGY_FILE,
+    append_metrics,
+    now_iso,
+    read_job,
+    read_metrics,
+    update_job,
+)
 from contract.strategy import parse_strategy
 
 WORK_DIR = "llamafactory"  # inside the job folder: train.yaml, dataset_info.json, the data as conversations
@@ -188,6 +198,9 @@ def _train(folder: Path, child: dict) -> None:
         (output / LF_LOG).unlink(missing_ok=True)
     else:
         follower.offset = (output / LF_LOG).stat().st_size if (output / LF_LOG).exists() else 0
+        _cut_metrics(folder, int(Path(resume).name.rpartition("-")[2]))
+    if child.get("stop"):
+        raise _Stopped()
     started = time.time()
     # Offline and quiet where the host is; LlamaFactory's own version check is what the venv pins.
     child_env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
@@ -209,6 +222,14 @@ def _train(folder: Path, child: dict) -> None:
     last = follower.last
     update_job(folder, final_loss=last.get("loss"), train_seconds=round(results.get("train_runtime", time.time() - started), 2),
                tokens_per_second=last.get("tokens_per_second"))
+
+
+def _cut_metrics(folder: Path, step: int) -> None:
+    """A resumed run's records follow on from its checkpoint's step (later ones were not kept)."""
+    kept = [r for r in read_metrics(folder) if r.get("step", 0) <= step]
+    tmp = folder / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    tmp.replace(folder / METRICS_FILE)
 
 
 class _Stopped(Exception):
