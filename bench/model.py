@@ -1,0 +1,84 @@
+"""The benchmark's work: a SmolLM2-135M-shaped Llama with random weights, and text rows of 64-256 tokens.
+
+Both are built from code and seeds, so every run (and every machine) trains on identical inputs. The
+tokenizer is the builtin tiny-llama-bpe's (2,048 entries) in a model whose vocabulary is SmolLM2's
+49,152: ids above the tokenizer's range are never seen, but every logit is computed, so the compute
+per token is exactly SmolLM2-135M's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SHAPE = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)
+MIN_TOKENS, MAX_TOKENS = 64, 256
+MODEL_SEED = 0
+
+
+def build_model(folder: Path) -> Path:
+    """Write the random-init model and its tokenizer into `folder` (once; later calls reuse it)."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from trainer.models.builtin import get_spec, raw_tokenizer
+
+    raw, names, chat_template = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, clean_up_tokenization_spaces=False, **names)
+    tokenizer.chat_template = chat_template
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+    config = LlamaConfig(**SHAPE, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+                         pad_token_id=ids["pad_token"])
+    torch.manual_seed(MODEL_SEED)
+    model = LlamaForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def make_rows(tokenizer, target_tokens: int, seed: int) -> list[dict]:
+    """Text rows of corpus words, each 64-256 tokens once tokenized with BOS and EOS, summing to
+    about `target_tokens`. Lengths are drawn uniformly, so padding a batch to its longest row wastes
+    about a third of the positions, as it does with real instruction data of mixed length."""
+    from trainer.models.builtin import CORPUS
+
+    words = CORPUS.read_text(encoding="utf-8").split()
+    rng = random.Random(seed)
+    rows, total = [], 0
+    while total < target_tokens:
+        want = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        start = rng.randrange(len(words))
+        take, n = 0, 0
+        while n < want:  # add words until the row is `want` tokens or just over
+            take += 1
+            text = " ".join(words[(start + i) % len(words)] for i in range(take))
+            n = len(tokenizer(text)["input_ids"]) + 1  # + EOS
+        if n > MAX_TOKENS:
+            take -= 1
+            text = " ".join(words[(start + i) % len(words)] for i in range(take))
+            n = len(tokenizer(text)["input_ids"]) + 1
+        rows.append({"text": text})
+        total += n
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

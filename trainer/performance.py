@@ -1,0 +1,199 @@
+"""Speed levers of the training step, each decided here once and printed with its reason.
+
+- base weights: frozen weights of LoRA/QLoRA are stored in the compute dtype (bf16/fp16), so autocast
+  does not re-cast every weight on every forward and the model takes half the memory; the trainable
+  adapter weights stay fp32.
+- loss: the output layer and cross-entropy run in chunks of rows, on labelled positions only, with the
+  gradient for the hidden states computed chunk by chunk. The full (tokens x vocabulary) logits never
+  exist: with a 49k vocabulary they are the largest tensors of a small model's step.
+- threads: torch's intra-op threads, one per core this process may use.
+
+Packing (dataset.packing) is the other big lever; it is decided in trainer.entrypoint.choose_packing.
+docs/PERFORMANCE.md has the measured effect of each.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from trainer.devices import Decision
+
+# Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
+# (no logit soft-capping or scaling); the chunked loss is verified against their own loss.
+_PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Rows of logits per chunk: bounds the chunk's float32 logits to ~64 MB whatever the vocabulary.
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def choose_base_dtype(method: str, precision: str) -> Decision:
+    """The dtype the base model is loaded in."""
+    if method == "full":
+        return Decision("fp32", "full fine-tuning trains every weight, so all stay fp32")
+    if precision in ("bf16", "fp16"):
+        return Decision(precision, f"frozen base weights stored in the {precision} compute dtype (half the memory, "
+                                   "no re-cast per step); LoRA weights stay fp32")
+    return Decision("fp32", "fp32 compute")
+
+
+def choose_chunked_loss(model) -> Decision:
+    """On when the model's head can be replaced by the chunked loss without changing its result."""
+    inner = _causal_lm(model)
+    family = getattr(inner.config, "model_type", "?")
+    head = inner.get_output_embeddings()
+    if family not in _PLAIN_HEAD_FAMILIES:
+        return Decision("off", f"verified only for {', '.join(_PLAIN_HEAD_FAMILIES)} models, this is {family}")
+    import torch
+
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return Decision("off", "the output layer is not a plain linear layer (e.g. it carries an adapter)")
+    vocab = head.weight.shape[0]
+    return Decision("on", f"output layer and cross-entropy in chunks of {_chunk_rows(vocab)} rows over labelled "
+                          f"positions only; the full logits (tokens x {vocab}) are never built")
+
+
+def choose_threads() -> Decision:
+    """Intra-op threads: one per core this process may use, unless those cores are busy.
+
+    Every parallel op waits for all its threads; on a machine where other processes hold the cores,
+    a thread that is not scheduled stalls each op for a scheduler time slice (milliseconds, for ops
+    that take microseconds), and one thread is several times faster. A short probe of a step-like
+    mix of ops with each thread count decides."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return Decision(str(torch.get_num_threads()), "OMP_NUM_THREADS is set")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores == 1:
+        torch.set_num_threads(1)
+        return Decision("1", "one core available")
+    samples: dict[int, list[float]] = {cores: [], 1: []}
+    for n in samples:
+        _probe_seconds(n)  # warm-up: the first call starts the thread pool
+    for _ in range(5):  # interleaved, so a burst of load hits both counts alike
+        for n in samples:
+            samples[n].append(_probe_seconds(n))
+    timings = {n: sorted(times)[len(times) // 2] for n, times in samples.items()}
+    if timings[1] < 0.9 * timings[cores]:
+        torch.set_num_threads(1)
+        return Decision("1", f"the {cores} cores are busy: a step-like probe took {1e3 * timings[cores]:.0f} ms "
+                             f"with {cores} threads, {1e3 * timings[1]:.0f} ms with 1")
+    torch.set_num_threads(cores)
+    return Decision(str(cores), f"one per core this process may use (probe: {1e3 * timings[cores]:.0f} ms with "
+                                f"{cores} threads, {1e3 * timings[1]:.0f} ms with 1)")
+
+
+def _probe_seconds(threads: int) -> float:
+    """Time of a small matmul plus the elementwise ops that surround it in a transformer layer."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    x, w = torch.randn(512, 576), torch.randn(576, 576)
+    start = time.perf_counter()
+    y = x @ w
+    for _ in range(8):
+        y = torch.nn.functional.silu(y) * y + x
+    return time.perf_counter() - start
+
+
+def _causal_lm(model):
+    """The transformers *ForCausalLM under any PEFT wrapper (LoRA layers live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(16, _CHUNK_ELEMENTS // vocab)
+
+
+def forward_loss(model, input_ids, attention_mask, position_ids, labels):
+    """The model's causal-LM loss (mean over labelled next-token positions) via the chunked head.
+
+    Returns an object with `.loss`, like a transformers model output."""
+    import torch
+
+    inner = _causal_lm(model)
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return SimpleNamespace(loss=linear_cross_entropy(hidden[:, :-1][keep], inner.get_output_embeddings().weight,
+                                                     targets[keep]))
+
+
+def linear_cross_entropy(hidden, weight, targets):
+    """mean(cross_entropy(hidden @ weight.T, targets)), computed chunk by chunk.
+
+    Under autocast the products run in the autocast dtype (as nn.Linear would); the softmax and the
+    loss are always float32."""
+    import torch
+
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, _chunk_rows(weight.shape[0]))
+
+
+def _make_function():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Forward computes the loss and, when a gradient will be needed, the gradients too, one chunk
+        at a time, so only a chunk's logits are ever in memory; backward only scales them."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            n = hidden.shape[0]
+            grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk):
+                h, y = hidden[start : start + chunk], targets[start : start + chunk]
+                logits = (h @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                # d(loss)/d(logits) = softmax - one_hot(target), reusing the logits' memory.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), y] -= 1
+                d_logits = probs.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[start : start + chunk] = d_logits @ weight
+                if grad_w is not None:
+                    grad_w += (d_logits.t() @ h).float()
+            count = max(n, 1)
+            ctx.count = count
+            ctx.weight_dtype = weight.dtype
+            ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+            ctx.has = (grad_h is not None, grad_w is not None)
+            return total / count
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            saved = list(ctx.saved_tensors)
+            scale = grad_out / ctx.count  # a 0-d tensor: the product keeps each gradient's dtype
+            grad_h = saved.pop(0) * scale if ctx.has[0] else None
+            grad_w = (saved.pop(0) * scale).to(ctx.weight_dtype) if ctx.has[1] else None
+            return grad_h, grad_w, None, None
+
+    return LinearCrossEntropy
+
+
+class _Lazy:
+    """Builds the autograd Function on first use, so importing this module imports no torch."""
+
+    _fn = None
+
+    def apply(self, *args):
+        if _Lazy._fn is None:
+            _Lazy._fn = _make_function()
+        return _Lazy._fn.apply(*args)
+
+
+_LinearCrossEntropy = _Lazy()
