@@ -1,9 +1,10 @@
 """Run inside LlamaFactory's environment by tests/test_llamafactory_backend.py:
 
-    <lf-venv>/bin/python tests/llamafactory_template_ids.py MODEL_DIR TEMPLATE < conversations.json
+    <lf-venv>/bin/python tests/llamafactory_template_ids.py MODEL_DIR TEMPLATE... < conversations.json
 
-Prints, per conversation, the token ids LlamaFactory trains on and which of them carry loss, using
-LlamaFactory's own template code (TEMPLATE "none": parsed from the tokenizer's Jinja template).
+Prints, per template and conversation, the token ids LlamaFactory trains on and which of them carry
+loss, using LlamaFactory's own template code (TEMPLATE "none": parsed from the tokenizer's Jinja
+template), as one JSON line: {template: [{"ids": [...], "trained": [...]}, ...]}.
 """
 
 import json
@@ -14,16 +15,20 @@ from transformers import AutoTokenizer
 from llamafactory.data.template import get_template_and_fix_tokenizer
 from llamafactory.hparams import DataArguments
 
-model_dir, name = sys.argv[1], sys.argv[2]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=None if name == "none" else name))
-out = []
-for messages in json.load(sys.stdin):
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    turns = [m for m in messages if m["role"] != "system"]
-    ids, trained = [], []
-    for prompt, answer in template.encode_multiturn(tokenizer, turns, system):
-        ids += prompt + answer
-        trained += [False] * len(prompt) + [True] * len(answer)
-    out.append({"ids": ids, "trained": trained})
-print(json.dumps(out))
+model_dir, names = sys.argv[1], sys.argv[2:]
+conversations = json.load(sys.stdin)
+result = {}
+for name in names:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # fresh: a template may add tokens to it
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=None if name == "none" else name))
+    out = []
+    for messages in conversations:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = [m for m in messages if m["role"] != "system"]
+        ids, trained = [], []
+        for prompt, answer in template.encode_multiturn(tokenizer, turns, system):
+            ids += prompt + answer
+            trained += [False] * len(prompt) + [True] * len(answer)
+        out.append({"ids": ids, "trained": trained})
+    result[name] = out
+print(json.dumps(result))

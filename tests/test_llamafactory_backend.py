@@ -125,28 +125,39 @@ def lf_python():
     return env.python_path()
 
 
-@pytest.mark.parametrize("ours,theirs", [("model", "none"), ("llama3", "llama3")])
-def test_template_token_parity_with_llamafactory(lf_python, tokenizers, ours, theirs):
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is anemia?"}, {"role": "assistant", "content": "Too few red blood cells."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"},
+     {"role": "assistant", "content": "Because.\nThat is all."}],
+]
+# Our template name -> the name given to LlamaFactory ("none": it parses the tokenizer's own template).
+PAIRS = {"model": "none", "llama3": "llama3"}
+
+
+@pytest.fixture(scope="module")
+def llamafactory_ids(lf_python):
+    """LlamaFactory's encoding of CONVERSATIONS under each template, from one run of its own code."""
+    from trainer.models.builtin import builtin_path
+
+    out = subprocess.run([str(lf_python), str(ROOT / "tests" / "llamafactory_template_ids.py"),
+                          str(builtin_path("builtin:tiny-llama-bpe")), *PAIRS.values()],
+                         input=json.dumps(CONVERSATIONS), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("ours", sorted(PAIRS))
+def test_template_token_parity_with_llamafactory(llamafactory_ids, tokenizers, ours):
     """What makes the mapping in translate.TEMPLATES honest: LlamaFactory's own template code gives
     the same token ids and the same trained positions as our encoder, system and multi-turn included."""
     from contract.chat_templates import get_template
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from trainer.models.builtin import builtin_path
 
+    assert set(translate.TEMPLATES) == set(PAIRS), "every mapped template is checked here"
     tok = tokenizers["tiny-llama-bpe"]
-    conversations = [
-        [{"role": "user", "content": "What is anemia?"}, {"role": "assistant", "content": "Too few red blood cells."}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"},
-         {"role": "assistant", "content": "Because.\nThat is all."}],
-    ]
-    out = subprocess.run([str(lf_python), str(ROOT / "tests" / "llamafactory_template_ids.py"),
-                          str(builtin_path("builtin:tiny-llama-bpe")), theirs],
-                         input=json.dumps(conversations), capture_output=True, text=True, check=True)
-    theirs_ids = json.loads(out.stdout.strip().splitlines()[-1])
     template = choose_template("auto", tok)[0] if ours == "model" else get_template(ours)
     encoder = ConversationEncoder(tok, template, 512, False, "truncate")
-    for conversation, lf in zip(conversations, theirs_ids):
+    for conversation, lf in zip(CONVERSATIONS, llamafactory_ids[PAIRS[ours]]):
         ids, labels = encoder.encode(conversation)
         assert ids == lf["ids"]
         assert [label != -100 for label in labels] == lf["trained"]
