@@ -307,3 +307,42 @@ def test_one_ranks_failure_fails_the_job_with_that_ranks_error(run_cli, tmp_path
     assert job["status"] == "failed"
     assert job["error"] == "rank 1: RuntimeError: injected failure on rank 1", job
     assert not (folder / "final").exists()
+
+
+def test_container_runner_starts_the_launcher_in_the_image_one_container_per_machine(tmp_path):
+    from orchestrator.runners.container import HostFacts, container_spec
+
+    host = HostFacts(1000, 1000, tmp_path / "cache", None, "unix:///run/engine.sock")
+    job = {"dataset": "/data/train.jsonl"}
+    two = _parse(device="cuda", distributed={"mode": "fsdp", "nproc_per_node": 8, "nnodes": 2,
+                                             "rdzv_endpoint": "10.0.0.1:29500"}).cfg
+    spec = container_spec(tmp_path / "job", job, two, "cuda", host)
+    assert spec.entrypoint == ["python", "-m", "torch.distributed.run", "--nproc-per-node=8", "--max-restarts=0",
+                               "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29500",
+                               "--rdzv-id=llamafarm", "-m", "trainer"]
+    assert spec.command == ["train", str((tmp_path / "job").resolve())]  # the image's own arguments
+    assert spec.network_mode == "host"  # the launcher must reach the other machine
+    kwargs = spec.create_kwargs({})
+    assert kwargs["entrypoint"] == spec.entrypoint and kwargs["network_mode"] == "host"
+
+    one = _parse(device="cuda", distributed={"mode": "ddp", "nproc_per_node": 4}).cfg
+    spec = container_spec(tmp_path / "job", job, one, "cuda", host)
+    assert "--standalone" in spec.entrypoint and spec.network_mode is None
+    plain = container_spec(tmp_path / "job", job, _parse(device="cuda").cfg, "cuda", host)
+    assert plain.entrypoint is None and "entrypoint" not in plain.create_kwargs({})
+
+
+def test_estimate_counts_steps_over_all_processes_and_shards_fsdp_memory():
+    from orchestrator.estimate import estimate
+
+    def est(**cfg):
+        return estimate(_parse(method={"type": "full"}, device="cpu", **cfg), None, "cpu")
+
+    single = est(training_args={"gradient_accumulation_steps": 4})
+    ddp = est(training_args={"gradient_accumulation_steps": 2}, distributed={"mode": "ddp", "nproc_per_node": 2})
+    fsdp = est(training_args={"gradient_accumulation_steps": 2}, distributed={"mode": "fsdp", "nproc_per_node": 2})
+    assert single.steps == ddp.steps == fsdp.steps  # the same global batch
+    assert ddp.memory_mb == single.memory_mb  # per process: a whole copy
+    assert ddp.peak_memory_mb == 2 * single.peak_memory_mb  # two processes share this machine's memory
+    for part in ("weights", "trainable_state"):
+        assert fsdp.memory_mb[part] == pytest.approx(ddp.memory_mb[part] / 2, abs=0.1)

@@ -6,7 +6,10 @@ and their gradient, and the framework's fixed overhead. Time: tokens times FLOPs
 matmul weight forward, as much again backward for activation gradients, and again for weight
 gradients when the weights train),
 divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
-cost. The constants were measured on CPU runs here (README, "Estimate before, measure after"); `job.json` records every run's
+cost. Distributed jobs (strategy `distributed`): memory is per process, with FSDP's weights and their
+training state split across all processes; on a CPU the processes of one machine share its memory;
+a step takes micro-batches from every process, and GPUs add compute while CPU processes share cores.
+The constants were measured on CPU runs here (README, "Estimate before, measure after"); `job.json` records every run's
 measured peak and time beside this estimate, so the error is visible after each run.
 """
 
@@ -99,9 +102,17 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
         activations = tokens * shape.num_layers * per_token_layer
     logits = tokens * shape.vocab_size * 4 * 3  # fp32 logits, log-softmax and their gradient
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
-    parts = {"weights": weights, "trainable_state": trainable * 16, "activations": activations,
+    state = trainable * 16
+    if cfg.distributed.mode == "fsdp":  # sharded across every process (one layer is gathered at a time)
+        weights, state = weights / _world_size(strategy), state / _world_size(strategy)
+    parts = {"weights": weights, "trainable_state": state, "activations": activations,
              "logits": logits, "framework": overhead}
     return {k: round(v / MB, 1) for k, v in parts.items()}
+
+
+def _world_size(strategy: Strategy) -> int:
+    dist = strategy.cfg.distributed
+    return 1 if dist.mode == "none" else dist.nproc_per_node * dist.nnodes
 
 
 def _tokens_per_epoch(strategy: Strategy, dataset: Path | None, conversations=None) -> tuple[int, str]:
@@ -122,6 +133,8 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     est = Estimate(cfg.base_model.huggingface_id, source, shape.params, trainable, device)
     est.memory_mb = memory(shape, strategy, device)
     est.peak_memory_mb = round(sum(est.memory_mb.values()), 1)
+    if device != "cuda" and cfg.distributed.mode != "none":  # one machine's processes share its memory
+        est.peak_memory_mb = round(est.peak_memory_mb * cfg.distributed.nproc_per_node, 1)
     est.activations_mb_with_checkpointing = memory(shape, strategy, device, gradient_checkpointing=True)["activations"]
     est.activations_mb_without_checkpointing = memory(shape, strategy, device, gradient_checkpointing=False)["activations"]
     est.tokens_per_epoch, est.tokens_source = _tokens_per_epoch(strategy, dataset, conversations)
@@ -129,7 +142,9 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     # Packed sequences are about 95% full; unpacked rows are counted as full sequences (the upper bound).
     per_sequence = args.max_seq_length * (0.95 if cfg.dataset.packing is not False else 1.0)
     sequences = max(1, math.ceil(est.tokens_per_epoch / per_sequence))
-    per_epoch = math.ceil(math.ceil(sequences / args.per_device_train_batch_size) / args.gradient_accumulation_steps)
+    world = _world_size(strategy)
+    per_epoch = math.ceil(math.ceil(sequences / args.per_device_train_batch_size)
+                          / (args.gradient_accumulation_steps * world))
     est.steps = args.max_steps or math.ceil(per_epoch * args.num_train_epochs)
     est.train_tokens = int(est.steps * est.tokens_per_epoch / per_epoch)
 
@@ -140,6 +155,7 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
     est.device_gflops = matmul_gflops(device, "bf16" if args.precision == "bf16" else "fp32")
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
+    compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
     est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
 
     weights_mb = (trainable if cfg.method.type != "full" else shape.params) * 4 / MB
