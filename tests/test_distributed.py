@@ -307,6 +307,14 @@ def test_one_ranks_failure_fails_the_job_with_that_ranks_error(run_cli, tmp_path
     assert job["status"] == "failed"
     assert job["error"] == "rank 1: RuntimeError: injected failure on rank 1", job
     assert not (folder / "final").exists()
+    from contract.job_folder import pid_alive
+
+    deadline = time.time() + 120
+    while pid_alive(job["pid"]):  # the launcher ends the other rank, then prints its summary
+        assert time.time() < deadline, "the launcher must end every process when one fails"
+        time.sleep(0.2)
+    summary = (folder / "train.log").read_text().split("Root Cause (first observed failure):")[-1]
+    assert "rank      : 1" in summary and "injected failure on rank 1" in summary, summary
 
 
 def test_container_runner_starts_the_launcher_in_the_image_one_container_per_machine(tmp_path):

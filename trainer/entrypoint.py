@@ -270,12 +270,12 @@ def run(folder: Path) -> int:
         print("status: stopped", flush=True)
         return 3
     except UserError as exc:
-        _record_failure(folder, role, str(exc))
+        _record_failure(folder, role, str(exc), exc)
         print(f"error: {exc}", flush=True)
         return 1
     except BaseException as exc:  # a crash: keep the traceback in train.log, the message in job.json
         traceback.print_exc()
-        _record_failure(folder, role, f"{type(exc).__name__}: {exc}")
+        _record_failure(folder, role, f"{type(exc).__name__}: {exc}", exc)
         return 1
     if role.writes:
         update_job(folder, status="completed", finished_at=now_iso())
@@ -283,12 +283,16 @@ def run(folder: Path) -> int:
     return 0
 
 
-def _record_failure(folder: Path, role, error: str) -> None:
+def _record_failure(folder: Path, role, error: str, exc: BaseException) -> None:
     """Any process's failure fails the job. In a distributed job the first failure recorded stays:
     the others usually follow from it (a collective whose peer is gone)."""
     if role.launched:
         error = f"rank {role.rank}: {error}"
         print(f"error: {error}", file=sys.stderr, flush=True)
+        # The launcher's end-of-run summary names the first failed rank; this gives it the error too.
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
         if read_job(folder).get("status") == "failed":
             return
     update_job(folder, status="failed", finished_at=now_iso(), error=error)
