@@ -205,23 +205,31 @@ def test_llamafactory_job_trains_is_monitored_and_generates(run_cli, tmp_path, l
     assert (Path(report["output"]) / "model.gguf").is_file(), "LlamaFactory's adapter exports through our exporter"
 
 
-def test_llamafactory_job_stops(run_cli, tmp_path, lf_python):
+def test_llamafactory_job_stops_and_resumes(run_cli, tmp_path, lf_python):
     import time
 
     raw = json.loads(json.dumps(LF_TINY))
-    raw["fine_tuner"]["config"]["training_args"].update(max_steps=500)
+    raw["fine_tuner"]["config"]["training_args"].update(max_steps=12)
+    raw["fine_tuner"]["config"]["dataset"] = {}
     path = tmp_path / "lf.yaml"
     path.write_text(yaml.safe_dump({"lf_long": raw}))
     result = run_cli("finetune", "start", "--strategy", "lf_long", "--strategy-file", path,
                      "--dataset", DATASETS / "medical_qa.jsonl", "--json")
     folder = Path(json.loads(result.stdout[result.stdout.index("{"):])["job_dir"])
     deadline = time.time() + 240
-    while not read_metrics(folder) and time.time() < deadline and read_job(folder)["status"] in ("pending", "running"):
-        time.sleep(1)
-    assert read_metrics(folder), (folder / "train.log").read_text()[-3000:]
+    while not (folder / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists() and time.time() < deadline \
+            and read_job(folder)["status"] in ("pending", "running"):
+        time.sleep(0.5)
     assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0
     while read_job(folder)["status"] == "running" and time.time() < deadline:
         time.sleep(0.5)
     job = read_job(folder)
     assert job["status"] == "stopped", (folder / "train.log").read_text()[-3000:]
-    assert not (folder / "final").exists() and len(read_metrics(folder)) < 500
+    assert not (folder / "final").exists() and read_metrics(folder)[-1]["step"] < 12
+
+    resumed = run_cli("finetune", "resume", "--job-id", folder.name, "--foreground")
+    assert resumed.exit_code == 0 and read_job(folder)["status"] == "completed", (folder / "train.log").read_text()[-3000:]
+    conf = yaml.safe_load((folder / "llamafactory" / "train.yaml").read_text())
+    assert conf["resume_from_checkpoint"].startswith(str(folder / "checkpoints" / "checkpoint-"))
+    assert [m["step"] for m in read_metrics(folder)] == list(range(1, 13)), "one unbroken run of steps"
+    assert (folder / "final" / "adapter_model.safetensors").is_file()
