@@ -42,7 +42,8 @@ def is_ready() -> bool:
 
 
 def _fix_torch_extras(folder: Path) -> None:
-    """PyPI's torchvision and torchaudio wheels are CUDA builds that fail to load next to the CPU torch.
+    """On a CPU-only host: PyPI's torchvision and torchaudio wheels are CUDA builds that fail to load
+    next to the CPU torch.
     LlamaFactory needs neither for text: torchvision goes, and torchaudio (imported at start-up by
     LlamaFactory's multimodal code) loses its compiled extension, so it imports in pure-Python mode."""
     subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision"],
@@ -64,10 +65,14 @@ def ensure_env(echo=print) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         echo(f"llamafactory: creating its environment in {folder} (first use: LlamaFactory {LLAMAFACTORY_VERSION} "
              f"with {TORCH_PIN}; about 2 minutes and 2 GB, later jobs reuse it)")
+        from orchestrator.platform import has_cuda
+
+        cuda = has_cuda()
+        # On a CUDA host, bitsandbytes too: LlamaFactory's QLoRA (quantization_bit: 4) needs it.
+        packages = [f"llamafactory=={LLAMAFACTORY_VERSION}", TORCH_PIN, *(["bitsandbytes"] if cuda else [])]
         steps = [
             [sys.executable, "-m", "venv", str(folder)],
-            [str(folder / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
-             f"llamafactory=={LLAMAFACTORY_VERSION}", TORCH_PIN],
+            [str(folder / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", *packages],
         ]
         for argv in steps:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,8 +81,9 @@ def ensure_env(echo=print) -> Path:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise UserError(f"could not create LlamaFactory's environment ({' '.join(argv[:4])} ... failed):\n{tail}\n"
                                 "check that pip can reach the package index, then start the job again")
-        _fix_torch_extras(folder)
-        (folder / _READY).write_text(f"llamafactory=={LLAMAFACTORY_VERSION}\n{TORCH_PIN}\n")
+        if not cuda:
+            _fix_torch_extras(folder)
+        (folder / _READY).write_text("\n".join(packages) + "\n")
         echo(f"llamafactory: environment ready ({folder})")
     return folder
 
