@@ -27,10 +27,6 @@ TEMPLATES: dict[str, str | None] = {
     "llama3": "llama3",
 }
 
-# Our learning-rate schedules all exist under the same names in transformers' Trainer.
-_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
-
 def problems(strategy: Strategy) -> list[str]:
     """Every setting of the strategy LlamaFactory cannot honour, with its path and what to do."""
     cfg = strategy.cfg
@@ -55,8 +51,6 @@ def problems(strategy: Strategy) -> list[str]:
     if args.report_to != "none":
         out.append(f"{at}training_args.report_to: {args.report_to} is not installed in LlamaFactory's environment; "
                    "set report_to: none (metrics.jsonl and `monitor --plot` still work)")
-    if args.lr_scheduler_type not in _SCHEDULERS:
-        out.append(f"{at}training_args.lr_scheduler_type: {args.lr_scheduler_type} is unknown to LlamaFactory")
     if cfg.runner not in ("auto", "llamafactory"):
         out.append(f"{at}runner: {cfg.runner}: the llamafactory backend runs in its own environment; set runner: auto")
     return out
@@ -115,7 +109,7 @@ def train_config(strategy: Strategy, *, model_path: str, device: str, template: 
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate,
-        "lr_scheduler_type": args.lr_scheduler_type,
+        "lr_scheduler_type": args.lr_scheduler_type,  # ours are all transformers' names
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
         # transformers clips only for a positive norm; our null means no clipping.
