@@ -96,13 +96,14 @@ def test_settings_llamafactory_cannot_honour_are_refused(run_cli, tmp_path):
     cfg = raw["fine_tuner"]["config"]
     cfg["dataset"].update(format="text", truncation="drop", packing=True, template="alpaca")
     cfg["training_args"].update(report_to="tensorboard", save_best=True)
+    cfg["distributed"] = {"mode": "ddp", "nproc_per_node": 2}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"lf_bad": raw}))
     result = run_cli("finetune", "strategies", "validate", path)
     assert result.exit_code == 1
     for key in ("dataset.format: text", "dataset.truncation: drop", "dataset.packing: true",
                 "dataset.template: alpaca has no identical LlamaFactory template", "training_args.save_best",
-                "training_args.report_to: tensorboard"):
+                "training_args.report_to: tensorboard", "distributed.mode: ddp is not supported"):
         assert key in result.output, result.output
 
 

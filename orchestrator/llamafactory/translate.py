@@ -27,6 +27,7 @@ TEMPLATES: dict[str, str | None] = {
     "llama3": "llama3",
 }
 
+
 def problems(strategy: Strategy) -> list[str]:
     """Every setting of the strategy LlamaFactory cannot honour, with its path and what to do."""
     cfg = strategy.cfg
@@ -51,6 +52,9 @@ def problems(strategy: Strategy) -> list[str]:
     if args.report_to != "none":
         out.append(f"{at}training_args.report_to: {args.report_to} is not installed in LlamaFactory's environment; "
                    "set report_to: none (metrics.jsonl and `monitor --plot` still work)")
+    if cfg.distributed.mode != "none":
+        out.append(f"{at}distributed.mode: {cfg.distributed.mode} is not supported by the llamafactory backend, which "
+                   "trains in one process here; set mode: none or use fine_tuner.type: pytorch")
     if cfg.runner not in ("auto", "llamafactory"):
         out.append(f"{at}runner: {cfg.runner}: the llamafactory backend runs in its own environment; set runner: auto")
     return out
