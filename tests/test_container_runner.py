@@ -21,8 +21,8 @@ from orchestrator.runners.container import ContainerRunner, ContainerSpec, HostF
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = ROOT / "demos" / "datasets" / "medical_qa.jsonl"
-HOST = HostFacts(uid=1234, gid=5678, llamafarm_cache=Path("/home/u/.cache/llamafarm"), hf_home=None,
-                 engine_url="unix:///run/podman/podman.sock")
+HOST = HostFacts(uid=1234, gid=5678, llamafarm_home=Path("/home/u/.llamafarm"),
+                 llamafarm_cache=Path("/home/u/.cache/llamafarm"), hf_home=None, engine_url="unix:///run/podman/podman.sock")
 
 
 def _cfg(name: str, **overrides):
@@ -41,12 +41,13 @@ def test_cpu_launch_spec(tmp_path):
     assert spec.user == "1234:5678"
     assert spec.mounts == [
         {"source": str(job_dir), "target": str(job_dir), "read_only": False},
+        {"source": "/home/u/.llamafarm/cache", "target": "/home/u/.llamafarm/cache", "read_only": False},
         {"source": "/home/u/.cache/llamafarm", "target": "/cache/llamafarm", "read_only": False},
         {"source": "/data/qa.jsonl", "target": "/data/qa.jsonl", "read_only": True},
         {"source": "/data/eval.jsonl", "target": "/data/eval.jsonl", "read_only": True},
     ]
     assert spec.environment == {"PYTHONUNBUFFERED": "1", "LLAMAFARM_SUPERVISED": "1",
-                                "LLAMAFARM_CACHE": "/cache/llamafarm"}
+                                "LLAMAFARM_CACHE": "/cache/llamafarm", "LLAMAFARM_HOME": "/home/u/.llamafarm"}
     assert spec.ulimits == [{"name": "nofile", "soft": 1024, "hard": 4096},
                             {"name": "nproc", "soft": 4096, "hard": 4096}]
     assert spec.device_requests == [] and spec.ipc_mode is None and spec.shm_size == "2g"
@@ -221,6 +222,7 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     assert "device: cpu" in log  # the trainer's own decisions, printed inside the container, reach train.log
     for name in ("final/model.safetensors", "final/strategy.yaml", "final/tokenizer.json", "metrics.jsonl"):
         assert (folder / name).is_file(), name
+    assert list((_isolated_home / "cache" / "tokenized").glob("*.npz"))  # the trainer's cache, shared with the host
     owners = {p.stat().st_uid for p in folder.rglob("*")}
     assert owners == {os.getuid()}, f"files not owned by the caller: {owners}"
     monitor = run_cli("finetune", "monitor", "--job-id", folder.name, "--json")

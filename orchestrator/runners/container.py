@@ -34,6 +34,8 @@ class HostFacts:
 
     uid: int
     gid: int
+    llamafarm_home: Path
+    """Its cache/ folder (tokenized rows) is shared with the container, at the same path."""
     llamafarm_cache: Path
     hf_home: Path | None
     """The host's Hugging Face cache, mounted only when it exists."""
@@ -41,10 +43,12 @@ class HostFacts:
 
     @classmethod
     def here(cls, engine_url: str) -> "HostFacts":
+        from contract.job_folder import llamafarm_home
         from trainer.models.builtin import cache_root
 
         hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
-        return cls(os.getuid(), os.getgid(), cache_root(), hf_home if hf_home.is_dir() else None, engine_url)
+        return cls(os.getuid(), os.getgid(), llamafarm_home().resolve(), cache_root(),
+                   hf_home if hf_home.is_dir() else None, engine_url)
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,12 @@ def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts) 
     """The container a job runs in. Pure: everything it depends on is an argument."""
     settings = cfg.container
     job_dir = Path(job_dir).resolve()
+    shared_cache = host.llamafarm_home / "cache"
     mounts = [{"source": str(job_dir), "target": str(job_dir), "read_only": False},
+              {"source": str(shared_cache), "target": str(shared_cache), "read_only": False},
               {"source": str(host.llamafarm_cache), "target": CACHE_IN_CONTAINER, "read_only": False}]
-    environment = {"PYTHONUNBUFFERED": "1", SUPERVISED_ENV: "1", "LLAMAFARM_CACHE": CACHE_IN_CONTAINER}
+    environment = {"PYTHONUNBUFFERED": "1", SUPERVISED_ENV: "1", "LLAMAFARM_CACHE": CACHE_IN_CONTAINER,
+                   "LLAMAFARM_HOME": str(host.llamafarm_home)}
     if host.hf_home:
         mounts.append({"source": str(host.hf_home), "target": HF_HOME_IN_CONTAINER, "read_only": False})
         environment["HF_HOME"] = HF_HOME_IN_CONTAINER
@@ -231,7 +238,8 @@ class ContainerRunner:
         cfg = _load_cfg(job_dir)
         url, _ = engine.engine_url()
         host = HostFacts.here(url or "")
-        host.llamafarm_cache.mkdir(parents=True, exist_ok=True)  # else the engine creates it, owned by root
+        for folder in (host.llamafarm_cache, host.llamafarm_home / "cache"):
+            folder.mkdir(parents=True, exist_ok=True)  # else the engine creates it, owned by root
         return container_spec(job_dir, read_job(job_dir), cfg, host_device(cfg), host)
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
