@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from contract.errors import UserError
-from contract.job_folder import pid_alive, read_job
+from contract.job_folder import pid_alive, read_job, read_metrics
 from orchestrator import strategies
 from orchestrator.images import IMAGES, version
 from orchestrator.runners import RUNNERS, choose_runner, engine
@@ -231,7 +231,7 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     _removed(cpu_image, folder)
 
 
-def test_stop_ends_the_container_with_a_checkpoint(run_cli, cpu_image):
+def test_stop_ends_the_container_with_a_checkpoint_and_resume_continues(run_cli, cpu_image):
     result = run_cli("run", "--strategy", "tiny_demo", "--dataset", QA, "--runner", "container",
                      "--set", "training_args.max_steps=5000", "--set", "training_args.precision=fp32", "--json")
     assert result.exit_code == 0, result.output
@@ -241,5 +241,17 @@ def test_stop_ends_the_container_with_a_checkpoint(run_cli, cpu_image):
     assert stopped.exit_code == 0, stopped.output
     job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to stop", timeout=120)
     assert job["status"] == "stopped", (folder / "train.log").read_text()[-3000:]
-    assert list((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    checkpoint = sorted((folder / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert checkpoint
+    _removed(cpu_image, folder)
+
+    resumed = run_cli("finetune", "resume", "--job-id", folder.name)  # a new container, from the checkpoint
+    assert resumed.exit_code == 0, resumed.output
+    step = json.loads(checkpoint[-1].read_text())["step"]
+    _wait(folder, lambda j: j["status"] == "running" and j.get("resumes") == 1 and max(
+        (m.get("step", 0) for m in read_metrics(folder)), default=0) > step, "the resumed job's next step")
+    assert f"resume: from checkpoint-{step}" in (folder / "train.log").read_text()
+    assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0
+    assert _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the resumed job to stop",
+                 timeout=120)["status"] == "stopped"
     _removed(cpu_image, folder)
