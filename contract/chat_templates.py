@@ -22,6 +22,18 @@ class ChatTemplate:
     stop_strings: tuple[str, ...]
     """Text that ends an assistant turn, besides the tokenizer's EOS token."""
     description: str = ""
+    ollama: str = ""
+    """The same template as an Ollama (Go text/template) TEMPLATE over .Messages, with {BOS} and {EOS}
+    standing for the tokenizer's texts. It leaves out the BOS that opens the prompt: Ollama (llama.cpp)
+    adds that one from the GGUF's add_bos flag, and a second would change what the model sees."""
+
+    def ollama_template(self, bos: str, eos: str) -> str:
+        if not self.ollama:
+            raise UserError(
+                f"chat template {self.name!r} has no Ollama form; set dataset.template to one of "
+                f"{', '.join(sorted(TEMPLATES))} (and retrain) to export to Ollama"
+            )
+        return self.ollama.replace("{BOS}", bos).replace("{EOS}", eos)
 
 
 # When the strategy says template: auto and the model ships no chat template.
@@ -70,14 +82,43 @@ _MISTRAL = (
     "{% endfor %}"
 )
 
+# The Ollama forms. Go's text/template keeps every character outside {{ }}, so these are written
+# without trim markers; $prev / $first carry what the Jinja reads from the previous message.
+_ALPACA_GO = (
+    '{{ $prev := "" }}{{ range .Messages }}'
+    '{{ if eq .Role "system" }}{{ .Content }}\n\n'
+    '{{ else if eq .Role "user" }}{{ if eq $prev "assistant" }}\n{{ end }}### Instruction:\n{{ .Content }}\n\n### Response:\n'
+    '{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}{{ end }}{{ $prev = .Role }}{{ end }}'
+)
+_CHATML_GO = (
+    "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+_LLAMA3_GO = (
+    "{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+_LLAMA2_GO = (
+    '{{ $sys := "" }}{{ $first := true }}{{ range .Messages }}'
+    '{{ if eq .Role "system" }}{{ $sys = .Content }}'
+    '{{ else if eq .Role "user" }}{{ if not $first }}{BOS}{{ end }}[INST] '
+    '{{ if and $first $sys }}<<SYS>>\n{{ $sys }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]{{ $first = false }}'
+    '{{ else if eq .Role "assistant" }} {{ .Content }} {EOS}{{ end }}{{ end }}'
+)
+_MISTRAL_GO = (
+    '{{ $sys := "" }}{{ $first := true }}{{ range .Messages }}'
+    '{{ if eq .Role "system" }}{{ $sys = .Content }}'
+    '{{ else if eq .Role "user" }}[INST] {{ if and $first $sys }}{{ $sys }}\n\n{{ end }}{{ .Content }} [/INST]'
+    '{{ $first = false }}{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}{{ end }}{{ end }}'
+)
+
 TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
-        ChatTemplate("alpaca", _ALPACA, ("### Instruction:",), "Stanford Alpaca instruction/response blocks"),
-        ChatTemplate("chatml", _CHATML, ("<|im_end|>",), "ChatML (<|im_start|>role ... <|im_end|>), Qwen, SmolLM"),
-        ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>"),
-        ChatTemplate("llama2", _LLAMA2, ("[INST]",), "Llama 2 chat [INST] blocks with <<SYS>>"),
-        ChatTemplate("mistral", _MISTRAL, ("[INST]",), "Mistral instruct [INST] blocks"),
+        ChatTemplate("alpaca", _ALPACA, ("### Instruction:",), "Stanford Alpaca instruction/response blocks", _ALPACA_GO),
+        ChatTemplate("chatml", _CHATML, ("<|im_end|>",), "ChatML (<|im_start|>role ... <|im_end|>), Qwen, SmolLM", _CHATML_GO),
+        ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>", _LLAMA3_GO),
+        ChatTemplate("llama2", _LLAMA2, ("[INST]",), "Llama 2 chat [INST] blocks with <<SYS>>", _LLAMA2_GO),
+        ChatTemplate("mistral", _MISTRAL, ("[INST]",), "Mistral instruct [INST] blocks", _MISTRAL_GO),
     )
 }
 

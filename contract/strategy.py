@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from contract.export_options import FORMATS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
+
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
@@ -131,6 +133,72 @@ class DatasetSpec(_Strict):
         return bool(self.eval_file or self.eval_fraction)
 
 
+class OllamaSpec(_Strict):
+    system: str | None = Field(default=None, description="SYSTEM prompt written into the Modelfile; null: none.")
+    temperature: float | None = Field(default=None, ge=0.0, description="Sampling temperature; null: Ollama's default.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; null: Ollama's default.")
+    top_k: int | None = Field(default=None, gt=0, description="Top-k sampling; null: Ollama's default.")
+    repeat_penalty: float | None = Field(default=None, gt=0.0, description="Repetition penalty; null: Ollama's default.")
+    num_ctx: int | None = Field(
+        default=None, gt=0, description="Context window; null: the training max_seq_length."
+    )
+
+
+class ExportSpec(_Strict):
+    format: Literal[FORMATS] = Field(
+        default="ollama", description="What `finetune export` writes when --format is not given."
+    )
+    quantization: Literal[QUANTIZATIONS] = Field(
+        default="q8_0",
+        description="GGUF weight type (K-quants need llama-cpp-python); merged takes f32, f16 or bf16.",
+    )
+    merged_precision: Literal[MERGED_PRECISIONS] = Field(
+        default="f16", description="Precision of merged Hugging Face weights (format merged)."
+    )
+    verify_prompts: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Prompts on which every GGUF is compared with the PyTorch model; null: the first "
+        f"{VERIFY_PROMPTS_FROM_DATA} user prompts of the job's training data (else a few general prompts).",
+    )
+    ollama: OllamaSpec = Field(default_factory=OllamaSpec)
+
+
+class ContainerSettings(_Strict):
+    """How the container runner starts the job's container (other runners ignore these)."""
+
+    image: str | None = Field(
+        default=None, description="Image to run; null: llamafarm-cuda or llamafarm-cpu at this version, by device."
+    )
+    gpus: Literal["all"] | list[int | str] = Field(
+        default="all", description="GPUs a cuda job gets: all, or a list of indexes or UUIDs."
+    )
+    ipc: Literal["private", "host"] = Field(
+        default="private", description="IPC namespace; host shares the host's /dev/shm (NVIDIA's advice for multi-GPU)."
+    )
+    shm_size: str = Field(
+        default="2g", pattern=r"^[0-9]+[bkmg]?$", description="Size of /dev/shm with ipc private (data loaders use it)."
+    )
+    ulimits: dict[str, int | str] = Field(
+        default_factory=lambda: {"nofile": "1024:4096", "nproc": "4096:4096"},
+        description="Resource limits as soft:hard (or one value for both; -1 is unlimited), e.g. memlock: '-1'.",
+    )
+    pass_env: list[str] = Field(
+        default_factory=lambda: ["HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"],
+        description="Host environment variables copied into the container, each only when it is set.",
+    )
+
+    @model_validator(mode="after")
+    def _limits_parse(self) -> "ContainerSettings":
+        limit = re.compile(r"(-1|[0-9]+)(:(-1|[0-9]+))?")
+        bad = [f"{k}: {v!r}" for k, v in self.ulimits.items() if not limit.fullmatch(str(v))]
+        if bad:
+            raise ValueError(f"ulimits must be soft:hard numbers (-1 for unlimited): {', '.join(bad)}")
+        if self.ipc == "host" and "shm_size" in self.model_fields_set:
+            raise ValueError("shm_size only applies with ipc: private (ipc: host uses the host's /dev/shm)")
+        return self
+
+
 class DistributedSpec(_Strict):
     """Several training processes, on one machine or many, started by PyTorch's own launcher
     (torch.distributed.run, the module behind `torchrun`). docs/DISTRIBUTED.md has recipes."""
@@ -191,41 +259,6 @@ class DistributedSpec(_Strict):
         return self
 
 
-class ContainerSettings(_Strict):
-    """How the container runner starts the job's container (other runners ignore these)."""
-
-    image: str | None = Field(
-        default=None, description="Image to run; null: llamafarm-cuda or llamafarm-cpu at this version, by device."
-    )
-    gpus: Literal["all"] | list[int | str] = Field(
-        default="all", description="GPUs a cuda job gets: all, or a list of indexes or UUIDs."
-    )
-    ipc: Literal["private", "host"] = Field(
-        default="private", description="IPC namespace; host shares the host's /dev/shm (NVIDIA's advice for multi-GPU)."
-    )
-    shm_size: str = Field(
-        default="2g", pattern=r"^[0-9]+[bkmg]?$", description="Size of /dev/shm with ipc private (data loaders use it)."
-    )
-    ulimits: dict[str, int | str] = Field(
-        default_factory=lambda: {"nofile": "1024:4096", "nproc": "4096:4096"},
-        description="Resource limits as soft:hard (or one value for both; -1 is unlimited), e.g. memlock: '-1'.",
-    )
-    pass_env: list[str] = Field(
-        default_factory=lambda: ["HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"],
-        description="Host environment variables copied into the container, each only when it is set.",
-    )
-
-    @model_validator(mode="after")
-    def _limits_parse(self) -> "ContainerSettings":
-        limit = re.compile(r"(-1|[0-9]+)(:(-1|[0-9]+))?")
-        bad = [f"{k}: {v!r}" for k, v in self.ulimits.items() if not limit.fullmatch(str(v))]
-        if bad:
-            raise ValueError(f"ulimits must be soft:hard numbers (-1 for unlimited): {', '.join(bad)}")
-        if self.ipc == "host" and "shm_size" in self.model_fields_set:
-            raise ValueError("shm_size only applies with ipc: private (ipc: host uses the host's /dev/shm)")
-        return self
-
-
 class FineTunerConfig(_Strict):
     base_model: BaseModelSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -241,6 +274,7 @@ class FineTunerConfig(_Strict):
         default="auto", description="How the job is started: auto, local, container or native (see README, Runners)."
     )
     container: ContainerSettings = Field(default_factory=ContainerSettings)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")

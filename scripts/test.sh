@@ -9,4 +9,6 @@ bash scripts/install.sh
 .venv/bin/python -m orchestrator.llamafactory.env
 # The container runner's tests need a Docker-API engine and the CPU image (README, Runners).
 if [ "$(uname -s)" = Linux ]; then bash scripts/container_setup.sh; fi
+# The export tests render Ollama TEMPLATEs with Go's own text/template (tests/ollama_template/).
+command -v go >/dev/null || bash scripts/apt_install.sh golang-go
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

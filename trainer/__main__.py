@@ -5,6 +5,7 @@
     python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N]
     python -m trainer dataset-stats <dataset> < strategy.yaml
     python -m trainer calibrate [--device cpu] [--dtype fp32]
+    python -m trainer export <folder> [--format F] [--quantization Q] [--output DIR] [--name NAME] [--force] [--json]
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     stats = sub.add_parser("dataset-stats", help="token lengths of a dataset under the strategy read from stdin")
     stats.add_argument("dataset", type=Path)
+    exp = sub.add_parser("export", help="merged weights, GGUF, GGUF LoRA or an Ollama folder, verified")
+    exp.add_argument("folder", type=Path)
+    exp.add_argument("--format", dest="fmt")
+    exp.add_argument("--quantization")
+    exp.add_argument("--output", type=Path)
+    exp.add_argument("--name")
+    exp.add_argument("--force", action="store_true")
+    exp.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -50,10 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"gflops": round(matmul_gflops(args.device, args.dtype), 1)}), flush=True)
         return 0
     try:
-        if args.command == "generate":
+        if args.command == "generate" and args.folder.suffix == ".gguf":
+            from trainer.export.generate_gguf import generate_gguf
+
+            print(generate_gguf(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+        elif args.command == "generate":
             from trainer.generate import generate
 
             print(generate(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+        elif args.command == "export":
+            from trainer.export.run import export
+
+            report = export(args.folder, args.fmt, args.quantization, args.output, args.name, args.force)
+            print(json.dumps(report) if args.json else f"exported: {report['output']}", flush=True)
         elif args.command == "evaluate":
             from trainer.evaluate import evaluate
 

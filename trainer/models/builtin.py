@@ -101,6 +101,9 @@ def builtin_path(model_id: str) -> Path:
     try:
         print(f"building {model_id} (first use; cached in {target})", flush=True)
         _build(spec, tmp)
+        if target.exists() and not (target / "model.safetensors").exists():
+            # A damaged cache entry (weights deleted by hand, say) is replaced, not trusted.
+            shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:

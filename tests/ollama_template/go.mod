@@ -1,0 +1,3 @@
+module llamafarm/ollamatemplate
+
+go 1.19

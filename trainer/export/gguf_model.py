@@ -1,0 +1,226 @@
+"""A Hugging Face Llama or Qwen2 checkpoint as a GGUF file, streamed one tensor at a time.
+
+Runs without torch: weights come from safetensors memory maps (trainer/export/safetensors_io.py),
+a LoRA adapter is merged into each weight as it passes (weights.py), and each tensor is converted,
+quantized and written before the next is read. The header (metadata and every tensor's type and
+size) is written first, which is why each tensor's output type is decided up front.
+
+Facts this relies on (llama.cpp's loader, see docs/EXPORT.md): llama.cpp rotates a different pairing
+of q/k values than Hugging Face, so for the `llama` architecture the rows of q_proj and k_proj (and
+their biases) are re-ordered per head; `qwen2` needs no re-order. A tied lm_head is left out (llama.cpp
+reuses token_embd). 1-D tensors stay F32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from contract.errors import UserError
+from trainer.export.gguf_vocab import add_vocab, read_vocab
+from trainer.export.weights import ModelWeights
+
+Q = gguf.GGMLQuantizationType
+# The training template's stop strings (JSON list), for `generate` on the GGUF.
+STOP_STRINGS_KEY = "llamafarm.stop_strings"
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+# In-process types (numpy, gguf.quants) and the GGUF file type each stands for.
+IN_PROCESS = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of a Hugging Face Llama/Qwen2 tensor (None: not exported, e.g. rotary caches)."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+        rest = ".".join(parts[3:])
+        if rest in _LAYER_NAMES:
+            return f"blk.{parts[2]}.{_LAYER_NAMES[rest]}"
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise UserError(f"tensor {hf_name} has no GGUF counterpart in the llama/qwen2 layout; this model cannot be exported")
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Hugging Face's rotate-half layout to llama.cpp's interleaved pairs, per head (rows of q/k or lora_b)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class Shape:
+    arch: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied: bool
+    config: dict = field(repr=False)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Shape":
+        archs = config.get("architectures") or []
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise UserError(
+                f"model architecture {archs or config.get('model_type')} cannot be exported to GGUF here; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        heads = config["num_attention_heads"]
+        return cls(arch, config["num_hidden_layers"], config["hidden_size"], heads,
+                   config.get("num_key_value_heads") or heads,
+                   config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
+                   bool(config.get("tie_word_embeddings", False)), config)
+
+    def rope(self) -> dict:
+        # transformers 5 keeps rope settings in rope_parameters; older configs in rope_theta/rope_scaling.
+        params = dict(self.config.get("rope_parameters") or self.config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", self.config.get("rope_theta", 10000.0))
+        params.setdefault("rope_type", params.get("type", "default"))
+        return params
+
+    def transform(self, hf_name: str, w: np.ndarray) -> np.ndarray:
+        if self.arch == "llama":
+            if ".self_attn.q_proj." in hf_name:
+                return permute_qk(w, self.n_heads)
+            if ".self_attn.k_proj." in hf_name:
+                return permute_qk(w, self.n_kv_heads)
+        return w
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency scaling of Llama 3.1+ ("llama3" rope type), written as the rope_freqs tensor."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_ctx / high, 1.0,
+                       np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
+
+
+def add_metadata(writer: gguf.GGUFWriter, shape: Shape, name: str, file_type: int, max_len: int) -> np.ndarray | None:
+    c = shape.config
+    writer.add_name(name)
+    writer.add_context_length(c.get("max_position_embeddings", max_len))
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.n_layers)
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(shape.n_heads)
+    writer.add_head_count_kv(shape.n_kv_heads)
+    writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(shape.vocab_size)
+    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim != shape.hidden // shape.n_heads:
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+    rope = shape.rope()
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_file_type(file_type)
+    kind = rope["rope_type"]
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "llama3":
+        return llama3_rope_factors(rope, shape.head_dim)
+    elif kind != "default":
+        raise UserError(f"rope scaling {kind!r} is not supported by the GGUF exporter (default, linear and llama3 are)")
+    return None
+
+
+def tensor_type(name: str, shape: tuple[int, ...], wanted: Q) -> Q:
+    """The GGUF type a tensor is written in: 1-D stays F32; rows that don't fill whole blocks get F16."""
+    if len(shape) == 1 or wanted == Q.F32:
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return wanted if shape[-1] % block == 0 else Q.F16
+
+
+def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
+    return math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    seconds: float
+    tensor_types: dict[str, int]
+    parameters: int
+
+
+def convert(weights: ModelWeights, tokenizer_dir: Path, out: Path, quantization: str, name: str,
+            chat_template: str | None, max_len: int = 2048, progress=None, stop_strings: tuple[str, ...] = ()) -> ConvertResult:
+    """Write `weights` as a GGUF at `out` in one of the in-process types (f32 f16 bf16 q8_0 q4_0)."""
+    start = time.perf_counter()
+    if quantization not in IN_PROCESS:
+        raise ValueError(quantization)
+    wanted, file_type = IN_PROCESS[quantization]
+    shape = Shape.from_config(weights.config)
+    vocab = read_vocab(tokenizer_dir, shape.vocab_size)
+    writer = gguf.GGUFWriter(out, shape.arch)
+    rope_factors = add_metadata(writer, shape, name, file_type, max_len)
+    add_vocab(writer, vocab, chat_template)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(STOP_STRINGS_KEY, json.dumps(list(stop_strings)))
+
+    plan: list[tuple[str | None, str, tuple[int, ...], Q]] = []  # (hf name, gguf name, shape, type)
+    for hf_name in weights.names():
+        target = gguf_name(hf_name)
+        if target is None or (target == "output.weight" and shape.tied):
+            continue
+        t_shape = weights.shape(hf_name)
+        plan.append((hf_name, target, t_shape, tensor_type(target, t_shape, wanted)))
+    if rope_factors is not None:
+        plan.append((None, "rope_freqs.weight", rope_factors.shape, Q.F32))
+    for _, target, t_shape, qtype in plan:
+        writer.add_tensor_info(target, t_shape, np.float32, nbytes(t_shape, qtype), raw_dtype=qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    counts: dict[str, int] = {}
+    params = 0
+    for i, (hf_name, target, t_shape, qtype) in enumerate(plan):
+        data = rope_factors if hf_name is None else shape.transform(hf_name, weights.float32(hf_name))
+        params += data.size
+        writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data), qtype))
+        counts[qtype.name.lower()] = counts.get(qtype.name.lower(), 0) + 1
+        if progress:
+            progress(i + 1, len(plan))
+    writer.close()
+    return ConvertResult(out, time.perf_counter() - start, counts, params)

@@ -1,0 +1,155 @@
+"""Every GGUF export is loaded back with llama.cpp and compared with the PyTorch model it came from.
+
+Three checks, on the strategy's export.verify_prompts rendered through the training template:
+1. tokenization: llama.cpp's token ids equal the training tokenizer's, token for token;
+2. next-token logits over the prompt and PyTorch's greedy answer: within an absolute tolerance for
+   float types at every position; for quantized types (whose error is by design) top-1 agreement at
+   the answer positions: the answer they pick must not change;
+3. greedy continuation: float types produce the same tokens; every type stops where PyTorch stops.
+A failure raises with the figures; the report records them either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contract.errors import UserError
+from trainer.export.llamacpp import GgufModel
+
+# Max |logit difference| allowed per float type. For f16/bf16 the PyTorch side gets the same rounding
+# of its 2-D weights first, so the figure measures the conversion, not the rounding every f16 file has.
+# ggml also rounds the activations to the weight type inside f16/bf16 matmuls, which the PyTorch side
+# does not; that is what the f16/bf16 tolerances allow for (seen: f16 1.8e-3, bf16 1.4e-2 on tiny models).
+FLOAT_TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2}
+ROUNDED = {"f16": "float16", "bf16": "bfloat16"}
+MIN_TOP1_AGREEMENT = 0.95  # quantized types
+GREEDY_TOKENS = 24
+# Plain text with digits, punctuation, unicode and runs of spaces: where tokenizers disagree first.
+# None starts with a space: llama.cpp's SentencePiece path always prepends one, while Hugging Face's
+# Metaspace(prepend_scheme="first") does not when the text already starts with a space (docs/EXPORT.md).
+TOKENIZER_PROBES = ["Hello world! 123 4567 tokens.", "two  spaces,   tabs\tand\nnewlines  ", "Café naïve — 東京 🙂"]
+
+
+@dataclass
+class VerifyReport:
+    quantization: str
+    prompts: int = 0
+    tokenization_equal: bool = True
+    token_mismatches: list[str] = field(default_factory=list)
+    max_abs_logit_diff: float = 0.0
+    tolerance: float | None = None
+    top1_agreement: float = 1.0
+    greedy_equal: bool = True
+    stops_like_pytorch: bool = True
+    samples: list[dict] = field(default_factory=list)
+    passed: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _reference_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], device=model.device))
+    return out.logits[0].float().cpu().numpy()
+
+
+def _reference_greedy(model, ids: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    import torch
+
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(GREEDY_TOKENS):
+            token = int(model(input_ids=torch.tensor([seq], device=model.device)).logits[0, -1].argmax())
+            if token in stop_ids:
+                return seq[len(ids):], True
+            seq.append(token)
+    return seq[len(ids):], False
+
+
+def rounded_like_gguf(model, quantization: str):
+    """A merged copy of `model` whose 2-D weights went through the GGUF's float type and back."""
+    import copy
+
+    import torch
+
+    if quantization not in ROUNDED:
+        return model
+    dtype = getattr(torch, ROUNDED[quantization])
+    ref = copy.deepcopy(model)
+    if hasattr(ref, "merge_and_unload"):
+        ref = ref.merge_and_unload()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(dtype).float())
+    return ref
+
+
+def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quantization: str,
+           lora_path: Path | None = None) -> VerifyReport:
+    """Compare the GGUF (optionally base + GGUF LoRA) with the PyTorch `model`; never raises on a mismatch."""
+    report = VerifyReport(quantization, tolerance=FLOAT_TOLERANCE.get(quantization))
+    model = rounded_like_gguf(model, quantization)
+    gg = GgufModel(gguf_path, n_ctx=max(512, encoder.max_seq_length), lora_path=lora_path)
+    bos_text = tokenizer.bos_token
+    stop_ids = {tokenizer.eos_token_id, *[tokenizer.convert_tokens_to_ids(s) for s in encoder.template.stop_strings
+                                         if s in tokenizer.get_vocab()]}
+    stop_ids.discard(None)
+    texts = [encoder.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    for text in texts + TOKENIZER_PROBES:
+        ours = list(encoder._tokenize(text)["input_ids"])
+        theirs = gg.tokenize(text, bos_text)
+        if ours != theirs:
+            report.tokenization_equal = False
+            report.token_mismatches.append(f"{text[:40]!r}: ours {ours[:12]}... llama.cpp {theirs[:12]}...")
+    agree = total = 0
+    for prompt, text in zip(prompts, texts):
+        ids = list(encoder._tokenize(text)["input_ids"])
+        ref_tokens, ref_stopped = _reference_greedy(model, ids, stop_ids)
+        # Logits over the prompt and PyTorch's answer; top-1 agreement counts the answer positions,
+        # the ones a user's output depends on (prompt positions carry no training signal and are flat).
+        full = ids + ref_tokens
+        ref = _reference_logits(model, full)
+        got = gg.logits(full)
+        report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(np.abs(ref - got).max()))
+        answer = slice(len(ids) - 1, len(full))
+        agree += int((ref[answer].argmax(-1) == got[answer].argmax(-1)).sum())
+        total += len(full) - len(ids) + 1
+        gg_tokens, gg_stopped = gg.greedy(ids, GREEDY_TOKENS, stop_ids)
+        if ref_tokens != gg_tokens:
+            report.greedy_equal = False
+        if ref_stopped != gg_stopped:
+            report.stops_like_pytorch = False
+        report.samples.append({
+            "prompt": prompt, "pytorch": tokenizer.decode(ref_tokens), "llama_cpp": gg.detokenize(gg_tokens),
+            "pytorch_stopped": ref_stopped, "llama_cpp_stopped": gg_stopped,
+        })
+        report.prompts += 1
+    report.top1_agreement = agree / total if total else 1.0
+    report.max_abs_logit_diff = round(report.max_abs_logit_diff, 6)
+    report.top1_agreement = round(report.top1_agreement, 4)
+    if not report.tokenization_equal:
+        report.problems.append("llama.cpp tokenizes differently: " + "; ".join(report.token_mismatches[:3]))
+    if report.tolerance is not None:
+        if report.max_abs_logit_diff > report.tolerance:
+            report.problems.append(f"logits differ by up to {report.max_abs_logit_diff:.2e} (tolerance {report.tolerance:.0e})")
+        if not report.greedy_equal:
+            report.problems.append("greedy continuations differ between PyTorch and llama.cpp")
+    elif report.top1_agreement < MIN_TOP1_AGREEMENT:
+        report.problems.append(f"top-1 agreement {report.top1_agreement:.1%} is under {MIN_TOP1_AGREEMENT:.0%}")
+    if not report.stops_like_pytorch:
+        report.problems.append("llama.cpp does not stop where PyTorch stops (stop token or template mismatch)")
+    report.passed = not report.problems
+    return report
+
+
+def require(report: VerifyReport, what: str) -> None:
+    if not report.passed:
+        raise UserError(f"{what} failed verification against PyTorch: " + "; ".join(report.problems))
