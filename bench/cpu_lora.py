@@ -25,7 +25,7 @@ from bench import measure
 from bench.model import SHAPE, build_model, make_rows, write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE_STEPS = 4  # the other baseline precision: WARMUP_STEPS untimed, the rest timed
+PROBE_STEPS = 3  # the other baseline precision: WARMUP_STEPS untimed, the rest timed
 TARGETS = {"ratio": 2.0, "loss_rel": 0.02}
 
 
@@ -68,7 +68,7 @@ def run_project(work: Path, model: Path, data: Path, evals: Path) -> dict:
     tps, timed_tokens, timed_seconds = measure.after_warmup(seconds, tokens)
     return {
         "name": "llamafarm (" + ", ".join(f"{k} {v['value']}" for k, v in job["decisions"].items()
-                                          if k in ("precision", "packing", "base_weights", "chunked_loss")) + ")",
+                                          if k in ("precision", "packing", "base_weights", "chunked_loss", "threads")) + ")",
         "job_dir": str(job_dir),
         "decisions": job["decisions"],
         "step_seconds": seconds,

@@ -99,7 +99,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import distributed, loop, saving
+    from trainer import distributed, loop, performance, saving
     from trainer.data.prepare import prepare
     from trainer.data.tokenize import choose_template
     from trainer.devices import choose_device, choose_precision
@@ -148,10 +148,9 @@ def _train(folder: Path, stop_flag: dict) -> None:
         flush=True,
     )
 
-    # Frozen weights in the compute dtype halve their memory; trainable ones stay fp32 (below).
-    load_dtype = torch.float32
-    if method.value != "full" and precision.value in ("bf16", "fp16") and device.value == "cuda":
-        load_dtype = torch.bfloat16 if precision.value == "bf16" else torch.float16
+    base_dtype = performance.choose_base_dtype(method.value, precision.value)
+    decisions["base_weights"] = _say("base weights", base_dtype)
+    load_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype.value]
     builder = METHODS[method.value]
     resume = _resume_point(folder, job, world)
     resume_path = resume[0] if resume else None
@@ -179,6 +178,11 @@ def _train(folder: Path, stop_flag: dict) -> None:
     tokenizer.chat_template = template.jinja
     packing = choose_packing(cfg.dataset.packing, model)
     decisions["packing"] = _say("packing", packing)
+    chunked_loss = performance.choose_chunked_loss(model)
+    if world.active and chunked_loss.value == "on":
+        chunked_loss = distributed.NO_CHUNKED_LOSS
+    decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
+    decisions["threads"] = _say("threads", performance.choose_threads())
     sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
     padding = loop.padding_fraction(sequences, args.per_device_train_batch_size)
     print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)", flush=True)
@@ -217,7 +221,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
             packed=packing.value == "on",
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
-            resume=resume[1:] if resume else None, world=world,
+            resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
         )
     finally:
         sink.close()

@@ -12,6 +12,7 @@ from typing import Callable
 
 from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
+from trainer import performance
 from trainer.data.batching import collate, pack
 from trainer.distributed import World
 from trainer.saving import TrainState, restore_rng
@@ -80,17 +81,20 @@ def plan_steps(num_sequences: int, args: TrainingArgs, world_size: int = 1) -> t
     return per_epoch, total
 
 
-def _forward(model, batch, device: str, precision: str):
+def _forward(model, batch, device: str, precision: str, chunked_loss: bool = False):
+    inputs = dict(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        labels=batch.labels.to(device),
+    )
     with _autocast(device, precision):
-        return model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            labels=batch.labels.to(device),
-        )
+        # chunked_loss: decided by trainer.performance.choose_chunked_loss
+        return performance.forward_loss(model, **inputs) if chunked_loss else model(**inputs)
 
 
-def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precision: str) -> float:
+def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precision: str,
+                  chunked_loss: bool = False) -> float:
     """Mean loss per target token over `rows`, with no gradient."""
     import torch
 
@@ -100,7 +104,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     with torch.no_grad():
         for k in range(0, len(rows), batch_size):
             batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, packed=False)
-            out = _forward(model, batch, device, precision)
+            out = _forward(model, batch, device, precision, chunked_loss)
             total += out.loss.float().item() * batch.target_tokens
             count += batch.target_tokens
     model.train(was_training)
@@ -126,7 +130,7 @@ def _step_groups(batches: list, accum: int, world: World) -> list[tuple[list, in
 
 def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
           pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None,
-          world: World | None = None) -> LoopResult:
+          chunked_loss: bool = False, world: World | None = None) -> LoopResult:
     """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
     it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position.
     With a distributed `world`, `model` is the wrapped model and this process trains on its share."""
@@ -150,7 +154,8 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
     print(f"training: {len(sequences)} sequences, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
     def run_eval(step: int, best: float | None) -> float | None:
-        loss = evaluate_loss(model, eval_rows, args.per_device_train_batch_size, pad_id, device, precision)
+        loss = evaluate_loss(model, eval_rows, args.per_device_train_batch_size, pad_id, device, precision,
+                             chunked_loss)
         record = {"step": step, "epoch": round(step / per_epoch, 4), "eval_loss": round(loss, 6),
                   "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
         sink.log(record)
@@ -197,7 +202,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
             step_targets = int(world.sum(sum(c.target_tokens for c in collated[:real]))[0]) or 1
             for i, batch in enumerate(collated):
                 with world.sync_gradients(model, sync=i == len(collated) - 1):
-                    out = _forward(model, batch, device, precision)
+                    out = _forward(model, batch, device, precision, chunked_loss)
                     # Weight each micro-batch by its share of the step's target tokens, so accumulation
                     # gives the same gradient as one big batch (times the processes, whose gradients
                     # DDP/FSDP average).
