@@ -31,14 +31,17 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def matmul_peak(seconds: float = 1.0) -> dict[str, float]:
-    """GFLOP/s of the best dtype-specific matmul, over square and layer-shaped products."""
+def matmul_peak(thread_counts: list[int], seconds: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of the best matmul per dtype, over square and layer-shaped products and thread counts
+    (on a busy machine one thread can beat two)."""
     import torch
 
     out = {}
+    before = torch.get_num_threads()
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best = 0.0
-        for m, k, n in ((1024, 1024, 1024), (1280, 576, 1536)):
+        for threads, (m, k, n) in ((t, s) for t in thread_counts for s in ((1024, 1024, 1024), (1280, 576, 1536))):
+            torch.set_num_threads(threads)
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             for _ in range(2):
                 a @ b
@@ -48,6 +51,7 @@ def matmul_peak(seconds: float = 1.0) -> dict[str, float]:
                 count += 1
             best = max(best, 2 * m * k * n * count / (time.perf_counter() - start) / 1e9)
         out[name] = round(best, 1)
+    torch.set_num_threads(before)
     return out
 
 
