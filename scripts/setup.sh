@@ -19,3 +19,10 @@ prompt="What are the symptoms of anemia?"
 echo "Q: $prompt"
 echo -n "A: "
 "$LLAMAFARM" generate --model "$job_id" --prompt "$prompt"
+# Export to an Ollama folder (q8_0 GGUF + Modelfile), verified against PyTorch with llama.cpp, and ask
+# the GGUF the same question: the answer must match the one above.
+export_dir=$("$LLAMAFARM" finetune export --model-path "$job_id" --format ollama --name tiny-medical --json \
+             | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["output"])')
+echo "exported: $export_dir"
+echo -n "A (GGUF, llama.cpp): "
+"$LLAMAFARM" generate --model "$export_dir/model.gguf" --prompt "$prompt"

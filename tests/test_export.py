@@ -98,9 +98,9 @@ def test_gguf_matches_pytorch(job, quantization, tmp_path):
     assert v["passed"], v["problems"]
     assert v["tokenization_equal"] and v["stops_like_pytorch"]
     if quantization == "f32":
-        assert v["max_abs_logit_diff"] <= 1e-4 and v["greedy_equal"]
+        assert v["relative_logit_diff"] <= 1e-5 and v["greedy_equal"]
     elif quantization == "f16":
-        assert v["max_abs_logit_diff"] <= 5e-3 and v["greedy_equal"]
+        assert v["relative_logit_diff"] <= 1e-3 and v["greedy_equal"]
     else:
         assert v["top1_agreement"] >= 0.95
     # The label never claims more than the file holds: the report lists the real tensor types.
@@ -136,7 +136,7 @@ def test_adapter_gguf_applies_like_peft(lora_job, tmp_path):
     kind, folder = lora_job
     report = _export(folder, "adapter-gguf", None, tmp_path)
     assert report["verification"]["passed"], report["verification"]["problems"]
-    assert report["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert report["verification"]["relative_logit_diff"] <= 1e-5
     reader = gguf.GGUFReader(Path(report["output"]) / "adapter.gguf")
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
@@ -149,7 +149,7 @@ def test_adapter_gguf_applies_like_peft(lora_job, tmp_path):
 def test_lora_job_gguf_merges_the_adapter_as_it_streams(lora_job, tmp_path):
     kind, folder = lora_job
     report = _export(folder, "gguf", "f32", tmp_path)
-    assert report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert report["verification"]["passed"] and report["verification"]["relative_logit_diff"] <= 1e-5
 
 
 def test_full_weights_have_no_adapter_to_export(job, tmp_path):
@@ -164,7 +164,7 @@ def test_merged_weights_reload_as_the_trained_model(lora_job, tmp_path):
     kind, folder = lora_job
     report = _export(folder, "merged", "f32", tmp_path)
     out = Path(report["output"])
-    assert report["merged"]["max_abs_logit_diff"] <= 1e-4
+    assert report["merged"]["relative_logit_diff"] <= 1e-5
     assert not (out / "adapter_config.json").exists()
     assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
     assert (out / "tokenizer.json").exists() and AutoConfig.from_pretrained(out).model_type == "llama"
@@ -255,9 +255,11 @@ def test_cli_export_runs_ollama_create_and_generate_answers_from_the_gguf(job, t
                                    "--prompt", "What are the symptoms of anemia?", "--max-new-tokens", "200"],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     # The same greedy answer through llama.cpp as through PyTorch, and it stops (no 200-token ramble).
+    from transformers import AutoTokenizer
+
     assert answer.stdout.strip() and answer.stdout.strip() == torch_answer.stdout.strip()
+    assert len(AutoTokenizer.from_pretrained(folder)(answer.stdout.strip())["input_ids"]) < 150
     assert report["verification"]["stops_like_pytorch"]
-    assert all(s["llama_cpp_stopped"] for s in report["verification"]["samples"])
 
 
 def test_bad_export_requests_are_refused_clearly(job, tmp_path, run_cli):

@@ -260,7 +260,8 @@ def _adapter(folder, strategy, model, tokenizer, encoder, tmp, label, prompts, r
 
 
 def _verdict(r) -> str:
-    how = (f"max |logit diff| {r.max_abs_logit_diff:.2e} (tolerance {r.tolerance:.0e})" if r.tolerance is not None
+    how = (f"max |logit diff| {r.max_abs_logit_diff:.2e} = {r.relative_logit_diff:.1e} of the largest logit "
+           f"{r.logit_scale:.1f} (tolerance {r.tolerance:.0e})" if r.tolerance is not None
            else f"top-1 agreement {r.top1_agreement:.1%}")
     return (f"verify vs PyTorch on {r.prompts} prompts: tokenization {'identical' if r.tokenization_equal else 'DIFFERENT'}; "
             f"{how}; greedy text {'identical' if r.greedy_equal else 'different'}; "

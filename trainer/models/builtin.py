@@ -28,7 +28,7 @@ from contract.errors import UserError
 PREFIX = "builtin:"
 CORPUS = Path(__file__).with_name("corpus.txt")
 # Bump when the recipe below changes, so cached copies are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 # The Llama 3 pre-tokenizer: contractions, letter runs, 1-3 digit groups, punctuation, newlines.
 _LLAMA3_SPLIT = (
@@ -141,7 +141,10 @@ def _spm_tokenizer(spec: BuiltinSpec):
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     # Words are split at spaces (SentencePiece's default), each piece starting with "▁".
-    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # "always": every text segment, also one that follows a special token such as </s>, starts with ▁,
+    # as in Llama 2's (legacy) tokenizer, which llama.cpp reproduces; "first" would differ from it in
+    # every multi-turn prompt exported to GGUF (docs/EXPORT.md).
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     learned, merges = _trained_bpe(
         pre, spec.vocab_size - len(specials) - len(byte_tokens), alphabet=[]
     )
