@@ -6,7 +6,8 @@
 - loss: the output layer and cross-entropy run in chunks of rows, on labelled positions only, with the
   gradient for the hidden states computed chunk by chunk. The full (tokens x vocabulary) logits never
   exist: with a 49k vocabulary they are the largest tensors of a small model's step.
-- threads: torch's intra-op threads, one per core this process may use.
+- threads: torch's intra-op threads, one per core this process may use, or one when a short probe
+  shows other processes holding the cores.
 
 Packing (dataset.packing) is the other big lever; it is decided in trainer.entrypoint.choose_packing.
 docs/PERFORMANCE.md has the measured effect of each.
@@ -111,8 +112,6 @@ def forward_loss(model, input_ids, attention_mask, position_ids, labels):
     """The model's causal-LM loss (mean over labelled next-token positions) via the chunked head.
 
     Returns an object with `.loss`, like a transformers model output."""
-    import torch
-
     inner = _causal_lm(model)
     hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
