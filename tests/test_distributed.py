@@ -320,7 +320,7 @@ def test_one_ranks_failure_fails_the_job_with_that_ranks_error(run_cli, tmp_path
 def test_container_runner_starts_the_launcher_in_the_image_one_container_per_machine(tmp_path):
     from orchestrator.runners.container import HostFacts, container_spec
 
-    host = HostFacts(1000, 1000, tmp_path / "cache", None, "unix:///run/engine.sock")
+    host = HostFacts(1000, 1000, tmp_path / "home", tmp_path / "cache", None, "unix:///run/engine.sock")
     job = {"dataset": "/data/train.jsonl"}
     two = _parse(device="cuda", distributed={"mode": "fsdp", "nproc_per_node": 8, "nnodes": 2,
                                              "rdzv_endpoint": "10.0.0.1:29500"}).cfg

@@ -49,7 +49,7 @@ def choose_chunked_loss(model) -> Decision:
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return Decision("off", "the output layer is not a plain linear layer (e.g. it carries an adapter)")
     vocab = head.weight.shape[0]
-    return Decision("on", f"output layer and cross-entropy in chunks of {_chunk_rows(vocab)} rows over labelled "
+    return Decision("on", f"output layer and cross-entropy in chunks of {chunk_rows(vocab)} rows over labelled "
                           f"positions only; the full logits (tokens x {vocab}) are never built")
 
 
@@ -104,7 +104,7 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:
     return max(16, _CHUNK_ELEMENTS // vocab)
 
 
@@ -135,7 +135,7 @@ def linear_cross_entropy(hidden, weight, targets):
     elif weight.dtype != hidden.dtype:
         hidden = hidden.to(weight.dtype)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, _chunk_rows(weight.shape[0]))
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
 
 
 def _make_function():

@@ -22,10 +22,14 @@ from pathlib import Path
 from contract.strategy import Strategy
 from orchestrator.estimate.shapes import ModelShape, shape_for
 from orchestrator.estimate.throughput import device_memory_gb, matmul_gflops
+from trainer.performance import chunk_rows
 
 MB = 1024 * 1024
 # Host memory of a Python process with torch, transformers and peft loaded and a job running.
 CPU_OVERHEAD_MB = 430
+# ... and what bf16 autocast adds to it on a CPU (oneDNN's bf16 kernels and their buffers): measured
+# here as the difference of two tiny LoRA runs, fp32 487 MB and bf16 752 MB peak RSS.
+CPU_BF16_RUNTIME_MB = 265
 CUDA_CONTEXT_MB = 600
 # Tensors a Llama layer keeps per token for backward, in units of hidden / intermediate / head*seq.
 ACT_HIDDEN, ACT_INTER = 16, 4
@@ -72,12 +76,25 @@ def _trainable(shape: ModelShape, strategy: Strategy) -> int:
     return shape.num_layers * sum(method.r * (a + b) for name, (a, b) in shapes.items() if name in method.target_modules)
 
 
-def _weight_bytes(device: str, method: str, precision: str) -> float:
+def compute_precision(device: str, requested: str) -> str:
+    """The precision the trainer will pick (trainer/devices.py), decided without torch where it can be:
+    on a CPU auto means bf16 exactly when the CPU has AVX512-BF16 or AMX; a GPU is taken at its best."""
+    from trainer.devices import cpu_has_bf16
+
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def _weight_bytes(method: str, precision: str) -> float:
+    from trainer.performance import choose_base_dtype
+
     if method == "qlora":
         return 0.56  # nf4 with double-quantized constants; embeddings stay in the compute dtype (below)
-    if device == "cuda" and method == "lora" and precision in ("auto", "bf16", "fp16"):
-        return 2.0
-    return 4.0  # CPU and MPS train on fp32 weights (autocast computes in bf16 where it pays)
+    # The trainer's own decision: frozen base weights in the compute dtype, full fine-tuning in fp32.
+    return 2.0 if choose_base_dtype(method, precision).value in ("bf16", "fp16") else 4.0
 
 
 def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpointing: bool | None = None) -> dict:
@@ -86,9 +103,10 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     ckpt = args.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     trainable = _trainable(shape, strategy)
     method = cfg.method.type
-    act_bytes = 4 if device != "cuda" or args.precision == "fp32" else 2
+    precision = compute_precision(device, args.precision)
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
     frozen = 0 if method == "full" else shape.params
-    weight_b = _weight_bytes(device, method, args.precision)
+    weight_b = _weight_bytes(method, precision)
     weights = frozen * weight_b
     if method == "qlora":  # embeddings and the output head are not quantized
         emb = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
@@ -100,8 +118,13 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
         activations = tokens * shape.num_layers * per_token_layer
-    logits = tokens * shape.vocab_size * 4 * 3  # fp32 logits, log-softmax and their gradient
+    # fp32 logits, log-softmax and their gradient; the trainer's chunked loss (trainer/performance.py,
+    # on for the Llama-family shapes estimated here, off under distributed) holds one chunk of rows.
+    rows = tokens if cfg.distributed.mode != "none" else min(tokens, chunk_rows(shape.vocab_size))
+    logits = rows * shape.vocab_size * 4 * 3
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
+    if device == "cpu" and precision == "bf16":
+        overhead += CPU_BF16_RUNTIME_MB * MB
     state = trainable * 16
     if cfg.distributed.mode == "fsdp":  # sharded across every process (one layer is gathered at a time)
         weights, state = weights / _world_size(strategy), state / _world_size(strategy)
@@ -153,7 +176,7 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     # runs the forward pass twice.
     backward = 2 if cfg.method.type == "full" else 1
     est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
-    est.device_gflops = matmul_gflops(device, "bf16" if args.precision == "bf16" else "fp32")
+    est.device_gflops = matmul_gflops(device, "bf16" if compute_precision(device, args.precision) == "bf16" else "fp32")
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
     est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
