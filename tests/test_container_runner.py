@@ -215,6 +215,9 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     assert f"runner: container (--runner flag); image {IMAGES['cpu'].tag}" in result.output
     folder = Path(json.loads(result.stdout)["job_dir"])
     job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to end")
+    # The trainer in the container writes the status; its supervisor is still copying the last lines of
+    # the container's output into train.log until it exits.
+    _wait(folder, lambda j: not pid_alive(j["pid"]), "the supervisor to finish train.log")
     log = (folder / "train.log").read_text()
     assert job["status"] == "completed", log[-3000:]
     assert job["runner"] == "container" and job["container"]["image"] == IMAGES["cpu"].tag
