@@ -8,7 +8,6 @@ applies to the rows of lora_b (A acts on the input side, which is not re-ordered
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -17,9 +16,7 @@ import numpy as np
 from contract.errors import UserError
 from trainer.export.gguf_model import Shape, gguf_name
 from trainer.export.safetensors_io import SafetensorsFolder
-from trainer.export.weights import read_adapter_config, lora_scale
-
-_PEFT_PREFIX = "base_model.model."
+from trainer.export.weights import PEFT_PREFIX, lora_scale, read_adapter_config
 
 
 def convert_adapter(adapter_dir: Path, base_config: dict, out: Path, name: str) -> dict:
@@ -36,7 +33,7 @@ def convert_adapter(adapter_dir: Path, base_config: dict, out: Path, name: str) 
     for a_name in tensors.names():
         if ".lora_A." not in a_name:
             continue
-        module = a_name.removeprefix(_PEFT_PREFIX).split(".lora_A.")[0]
+        module = a_name.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
         target = gguf_name(f"{module}.weight")
         if target is None or target.startswith(("token_embd", "output")):
             raise UserError(f"{adapter_dir}: LoRA on {module} cannot be written as a GGUF adapter")
@@ -53,4 +50,4 @@ def convert_adapter(adapter_dir: Path, base_config: dict, out: Path, name: str) 
     writer.write_tensors_to_file()
     writer.close()
     return {"lora_pairs": count, "rank": rank, "alpha_written": float(lora_scale(cfg) * rank),
-            "target_modules": json.loads(json.dumps(cfg.get("target_modules")))}
+            "target_modules": cfg.get("target_modules")}

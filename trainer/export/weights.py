@@ -19,7 +19,7 @@ from contract.errors import UserError
 from trainer.export.safetensors_io import SafetensorsFolder
 
 ADAPTER_CONFIG = "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PEFT saves module names under this
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ModelWeights:
                     if ".lora_B." not in name:
                         raise UserError(f"{adapter_dir}: adapter tensor {name} is not a LoRA A/B pair; cannot merge")
                     continue
-                module = name.removeprefix(_PEFT_PREFIX).split(".lora_A.")[0]
+                module = name.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
                 target = f"{module}.weight"
                 if target not in self.base:
                     raise UserError(f"{adapter_dir}: adapter targets {module}, which the base model does not have")
