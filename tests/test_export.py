@@ -231,8 +231,6 @@ def test_every_named_template_has_an_exact_ollama_form(name):
 
 def test_cli_export_runs_ollama_create_and_generate_answers_from_the_gguf(job, tmp_path, monkeypatch):
     kind, folder = job
-    if kind != "bpe":
-        pytest.skip("one CLI round trip is enough; the spm job is covered by the other tests")
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     # A stand-in for the ollama binary that records how it was called (no Ollama on these machines).
@@ -264,8 +262,6 @@ def test_cli_export_runs_ollama_create_and_generate_answers_from_the_gguf(job, t
 
 def test_bad_export_requests_are_refused_clearly(job, tmp_path, run_cli):
     kind, folder = job
-    if kind != "bpe":
-        pytest.skip("the checks do not depend on the tokenizer")
     from trainer.export.run import export
 
     with pytest.raises(UserError, match="merged weights are saved as f32, f16, bf16"):

@@ -51,12 +51,16 @@ def export(model, fmt, quantization, output, name, force, as_json):
         if code:
             sys.exit(code)
         return
-    # --json: the trainer's last stdout line is the report; everything before it goes to stderr.
+    # --json: the trainer's last stdout line is the report; every line before it streams to stderr.
     proc = subprocess.Popen(trainer_argv(*args), cwd=PROJECT_ROOT, env=trainer_env(), stdout=subprocess.PIPE, text=True)
-    lines = proc.stdout.readlines()
+    last = None
+    for line in proc.stdout:
+        if last is not None:
+            click.echo(last, nl=False, err=True)
+        last = line
     code = proc.wait()
-    for line in lines[:-1] if not code else lines:
-        click.echo(line, nl=False, err=True)
-    if code:
-        sys.exit(code)
-    click.echo(lines[-1], nl=False)
+    if code or last is None:
+        if last is not None:
+            click.echo(last, nl=False, err=True)
+        sys.exit(code or 1)
+    click.echo(last, nl=False)

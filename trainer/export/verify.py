@@ -116,7 +116,10 @@ def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quant
         theirs = gg.tokenize(text, bos_text)
         if ours != theirs:
             report.tokenization_equal = False
-            report.token_mismatches.append(f"{text[:40]!r}: ours {ours[:12]}... llama.cpp {theirs[:12]}...")
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            report.token_mismatches.append(
+                f"{text[:40]!r}: from token {at}, ours {ours[at:at + 6]} {tokenizer.convert_ids_to_tokens(ours[at:at + 6])}, "
+                f"llama.cpp {theirs[at:at + 6]}")
     agree = total = 0
     for prompt, text in zip(prompts, texts):
         ids = list(encoder._tokenize(text)["input_ids"])
