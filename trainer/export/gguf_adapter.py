@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from contract.errors import UserError
-from trainer.export.gguf_model import Shape, gguf_name
+from trainer.export.gguf_model import Shape
 from trainer.export.safetensors_io import SafetensorsFolder
 from trainer.export.weights import PEFT_PREFIX, lora_scale, read_adapter_config
 
@@ -34,7 +34,7 @@ def convert_adapter(adapter_dir: Path, base_config: dict, out: Path, name: str) 
         if ".lora_A." not in a_name:
             continue
         module = a_name.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
-        target = gguf_name(f"{module}.weight")
+        target = shape.gguf_name(f"{module}.weight")
         if target is None or target.startswith(("token_embd", "output")):
             raise UserError(f"{adapter_dir}: LoRA on {module} cannot be written as a GGUF adapter")
         a = tensors.float32(a_name)

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import gguf
@@ -30,6 +31,7 @@ Q = gguf.GGMLQuantizationType
 # The training template's stop strings (JSON list), for `generate` on the GGUF.
 STOP_STRINGS_KEY = "llamafarm.stop_strings"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 
 # In-process types (numpy, gguf.quants) and the GGUF file type each stands for.
 IN_PROCESS = {
@@ -39,38 +41,6 @@ IN_PROCESS = {
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF tensor name of a Hugging Face Llama/Qwen2 tensor (None: not exported, e.g. rotary caches)."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    parts = hf_name.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-        rest = ".".join(parts[3:])
-        if rest in _LAYER_NAMES:
-            return f"blk.{parts[2]}.{_LAYER_NAMES[rest]}"
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None
-    raise UserError(f"tensor {hf_name} has no GGUF counterpart in the llama/qwen2 layout; this model cannot be exported")
-
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Hugging Face's rotate-half layout to llama.cpp's interleaved pairs, per head (rows of q/k or lora_b)."""
@@ -104,6 +74,20 @@ class Shape:
                    config.get("num_key_value_heads") or heads,
                    config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
                    bool(config.get("tie_word_embeddings", False)), config)
+
+    @cached_property
+    def _names(self):
+        # gguf-py's own Hugging Face -> GGUF tensor name table for the architecture.
+        return gguf.get_tensor_name_map(_GGUF_ARCH[self.arch], self.n_layers)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF tensor name of a Hugging Face tensor (None: not exported, e.g. rotary caches)."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        name = self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"tensor {hf_name} has no GGUF counterpart in the {self.arch} layout; this model cannot be exported")
+        return name
 
     def rope(self) -> dict:
         # transformers 5 keeps rope settings in rope_parameters; older configs in rope_theta/rope_scaling.
@@ -200,7 +184,7 @@ def convert(weights: ModelWeights, tokenizer_dir: Path, out: Path, quantization:
 
     plan: list[tuple[str | None, str, tuple[int, ...], Q]] = []  # (hf name, gguf name, shape, type)
     for hf_name in weights.names():
-        target = gguf_name(hf_name)
+        target = shape.gguf_name(hf_name)
         if target is None or (target == "output.weight" and shape.tied):
             continue
         t_shape = weights.shape(hf_name)
