@@ -68,7 +68,8 @@ def run_project(work: Path, model: Path, data: Path, evals: Path, env: dict) -> 
     tps, timed_tokens, timed_seconds = measure.after_warmup(seconds, tokens)
     return {
         "name": "llamafarm (" + ", ".join(f"{k} {v['value']}" for k, v in job["decisions"].items()
-                                          if k in ("precision", "packing", "base_weights", "chunked_loss", "threads")) + ")",
+                                          if k in ("precision", "packing", "base_weights", "chunked_loss", "attention",
+                                                   "adapter_inputs", "threads")) + ")",
         "job_dir": str(job_dir),
         "decisions": job["decisions"],
         "step_seconds": seconds,

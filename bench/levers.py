@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 
 CONFIGS = {
-    # name: (precision, base weights, chunked loss, packed)
-    "fp32, padded": ("fp32", "fp32", False, False),
-    "fp32, packed": ("fp32", "fp32", False, True),
-    "fp32, packed, chunked loss": ("fp32", "fp32", True, True),
-    "bf16 autocast, padded": ("bf16", "fp32", False, False),
-    "bf16 autocast, packed": ("bf16", "fp32", False, True),
-    "bf16 autocast, packed, bf16 base weights": ("bf16", "bf16", False, True),
-    "bf16 autocast, packed, bf16 base weights, chunked loss": ("bf16", "bf16", True, True),
+    # name: (precision, base weights, chunked loss, packed, matmul attention, adapter inputs uncast)
+    "fp32, padded": ("fp32", "fp32", False, False, False, False),
+    "fp32, packed": ("fp32", "fp32", False, True, False, False),
+    "fp32, packed, chunked loss": ("fp32", "fp32", True, True, False, False),
+    "bf16 autocast, padded": ("bf16", "fp32", False, False, False, False),
+    "bf16 autocast, packed": ("bf16", "fp32", False, True, False, False),
+    "bf16 autocast, packed, bf16 base weights": ("bf16", "bf16", False, True, False, False),
+    "bf16 autocast, packed, bf16 base weights, chunked loss": ("bf16", "bf16", True, True, False, False),
+    "+ matmul attention": ("bf16", "bf16", True, True, True, False),
+    "+ matmul attention, adapter inputs uncast": ("bf16", "bf16", True, True, True, True),
 }
 
 
@@ -51,6 +53,9 @@ def main(argv=None) -> None:
     from bench.model import build_model
     from trainer.data.batching import collate
     from trainer.loop import _forward
+    from peft.helpers import disable_input_dtype_casting
+
+    from trainer import attention
     from trainer.performance import choose_threads
 
     choose_threads()
@@ -84,11 +89,13 @@ def main(argv=None) -> None:
     times = {n: [] for n in names}
     for r in range(a.rounds + 1):
         for name in names:
-            precision, base, chunked, is_packed = CONFIGS[name]
+            precision, base, chunked, is_packed, matmul_attention, uncast = CONFIGS[name]
             model, opt = models[base]
+            model.get_base_model().set_attn_implementation(attention.register() if matmul_attention else "sdpa")
             batch = batches[is_packed]
             start = time.perf_counter()
-            _forward(model, batch, "cpu", precision, chunked).loss.backward()
+            with disable_input_dtype_casting(model, active=uncast):
+                _forward(model, batch, "cpu", precision, chunked).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if r:  # round 0 warms up

@@ -9,10 +9,13 @@ from trainer.data.tokenize import IGNORE_INDEX
 from trainer.loop import make_sequences, padding_fraction
 
 
-def test_pack_first_fit_golden():
+def test_pack_best_fit_decreasing_golden():
     rows = [([0] * n, [0] * n) for n in (60, 50, 30, 70, 10, 40)]
-    assert pack(rows, 100, list(range(6))) == [[0, 2, 4], [1, 5], [3]]
-    assert pack(rows, 100, [3, 0, 1, 2, 4, 5]) == [[3, 2], [0, 4], [1, 5]]
+    # 70, 60, 50 open sequences; 40 fills 60's exactly, 30 fills 70's, 10 goes to the one with room left.
+    assert pack(rows, 100, list(range(6))) == [[3, 2], [0, 5], [1, 4]]
+    assert pack(rows, 100, [3, 0, 1, 2, 4, 5]) == [[3, 2], [0, 5], [1, 4]], "distinct lengths: order irrelevant"
+    same = [([0] * 50, [0] * 50)] * 3
+    assert pack(same, 100, [2, 0, 1]) == [[2, 0], [1]], "equal lengths keep the seeded order"
 
 
 def test_padding_fraction():
@@ -20,8 +23,27 @@ def test_padding_fraction():
     unpacked = make_sequences(rows, 64, packed=False, seed=0)
     assert padding_fraction(unpacked, 2) == pytest.approx(1 - 80 / (2 * 30 + 2 * 20))
     packed = make_sequences(rows, 64, packed=True, seed=0)
-    assert [[len(r[0]) for r in s] for s in packed] == [[20, 10, 30], [20]], "seeded order, first fit"
+    assert [[len(r[0]) for r in s] for s in packed] == [[30, 20, 10], [20]], "longest first, best fit"
     assert padding_fraction(packed, 1) == 0.0 and padding_fraction(packed, 2) == pytest.approx(1 - 80 / 120)
+
+
+def test_packed_batches_are_length_grouped_and_deterministic():
+    """Each sequence once per epoch; the order is a function of (seed, epoch); batches cut from
+    length-sorted groups pad far less than batches in plain shuffled order."""
+    import random
+
+    from trainer.loop import _epoch_batches
+
+    rng = random.Random(0)
+    rows = [([0] * n, [0] * n) for n in (rng.randint(64, 256) for _ in range(400))]
+    sequences = make_sequences(rows, 256, packed=True, seed=3)
+    batches = _epoch_batches(sequences, 5, seed=3, epoch=1, packed=True)
+    assert sorted(id(s) for b in batches for s in b) == sorted(id(s) for s in sequences)
+    assert batches == _epoch_batches(sequences, 5, seed=3, epoch=1, packed=True)
+    assert batches != _epoch_batches(sequences, 5, seed=3, epoch=2, packed=True)
+    grouped = padding_fraction(sequences, 5, seed=3, packed=True)
+    plain = padding_fraction(sequences, 5, seed=3, packed=False)
+    assert grouped < plain / 3, (grouped, plain)
 
 
 def _per_example_losses(model, batch, segments_per_row):

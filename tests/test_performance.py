@@ -89,8 +89,106 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
     assert chunked == pytest.approx(own, rel=1e-2)
 
 
+def _packed_medical_batch(tok, packed=True):
+    from trainer.data.batching import collate
+    from trainer.data.records import read_dataset
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+
+    template, _ = choose_template("auto", tok)
+    rows, _ = ConversationEncoder(tok, template, 256, False, "truncate").encode_all(
+        read_dataset(DATASETS / "medical_qa.jsonl")[:5])
+    if packed:
+        return collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, packed=True)
+    return collate([[r] for r in rows], tok.pad_token_id, packed=False)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
+    """The matmul attention (packed batches; unpacked ones take its sdpa fallback) gives sdpa's logits
+    and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads)."""
+    import torch
+
+    from trainer import attention
+    from trainer.devices import Decision
+    from trainer.loop import _forward
+    from trainer.performance import use_attention
+
+    batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"], packed)
+    model = _lora_tiny()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for impl in ("sdpa", "grouped-matmul"):
+        if impl == "grouped-matmul":
+            use_attention(model, Decision("grouped-matmul", "test"))
+            assert model.get_base_model().config._attn_implementation == attention.NAME
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        loss = _forward(model, batch, "cpu", "fp32", chunked_loss=True).loss
+        results[impl] = (out.logits.detach(), loss.item(), torch.autograd.grad(loss, trainable))
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results.values()
+    real = batch.labels != -100
+    assert torch.allclose(logits_a[real], logits_b[real], atol=1e-5), (logits_a[real] - logits_b[real]).abs().max()
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for ours, theirs in zip(grads_b, grads_a):
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
+    import torch
+
+    from trainer.devices import Decision
+    from trainer.loop import _forward
+    from trainer.performance import use_attention
+
+    batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
+    model = _lora_tiny(torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sdpa = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
+    sdpa_grads = torch.autograd.grad(sdpa, trainable)
+    use_attention(model, Decision("grouped-matmul", "test"))
+    ours = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
+    our_grads = torch.autograd.grad(ours, trainable)
+    assert ours.item() == pytest.approx(sdpa.item(), rel=2e-3)
+    for a, b in zip(our_grads, sdpa_grads):
+        assert (a - b).norm() <= 0.05 * b.norm()
+
+
+def test_chunked_loss_with_bf16_logits_and_gradients():
+    """The bf16 path (softmax in the compute dtype, loss from the rounded target probabilities) against
+    float32 cross-entropy of the same bf16 logits."""
+    import torch
+
+    from trainer import performance
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 48, dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.3 * torch.randn(3000, 48)).to(torch.bfloat16)
+    targets = torch.randint(0, 3000, (300,))
+    plain = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets)
+    (plain_grad,) = torch.autograd.grad(plain, [hidden])
+    chunked = performance.linear_cross_entropy(hidden, weight, targets)
+    (chunked_grad,) = torch.autograd.grad(chunked, [hidden])
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)
+    assert chunked_grad.dtype == torch.bfloat16
+    assert (chunked_grad.float() - plain_grad.float()).norm() <= 0.01 * plain_grad.float().norm()
+
+
 def test_lever_decisions():
-    from trainer.performance import choose_base_dtype, choose_chunked_loss
+    from types import SimpleNamespace
+
+    from trainer.performance import (choose_adapter_inputs, choose_attention, choose_base_dtype,
+                                     choose_chunked_loss)
+
+    bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9)
+    decision = choose_attention("cpu", True, bench, 5, 256, "bf16")
+    assert decision.value == "grouped-matmul" and "169 MB" in decision.reason  # 30 * 5 * 9 * 256^2 * 2 bytes
+    assert choose_attention("cpu", True, bench, 4, 1024, "bf16").value == "sdpa"  # 2,160 MB: over the limit
+    assert choose_attention("cuda", True, bench, 5, 256, "bf16").value == "sdpa"
+    assert choose_attention("cpu", False, bench, 5, 256, "bf16").value == "sdpa"
+    flash = SimpleNamespace(**{**vars(bench), "_attn_implementation": "flash_attention_2"})
+    assert choose_attention("cpu", True, flash, 5, 256, "bf16").value == "flash_attention_2"
+    assert choose_adapter_inputs("lora", "bf16").value == "as-is"
+    assert choose_adapter_inputs("lora", "fp32").value == "cast"
+    assert choose_adapter_inputs("full", "bf16").value == "cast"
 
     assert choose_base_dtype("lora", "bf16").value == "bf16"
     assert choose_base_dtype("qlora", "fp16").value == "fp16"

@@ -178,13 +178,19 @@ def _train(folder: Path, stop_flag: dict) -> None:
     tokenizer.chat_template = template.jinja
     packing = choose_packing(cfg.dataset.packing, model)
     decisions["packing"] = _say("packing", packing)
+    attention = performance.choose_attention(device.value, packing.value == "on", model.config,
+                                             args.per_device_train_batch_size, args.max_seq_length, precision.value)
+    decisions["attention"] = _say("attention", attention)
+    performance.use_attention(model, attention)
+    adapter_inputs = performance.choose_adapter_inputs(method.value, precision.value)
+    decisions["adapter_inputs"] = _say("adapter inputs", adapter_inputs)
     chunked_loss = performance.choose_chunked_loss(model)
     if world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
     decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
     decisions["threads"] = _say("threads", performance.choose_threads())
     sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
-    padding = loop.padding_fraction(sequences, args.per_device_train_batch_size)
+    padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packing.value == "on")
     print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)", flush=True)
     record(
         folder,
@@ -216,13 +222,14 @@ def _train(folder: Path, stop_flag: dict) -> None:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
     try:
-        result = loop.train(
-            trained, sequences, data.eval, args, device=device.value, precision=precision.value,
-            packed=packing.value == "on",
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
-            resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
-        )
+        with performance.adapter_inputs(model, adapter_inputs):
+            result = loop.train(
+                trained, sequences, data.eval, args, device=device.value, precision=precision.value,
+                packed=packing.value == "on",
+                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
+                resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
+            )
     finally:
         sink.close()
     weights = world.full_state_dict(model)

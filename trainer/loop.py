@@ -47,20 +47,38 @@ def make_sequences(rows, max_len: int, packed: bool, seed: int) -> list[list]:
     return [[rows[i] for i in group] for group in pack(rows, max_len, order)]
 
 
-def padding_fraction(sequences, batch_size: int) -> float:
-    """Share of positions that would be padding, over one epoch in order (an estimate for the log)."""
-    lengths = [sum(len(ids) for ids, _ in seq) for seq in sequences]
-    real = sum(lengths)
-    total = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+def padding_fraction(sequences, batch_size: int, seed: int = 0, packed: bool = False) -> float:
+    """Share of positions that are padding in the first epoch's batches (for the log)."""
+    real = total = 0
+    for batch in _epoch_batches(sequences, batch_size, seed, 0, packed):
+        lengths = [sum(len(ids) for ids, _ in seq) for seq in batch]
+        real += sum(lengths)
+        total += max(lengths) * len(lengths)
     return 1 - real / max(total, 1)
 
 
-def _epoch_batches(sequences, batch_size: int, seed: int, epoch: int):
-    """Shuffled batches for one epoch; the order depends only on (seed, epoch)."""
+# Packed batches are formed within groups of this many batches in shuffled order, sorted by length.
+LENGTH_GROUP_BATCHES = 16
+
+
+def _epoch_batches(sequences, batch_size: int, seed: int, epoch: int, packed: bool = False):
+    """Shuffled batches for one epoch; the order depends only on (seed, epoch).
+
+    Packed: sequences are nearly full except those holding one long row, and a batch pads to its
+    longest; so within each group of LENGTH_GROUP_BATCHES batches' worth of shuffled sequences, batches
+    are cut from the group sorted by length, and the group's batches then go in shuffled order."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(sequences), generator=g).tolist()
+    if packed:
+        group = LENGTH_GROUP_BATCHES * batch_size
+        grouped = []
+        for k in range(0, len(order), group):
+            chunk = sorted(order[k : k + group], key=lambda i: -sum(len(ids) for ids, _ in sequences[i]))
+            cut = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+            grouped += [cut[j] for j in torch.randperm(len(cut), generator=g).tolist()]
+        return [[sequences[i] for i in batch] for batch in grouped]
     return [[sequences[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
@@ -188,7 +206,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
     tokens_seen, final_loss = 0, None
     epoch, skip = state.epoch, state.groups_done
     while step < total_steps:
-        batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch)
+        batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch, packed)
         groups = _step_groups(batches, args.gradient_accumulation_steps, world)
         for done, (group, real) in enumerate(groups):
             if done < skip:

@@ -6,6 +6,9 @@
 - loss: the output layer and cross-entropy run in chunks of rows, on labelled positions only, with the
   gradient for the hidden states computed chunk by chunk. The full (tokens x vocabulary) logits never
   exist: with a 49k vocabulary they are the largest tensors of a small model's step.
+- attention: for packed batches on CPU, trainer/attention.py's batched matmuls instead of sdpa's
+  masked kernel, while the probabilities it keeps for backward stay small.
+- adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
 - threads: torch's intra-op threads, one per core this process may use, or one when a short probe
   shows other processes holding the cores.
 
@@ -25,6 +28,8 @@ from trainer.devices import Decision
 _PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Rows of logits per chunk: bounds the chunk's float32 logits to ~64 MB whatever the vocabulary.
 _CHUNK_ELEMENTS = 16 * 1024 * 1024
+# The matmul attention keeps (batch x heads x L^2) probabilities per layer; above this, the model's own.
+ATTENTION_PROBS_LIMIT_MB = 512
 
 
 def choose_base_dtype(method: str, precision: str) -> Decision:
@@ -35,6 +40,54 @@ def choose_base_dtype(method: str, precision: str) -> Decision:
         return Decision(precision, f"frozen base weights stored in the {precision} compute dtype (half the memory, "
                                    "no re-cast per step); LoRA weights stay fp32")
     return Decision("fp32", "fp32 compute")
+
+
+def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
+    """Attention kernel for training: trainer/attention.py's grouped matmuls for packed CPU batches whose
+    softmax probabilities (kept for backward) fit in ATTENTION_PROBS_LIMIT_MB, else the model's own."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if device != "cpu" or not packed:
+        return Decision(impl, "the model's own (the matmul attention is for packed batches on CPU)")
+    if impl not in ("sdpa", "eager"):
+        return Decision(impl, "the model's own")
+    mb = attention_probs_mb(config, batch_size, max_len, dtype)
+    if mb > ATTENTION_PROBS_LIMIT_MB:
+        return Decision(impl, f"the model's own: matmul attention would keep {mb:,.0f} MB of probabilities for "
+                              f"{max_len}-token sequences (limit {ATTENTION_PROBS_LIMIT_MB} MB)")
+    return Decision("grouped-matmul", f"packed sequences of up to {max_len} tokens on CPU: batched matmuls with "
+                                      f"query heads grouped per KV head beat sdpa's masked kernel; keeps {mb:,.0f} MB "
+                                      "of probabilities for backward")
+
+
+def use_attention(model, decision: Decision) -> None:
+    """Switch the model to the chosen attention (the inner transformers model under any PEFT wrapper)."""
+    if decision.value == "grouped-matmul":
+        from trainer import attention
+
+        _causal_lm(model).set_attn_implementation(attention.register())
+
+
+def choose_adapter_inputs(method: str, precision: str) -> Decision:
+    """Whether PEFT casts each adapter's input to the adapter's fp32 dtype. Under autocast that cast is
+    undone by the adapter's own matmul (it runs in the autocast dtype), so it only costs two copies
+    of the activations per adapted layer."""
+    if method in ("lora", "qlora") and precision in ("bf16", "fp16"):
+        return Decision("as-is", f"{precision} activations go into the adapters uncast (autocast runs their "
+                                 "matmuls in " + precision + " anyway)")
+    return Decision("cast", "PEFT's default")
+
+
+def adapter_inputs(model, decision: Decision):
+    """Context for the training loop that applies choose_adapter_inputs' decision."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=decision.value == "as-is")
+
+
+def attention_probs_mb(config, batch_size: int, max_len: int, dtype: str) -> float:
+    """Memory of the softmax probabilities the matmul attention keeps for backward, over all layers."""
+    size = 4 if dtype == "fp32" else 2
+    return config.num_hidden_layers * batch_size * config.num_attention_heads * max_len**2 * size / 2**20
 
 
 def choose_chunked_loss(model) -> Decision:
@@ -153,14 +206,27 @@ def _make_function():
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk]
-                logits = (h @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                if grad_h is None and grad_w is None:
-                    continue
-                # d(loss)/d(logits) = softmax - one_hot(target), reusing the logits' memory.
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(y), device=y.device), y] -= 1
+                logits = h @ weight.t()
+                rows = torch.arange(len(y), device=y.device)
+                if logits.dtype == torch.float32 or (grad_h is None and grad_w is None):
+                    # One fused log-softmax pass in float32 (logsumexp would allocate two more
+                    # chunk-sized temporaries); evaluation always takes this exact path.
+                    log_probs = torch.log_softmax(logits.float(), dim=-1)
+                    total -= log_probs[rows, y].sum()
+                    if grad_h is None and grad_w is None:
+                        continue
+                    probs = log_probs.exp_()
+                else:
+                    # bf16/fp16 logits: one softmax pass that accumulates in float32 and rounds once to
+                    # the compute dtype, which the gradient below is cast to anyway; no float32 copy of
+                    # the logits (~4x faster on CPU). The logged loss comes from the rounded
+                    # probability of each target (<= 0.4% relative error each, unbiased); clamped at
+                    # the dtype's smallest normal so it stays finite.
+                    probs = torch.softmax(logits, dim=-1)
+                    tiny = torch.finfo(probs.dtype).tiny
+                    total -= probs[rows, y].float().clamp_min(tiny).log().sum()
+                # d(loss)/d(logits) = softmax - one_hot(target)
+                probs[rows, y] -= 1
                 d_logits = probs.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start : start + chunk] = d_logits @ weight

@@ -33,9 +33,11 @@ CPU_BF16_RUNTIME_MB = 265
 CUDA_CONTEXT_MB = 600
 # Tensors a Llama layer keeps per token for backward, in units of hidden / intermediate / head*seq.
 ACT_HIDDEN, ACT_INTER = 16, 4
-# Share of the matmul peak a training step reaches, and the fixed cost per step and per layer.
+# Share of the matmul peak a training step reaches, and the fixed cost per step and per layer
+# (fitted to tests/test_estimate.py's three CPU runs after the matmul attention and fuller packing:
+# 1.59 s / 1.71 s for 30 steps of the 4-layer tiny models, 6.61 s for 6 steps of the 30-layer one).
 EFFICIENCY = 0.8
-STEP_SECONDS, LAYER_STEP_SECONDS = 0.015, 0.01
+STEP_SECONDS, LAYER_STEP_SECONDS = 0.01, 0.007
 # Without a dataset: the assumption the estimate states.
 ASSUMED_ROWS, ASSUMED_FILL = 1000, 0.5
 
@@ -118,10 +120,11 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
         activations = tokens * shape.num_layers * per_token_layer
-    # fp32 logits, log-softmax and their gradient; the trainer's chunked loss (trainer/performance.py,
-    # on for the Llama-family shapes estimated here, off under distributed) holds one chunk of rows.
+    # The trainer's chunked loss (trainer/performance.py, on for the Llama-family shapes estimated here,
+    # off under distributed) holds one chunk of rows: fp32 logits, log-softmax and their gradient, or
+    # with bf16/fp16 logits the logits and the softmax in that dtype.
     rows = tokens if cfg.distributed.mode != "none" else min(tokens, chunk_rows(shape.vocab_size))
-    logits = rows * shape.vocab_size * 4 * 3
+    logits = rows * shape.vocab_size * (4 * 3 if act_bytes == 4 or cfg.distributed.mode != "none" else 2 * 2)
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
     if device == "cpu" and precision == "bf16":
         overhead += CPU_BF16_RUNTIME_MB * MB
