@@ -346,11 +346,19 @@ def test_estimate_counts_steps_over_all_processes_and_shards_fsdp_memory():
     def est(**cfg):
         return estimate(_parse(method={"type": "full"}, device="cpu", **cfg), None, "cpu")
 
-    single = est(training_args={"gradient_accumulation_steps": 4})
-    ddp = est(training_args={"gradient_accumulation_steps": 2}, distributed={"mode": "ddp", "nproc_per_node": 2})
-    fsdp = est(training_args={"gradient_accumulation_steps": 2}, distributed={"mode": "fsdp", "nproc_per_node": 2})
+    # fp32 set explicitly: in bf16 a single process's chunked loss holds bf16 logits, while distributed
+    # runs use the model's own loss with float32 copies (checked below).
+    single = est(training_args={"gradient_accumulation_steps": 4, "precision": "fp32"})
+    ddp = est(training_args={"gradient_accumulation_steps": 2, "precision": "fp32"},
+              distributed={"mode": "ddp", "nproc_per_node": 2})
+    fsdp = est(training_args={"gradient_accumulation_steps": 2, "precision": "fp32"},
+               distributed={"mode": "fsdp", "nproc_per_node": 2})
     assert single.steps == ddp.steps == fsdp.steps  # the same global batch
     assert ddp.memory_mb == single.memory_mb  # per process: a whole copy
+    single_bf16 = est(training_args={"gradient_accumulation_steps": 4, "precision": "bf16"})
+    ddp_bf16 = est(training_args={"gradient_accumulation_steps": 2, "precision": "bf16"},
+                   distributed={"mode": "ddp", "nproc_per_node": 2})
+    assert ddp_bf16.memory_mb["logits"] == pytest.approx(3 * single_bf16.memory_mb["logits"], abs=0.1)
     assert ddp.peak_memory_mb == 2 * single.peak_memory_mb  # two processes share this machine's memory
     for part in ("weights", "trainable_state"):
         assert fsdp.memory_mb[part] == pytest.approx(ddp.memory_mb[part] / 2, abs=0.1)

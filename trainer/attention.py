@@ -6,14 +6,16 @@ its backward is slow; for sequences of a few hundred tokens, three batched matmu
 faster (docs/PERFORMANCE.md has the numbers). Grouping the query heads that share a KV head
 ((B*kv_heads, group*L, D) @ (B*kv_heads, D, L)) avoids copying K and V once per query head as
 transformers' eager attention does, and cutting the queries into blocks that only meet the keys up
-to their own end skips most of the causal upper triangle. The mask is added in the compute dtype inside the score product
-(one baddbmm), and the softmax runs in that dtype with float32 accumulation, as eager attention's
-`softmax(float32).to(dtype)` rounds it.
+to their own end skips most of the causal upper triangle. The mask is added in the compute dtype
+inside the score product (one baddbmm), and the softmax runs in that dtype with float32
+accumulation, rounded once as eager attention's `softmax(float32).to(dtype)` rounds it.
 
 Anything else (no mask, a bool mask, dropout, decoding with a cache) goes to transformers' sdpa
 attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
-The probabilities kept for backward take batch x heads x L^2 x 2 bytes per layer, which is why
-trainer/performance.choose_attention uses this only for short sequences.
+The probabilities kept for backward take up to batch x heads x L^2 x 2 bytes per layer (5/8 of that
+at 4 query blocks), which is why trainer/performance.choose_attention uses this only for short
+sequences. Models saved after training do not record this implementation (transformers does not
+serialize it), so they load anywhere with the default attention.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def pack(rows: list[Row], max_len: int, order: list[int]) -> list[list[int]]:
 
     Rows go longest first (equal lengths keep their place in `order`, the seeded shuffle), each into
     the sequence with the least room that still holds it, so sequences come out as full as the row
-    lengths allow (64-256-token rows packed to 256: 6.7% padding in batches of 5, against 9.5% for
-    first fit in shuffled order)."""
+    lengths allow. With the length-grouped batches of trainer/loop, the benchmark's 64-256-token rows
+    packed to 256 leave 1.3% of positions as padding, against 9.5% with first fit in shuffled order."""
     import bisect
 
     bins: list[list[int]] = []
