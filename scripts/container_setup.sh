@@ -38,10 +38,24 @@ EOF
   log "wrote $conf"
 fi
 
-# The Docker-API service; --time=0 keeps it up like a Docker daemon.
+# A service whose working folder was deleted (started from a clone that is gone) still answers pings
+# but cannot start containers (conmon: "Failed to get working directory"): stop it, so it is started
+# again below, from /.
+for pid in $(pgrep -f "podman system service .*unix://$SOCKET" || true); do
+  if [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == *"(deleted)" ]]; then
+    log "restarting the Podman service (its working folder was deleted)"
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+done
+
+# The Docker-API service; --time=0 keeps it up like a Docker daemon. Started from / so that no
+# checkout it was started from can pull its working folder away.
 if ! curl -fsS --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1; then
   mkdir -p "$(dirname "$SOCKET")"
+  pushd / >/dev/null
   setsid nohup podman system service --time=0 "unix://$SOCKET" >/tmp/llamafarm-podman-service.log 2>&1 </dev/null &
+  popd >/dev/null
   for _ in $(seq 50); do
     curl -fsS --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1 && break
     sleep 0.2

@@ -62,7 +62,11 @@ def supervise(job_dir: Path, spec: ContainerSpec) -> int:
         container.remove(force=True)
         update_job(job_dir, status="stopped", finished_at=now_iso())
         return 3
-    container.start()
+    try:
+        container.start()
+    except Exception:
+        container.remove(force=True)  # one that never ran is not left behind in the engine
+        raise
     logs = threading.Thread(target=_copy_logs, args=(container,), daemon=True)
     logs.start()
     signalled = False
