@@ -48,14 +48,13 @@ def main(argv=None) -> None:
 
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM
 
     from bench.model import build_model
+    from trainer import attention
     from trainer.data.batching import collate
     from trainer.loop import _forward
-    from peft.helpers import disable_input_dtype_casting
-
-    from trainer import attention
     from trainer.performance import choose_threads
 
     choose_threads()
