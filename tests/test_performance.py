@@ -47,19 +47,25 @@ def _lora_tiny(dtype=None):
     return model
 
 
-def test_chunked_loss_equals_the_models_own_loss_on_a_packed_batch(tokenizers):
-    import torch
-
+def _packed_medical_batch(tok, packed=True):
     from trainer.data.batching import collate
     from trainer.data.records import read_dataset
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from trainer.loop import _forward
 
-    tok = tokenizers["tiny-llama-bpe"]
     template, _ = choose_template("auto", tok)
     rows, _ = ConversationEncoder(tok, template, 256, False, "truncate").encode_all(
         read_dataset(DATASETS / "medical_qa.jsonl")[:5])
-    batch = collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, packed=True)
+    if packed:
+        return collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, packed=True)
+    return collate([[r] for r in rows], tok.pad_token_id, packed=False)
+
+
+def test_chunked_loss_equals_the_models_own_loss_on_a_packed_batch(tokenizers):
+    import torch
+
+    from trainer.loop import _forward
+
+    batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
     model = _lora_tiny()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -87,19 +93,6 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
         own = _forward(model, batch, "cpu", "bf16", chunked_loss=False).loss.item()
         chunked = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss.item()
     assert chunked == pytest.approx(own, rel=1e-2)
-
-
-def _packed_medical_batch(tok, packed=True):
-    from trainer.data.batching import collate
-    from trainer.data.records import read_dataset
-    from trainer.data.tokenize import ConversationEncoder, choose_template
-
-    template, _ = choose_template("auto", tok)
-    rows, _ = ConversationEncoder(tok, template, 256, False, "truncate").encode_all(
-        read_dataset(DATASETS / "medical_qa.jsonl")[:5])
-    if packed:
-        return collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, packed=True)
-    return collate([[r] for r in rows], tok.pad_token_id, packed=False)
 
 
 @pytest.mark.parametrize("packed", [True, False])

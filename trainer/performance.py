@@ -73,7 +73,7 @@ def choose_adapter_inputs(method: str, precision: str) -> Decision:
     of the activations per adapted layer."""
     if method in ("lora", "qlora") and precision in ("bf16", "fp16"):
         return Decision("as-is", f"{precision} activations go into the adapters uncast (autocast runs their "
-                                 "matmuls in " + precision + " anyway)")
+                                 f"matmuls in {precision} anyway)")
     return Decision("cast", "PEFT's default")
 
 

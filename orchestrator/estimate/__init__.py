@@ -123,8 +123,9 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     # The trainer's chunked loss (trainer/performance.py, on for the Llama-family shapes estimated here,
     # off under distributed) holds one chunk of rows: fp32 logits, log-softmax and their gradient, or
     # with bf16/fp16 logits the logits and the softmax in that dtype.
-    rows = tokens if cfg.distributed.mode != "none" else min(tokens, chunk_rows(shape.vocab_size))
-    logits = rows * shape.vocab_size * (4 * 3 if act_bytes == 4 or cfg.distributed.mode != "none" else 2 * 2)
+    chunked = cfg.distributed.mode == "none"
+    rows = min(tokens, chunk_rows(shape.vocab_size)) if chunked else tokens
+    logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 else 4 * 3)
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
     if device == "cpu" and precision == "bf16":
         overhead += CPU_BF16_RUNTIME_MB * MB
