@@ -92,6 +92,11 @@ class TrainingArgs(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="Compute precision; auto picks the best the device supports."
     )
+    torch_compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Compile the decoder layers with torch.compile (faster steps after a one-time compile); "
+        "auto: on CPU when the estimated training time repays the compile.",
+    )
     report_to: Literal["none", "tensorboard"] = Field(
         default="none", description="Also write TensorBoard event files into the job's tensorboard/ folder."
     )

@@ -78,6 +78,7 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     assert "base model: spm = builtin:tiny-llama-spm (builtin" in log, "the display name is used, not ignored"
     assert "packing: on (auto; block-diagonal masks with sdpa attention)" in log
     assert "attention: grouped-matmul (packed sequences of up to" in log
+    assert "compile: off (the run is estimated at" in log, "auto weighs the compile against the estimate"
 
     metrics = read_metrics(folder)
     train = [m for m in metrics if "loss" in m]
@@ -172,6 +173,21 @@ def test_stop_saves_a_checkpoint_and_ends_stopped(run_cli, strategy_file):
 # run with sdpa instead of the matmul attention gives these to 1e-6).
 GOLDEN_LOSSES = [6.389117, 6.058062, 5.846015, 5.947237, 5.704362, 5.596724]
 GOLDEN_EVAL_LOSSES = [5.85053, 5.780816]
+
+
+def test_compiled_run_trains_to_the_same_losses(run_cli, strategy_file):
+    """training_args.torch_compile: true through the real entrypoint: the layers are compiled, evaluation
+    runs eagerly, checkpoints and the final adapter are written, and the losses are the eager run's."""
+    started = _start(run_cli, strategy_file, "--foreground", "--set", "training_args.torch_compile=true")
+    folder = Path(started["job_dir"])
+    job = read_job(folder)
+    assert job["status"] == "completed", (folder / "train.log").read_text()
+    assert job["decisions"]["compile"] == {"value": "on", "reason": "training_args.torch_compile is true"}
+    metrics = read_metrics(folder)
+    assert [m["loss"] for m in metrics if "loss" in m] == pytest.approx(GOLDEN_LOSSES, abs=2e-2)
+    assert [m["eval_loss"] for m in metrics if "eval_loss" in m] == pytest.approx(GOLDEN_EVAL_LOSSES, abs=2e-2)
+    assert (folder / "final" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_relative_paths_work_from_any_folder(run_cli, tmp_path, monkeypatch):

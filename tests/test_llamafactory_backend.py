@@ -64,13 +64,15 @@ def test_train_config_carries_every_setting():
 
 def test_train_config_qlora_full_precision_and_eval_file():
     qlora = _strategy(method={"type": "qlora", "r": 16}, training_args={"gradient_checkpointing": True, "precision": "auto",
-                                                                          "max_grad_norm": None, "eval_steps": 5},
+                                                                          "max_grad_norm": None, "eval_steps": 5,
+                                                                          "torch_compile": True},
                       device="cuda")
     conf = translate.train_config(qlora, model_path="org/m", device="cuda", template="llama3", dataset_dir="/d",
                                   output_dir="/o", has_eval_file=True, resume_from="/o/checkpoint-2")
     assert conf["quantization_bit"] == 4 and conf["lora_rank"] == 16 and conf["template"] == "llama3"
     assert conf["bf16"] is True and "use_cpu" not in conf, "precision auto is bf16 on CUDA"
     assert conf["disable_gradient_checkpointing"] is False and conf["max_grad_norm"] == 0.0
+    assert conf["torch_compile"] is True  # only an explicit true; auto (the first test) adds no key
     assert conf["eval_dataset"] == "llamafarm_eval" and "val_size" not in conf
     assert (conf["eval_strategy"], conf["eval_steps"], conf["resume_from_checkpoint"]) == ("steps", 5, "/o/checkpoint-2")
     raw = json.loads(json.dumps(LF_TINY))

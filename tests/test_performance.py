@@ -226,3 +226,66 @@ def test_benchmark_measures():
     # SmolLM2-135M's 134,515,008 parameters less its 35,136 norm weights are matmul weights (the tied
     # embedding counted once, as the output layer); one token attends to one key.
     assert lora_flops(SHAPE, [1]) == pytest.approx(4 * (134_515_008 - 35_136) + 12 * 576 * 30, rel=1e-9)
+
+
+def test_compile_decision(monkeypatch):
+    from trainer import performance
+    from trainer.performance import COMPILE_GAIN, COMPILE_SECONDS, choose_compile
+
+    payback = COMPILE_SECONDS / COMPILE_GAIN
+    monkeypatch.setattr(performance, "_cpp_compiler", lambda: "/usr/bin/g++")
+    assert choose_compile("auto", "cpu", 2 * payback, False, False).value == "on"
+    short = choose_compile("auto", "cpu", payback / 2, False, False)
+    assert short.value == "off" and f"{payback:,.0f} s" in short.reason
+    assert choose_compile("auto", "cpu", None, False, False).value == "off"
+    assert choose_compile("auto", "cpu", 2 * payback, True, False).value == "off"  # distributed
+    assert choose_compile("auto", "cpu", 2 * payback, False, True).value == "off"  # gradient checkpointing
+    assert choose_compile("auto", "cuda", 2 * payback, False, False).value == "off"
+    assert choose_compile(True, "cpu", 1.0, False, False).value == "on"
+    assert choose_compile(True, "cuda", None, False, False).value == "on"
+    assert choose_compile(False, "cpu", 2 * payback, False, False).value == "off"
+    monkeypatch.setattr(performance, "_cpp_compiler", lambda: None)
+    missing = choose_compile(True, "cpu", 2 * payback, False, False)
+    assert missing.value == "off" and "C++ compiler" in missing.reason
+
+
+def test_compiled_layers_train_like_eager(tokenizers):
+    """use_compile on the LoRA tiny builtin with the matmul attention, under bf16 autocast: the same loss
+    and adapter gradients as the same model run eagerly; a second batch width reuses the compiled
+    graph (dynamic shapes), and the state-dict keys are unchanged."""
+    import dataclasses
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from trainer.devices import Decision
+    from trainer.loop import _forward
+    from trainer.performance import eager, use_attention, use_compile
+
+    wide = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
+    n = wide.input_ids.shape[1] - 7  # the same rows cut 7 positions short: another batch width
+    narrow = dataclasses.replace(wide, input_ids=wide.input_ids[:, :n].contiguous(),
+                                 labels=wide.labels[:, :n].contiguous(),
+                                 position_ids=wide.position_ids[:, :n].contiguous(),
+                                 attention_mask=wide.attention_mask[:, :, :n, :n].contiguous())
+    batches = [wide, narrow]
+    model = _lora_tiny(torch.bfloat16)
+    keys = list(model.state_dict())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    use_attention(model, Decision("grouped-matmul", "test"))
+    use_compile(model, Decision("on", "test"))
+    assert list(model.state_dict()) == keys
+    graphs = [counters["stats"]["unique_graphs"]]  # the count is per process: other tests may compile too
+    for batch in batches:
+        results = []
+        for mode in ("eager", "compiled"):
+            with eager() if mode == "eager" else torch.enable_grad():
+                loss = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
+                results.append((loss.item(), torch.autograd.grad(loss, trainable)))
+        graphs.append(counters["stats"]["unique_graphs"])
+        (loss_e, grads_e), (loss_c, grads_c) = results
+        assert loss_c == pytest.approx(loss_e, rel=5e-3)
+        for c, e in zip(grads_c, grads_e):
+            assert (c - e).norm() <= 0.05 * e.norm()
+    assert graphs[1] > graphs[0], "the first batch compiled the layers"
+    assert graphs[2] == graphs[1], "the narrower batch compiled nothing new"

@@ -25,20 +25,28 @@ NAME = "llamafarm_packed_cpu"
 # causal upper triangle is mostly skipped (5/8 of the full score matrix at 4 blocks).
 QUERY_BLOCK = 64
 
-_registered = False
+_registered = None
 
 
-def register() -> str:
-    """Make NAME a transformers attention implementation (idempotent); returns NAME."""
+def register(compiled: bool = False) -> str:
+    """Make NAME a transformers attention implementation (idempotent); returns NAME.
+
+    compiled: the layers around it are torch.compile'd; the function is then excluded from the graph
+    (torch would otherwise specialize on its width-dependent query blocks and recompile per width)."""
     global _registered
-    if not _registered:
+    if _registered != compiled:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, grouped_matmul_attention)
+        function = grouped_matmul_attention
+        if compiled:
+            import torch
+
+            function = torch.compiler.disable(grouped_matmul_attention)
+        AttentionInterface.register(NAME, function)
         # 2-D padding masks (evaluation batches) become the same 4-D masks sdpa gets.
         AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
+        _registered = compiled
     return NAME
 
 

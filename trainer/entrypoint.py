@@ -188,6 +188,11 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
     decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
+    estimate = job.get("estimate") or {}
+    compiled = performance.use_compile(model, performance.choose_compile(
+        args.torch_compile, device.value, estimate.get("seconds") if estimate.get("device") == device.value else None,
+        world.active, args.gradient_checkpointing))
+    decisions["compile"] = _say("compile", compiled)
     decisions["threads"] = _say("threads", performance.choose_threads())
     sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
     padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packing.value == "on")
@@ -240,7 +245,6 @@ def _train(folder: Path, stop_flag: dict) -> None:
 
     measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
-    estimate = job.get("estimate") or {}
     if estimate and device.value == estimate.get("device") == "cpu":
         # The estimator checks itself after every run: its error, signed (+ means it guessed high).
         measured["memory_error"] = round(estimate["peak_memory_mb"] / measured["peak_rss_mb"] - 1, 3)

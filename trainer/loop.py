@@ -119,7 +119,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), performance.eager():
         for k in range(0, len(rows), batch_size):
             batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, packed=False)
             out = _forward(model, batch, device, precision, chunked_loss)

@@ -126,6 +126,8 @@ def train_config(strategy: Strategy, *, model_path: str, device: str, template: 
         "disable_gradient_checkpointing": not args.gradient_checkpointing,
         "report_to": "none",
         "plot_loss": False,
+        # transformers' Trainer compiles the whole model; only an explicit true asks it to.
+        **({"torch_compile": True} if args.torch_compile is True else {}),
         **_precision(args.precision, device),
     }
     if TEMPLATES.get(template, template) is not None:
