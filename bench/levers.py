@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 CONFIGS = {
-    # name: (precision, base weights, chunked loss, packed, matmul attention, adapter inputs uncast)
+    # name: (precision, base weights, chunked loss, packed, matmul attention, adapter inputs uncast[, compiled])
     "fp32, padded": ("fp32", "fp32", False, False, False, False),
     "fp32, packed": ("fp32", "fp32", False, True, False, False),
     "fp32, packed, chunked loss": ("fp32", "fp32", True, True, False, False),
@@ -27,6 +27,9 @@ CONFIGS = {
     "bf16 autocast, packed, bf16 base weights, chunked loss": ("bf16", "bf16", True, True, False, False),
     "+ matmul attention": ("bf16", "bf16", True, True, True, False),
     "+ matmul attention, adapter inputs uncast": ("bf16", "bf16", True, True, True, True),
+    # The layers are compiled once, when this configuration first runs (its warm-up round pays the
+    # compile); the other configurations of the same model then run with compiled code switched off.
+    "+ torch.compile of the decoder layers": ("bf16", "bf16", True, True, True, True, True),
 }
 
 
@@ -55,7 +58,8 @@ def main(argv=None) -> None:
     from trainer import attention
     from trainer.data.batching import collate
     from trainer.loop import _forward
-    from trainer.performance import choose_threads
+    from trainer.devices import Decision
+    from trainer.performance import choose_threads, use_compile
 
     choose_threads()
     folder = build_model(Path(a.model))
@@ -86,14 +90,21 @@ def main(argv=None) -> None:
                     prm.data = prm.data.float()
             models[base] = (m, torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=3e-4))
     times = {n: [] for n in names}
+    compiled_models = set()
     for r in range(a.rounds + 1):
         for name in names:
-            precision, base, chunked, is_packed, matmul_attention, uncast = CONFIGS[name]
+            precision, base, chunked, is_packed, matmul_attention, uncast, *compiled = CONFIGS[name]
             model, opt = models[base]
-            model.get_base_model().set_attn_implementation(attention.register() if matmul_attention else "sdpa")
+            # Once layers are compiled the attention stays registered as excluded from their graph.
+            impl = attention.register(compiled=bool(compiled_models)) if matmul_attention else "sdpa"
+            model.get_base_model().set_attn_implementation(impl)
+            if compiled and base not in compiled_models:
+                use_compile(model, Decision("on", "bench"))
+                compiled_models.add(base)
             batch = batches[is_packed]
             start = time.perf_counter()
-            with disable_input_dtype_casting(model, active=uncast):
+            stance = "default" if compiled else "force_eager"
+            with disable_input_dtype_casting(model, active=uncast), torch.compiler.set_stance(stance):
                 _forward(model, batch, "cpu", precision, chunked).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
