@@ -229,6 +229,7 @@ def test_benchmark_measures():
 
 
 def test_compile_decision(monkeypatch):
+    from contract.errors import UserError
     from trainer import performance
     from trainer.performance import COMPILE_GAIN, COMPILE_SECONDS, choose_compile
 
@@ -245,8 +246,11 @@ def test_compile_decision(monkeypatch):
     assert choose_compile(True, "cuda", None, False, False).value == "on"
     assert choose_compile(False, "cpu", 2 * payback, False, False).value == "off"
     monkeypatch.setattr(performance, "_cpp_compiler", lambda: None)
-    missing = choose_compile(True, "cpu", 2 * payback, False, False)
+    missing = choose_compile("auto", "cpu", 2 * payback, False, False)
     assert missing.value == "off" and "C++ compiler" in missing.reason
+    with pytest.raises(UserError, match="torch_compile: true needs a C.. compiler"):
+        choose_compile(True, "cpu", 2 * payback, False, False)  # asked for, cannot be honoured: refused
+    assert choose_compile(True, "cuda", None, False, False).value == "on"  # the check is for CPU code only
 
 
 def test_compiled_layers_train_like_eager(tokenizers):

@@ -24,6 +24,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+from contract.errors import UserError
 from trainer.devices import Decision
 
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
@@ -95,10 +96,15 @@ def adapter_inputs(model, decision: Decision):
 
 def choose_compile(setting, device: str, estimated_seconds: float | None, distributed: bool,
                    gradient_checkpointing: bool) -> Decision:
-    """Whether to torch.compile the decoder layers (training_args.torch_compile: auto, true or false)."""
+    """Whether to torch.compile the decoder layers (training_args.torch_compile: auto, true or false).
+    An explicit true that cannot be honoured is refused, like an unsupported precision."""
     if setting is False:
         return Decision("off", "training_args.torch_compile is false")
     if device == "cpu" and not _cpp_compiler():
+        if setting is True:
+            raise UserError("training_args.torch_compile: true needs a C++ compiler (g++, clang++ or $CXX) on PATH "
+                            "for torch.compile on CPU, and there is none here (the CPU container image has none); "
+                            "install one, or set torch_compile to auto or false")
         return Decision("off", "no C++ compiler (g++, clang++ or $CXX) on PATH, which torch.compile needs on CPU")
     if setting is True:
         return Decision("on", "training_args.torch_compile is true")
