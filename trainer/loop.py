@@ -13,7 +13,7 @@ from typing import Callable
 from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
 from trainer import performance
-from trainer.data.batching import collate, pack
+from trainer.data.batching import collate, pack, sequence_length
 from trainer.distributed import World
 from trainer.saving import TrainState, restore_rng
 
@@ -51,7 +51,7 @@ def padding_fraction(sequences, batch_size: int, seed: int = 0, packed: bool = F
     """Share of positions that are padding in the first epoch's batches (for the log)."""
     real = total = 0
     for batch in _epoch_batches(sequences, batch_size, seed, 0, packed):
-        lengths = [sum(len(ids) for ids, _ in seq) for seq in batch]
+        lengths = [sequence_length(seq) for seq in batch]
         real += sum(lengths)
         total += max(lengths) * len(lengths)
     return 1 - real / max(total, 1)
@@ -75,7 +75,7 @@ def _epoch_batches(sequences, batch_size: int, seed: int, epoch: int, packed: bo
         group = LENGTH_GROUP_BATCHES * batch_size
         grouped = []
         for k in range(0, len(order), group):
-            chunk = sorted(order[k : k + group], key=lambda i: -sum(len(ids) for ids, _ in sequences[i]))
+            chunk = sorted(order[k : k + group], key=lambda i: -sequence_length(sequences[i]))
             cut = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
             grouped += [cut[j] for j in torch.randperm(len(cut), generator=g).tolist()]
         return [[sequences[i] for i in batch] for batch in grouped]

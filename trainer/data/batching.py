@@ -26,6 +26,11 @@ class Batch:
     positions: int  # B * L, real and padding
 
 
+def sequence_length(sequence: list[Row]) -> int:
+    """Tokens in a training sequence (its rows packed end to end)."""
+    return sum(len(ids) for ids, _ in sequence)
+
+
 def pack(rows: list[Row], max_len: int, order: list[int]) -> list[list[int]]:
     """Group row indices into sequences of at most max_len tokens: best fit decreasing.
 
@@ -59,7 +64,7 @@ def collate(sequences: list[list[Row]], pad_id: int, packed: bool, mask_dtype=No
     """Build one batch. Each sequence is a list of rows: one row unpacked, several when packed."""
     import torch
 
-    lengths = [sum(len(ids) for ids, _ in seq) for seq in sequences]
+    lengths = [sequence_length(seq) for seq in sequences]
     width = max(lengths)
     b = len(sequences)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
