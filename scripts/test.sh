@@ -11,4 +11,6 @@ bash scripts/install.sh
 if [ "$(uname -s)" = Linux ]; then bash scripts/container_setup.sh; fi
 # The export tests render Ollama TEMPLATEs with Go's own text/template (tests/ollama_template/).
 command -v go >/dev/null || bash scripts/apt_install.sh golang-go
+# The torch.compile tests need the C++ compiler torch's CPU backend builds its kernels with.
+command -v g++ >/dev/null || bash scripts/apt_install.sh g++
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"
