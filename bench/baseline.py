@@ -1,6 +1,6 @@
 """The baseline: a transformers Trainer + PEFT LoRA script written the way most users write it.
 
-    .venv/bin/python -m bench.baseline --model DIR --data rows.jsonl --eval eval.jsonl --precision bf16 --out r.json
+    .venv/bin/python -m bench.baseline --model DIR --data rows.jsonl --eval eval.jsonl --precision bf16 [--device cuda] --out r.json
 
 Rows are tokenized with the model's tokenizer (EOS appended), padded to each batch's longest row by
 DataCollatorForLanguageModeling, and trained with the library's defaults except the settings the
@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU mode (scripts/gpu_check.sh)")
     p.add_argument("--max-steps", type=int, default=-1, help="a short probe; -1 trains the whole epoch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True)
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
         num_train_epochs=1,
         max_steps=a.max_steps,
         bf16=a.precision == "bf16",
-        use_cpu=True,  # the Trainer refuses bf16 without a GPU unless told it is on the CPU
+        use_cpu=a.device == "cpu",  # the Trainer refuses bf16 without a GPU unless told it is on the CPU
         seed=a.seed,
         logging_steps=1,
         save_strategy="no",
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [json.loads(line) for line in Path(a.eval).read_text().splitlines()]
     ids = [tokenizer(r["text"] + tokenizer.eos_token)["input_ids"] for r in rows]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+    with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
         final = eval_loss(model, ids)
     durations = [t1 - t0 for t0, t1 in zip(step_ends, step_ends[1:])]
     Path(a.out).write_text(json.dumps({
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
         "step_tokens": tokens_per_step[: len(durations)],
         "step_losses": losses,
         "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if a.device == "cuda" else None,
         "eval_loss": final,
         "torch_threads": torch.get_num_threads(),
     }))

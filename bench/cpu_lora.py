@@ -38,10 +38,11 @@ def _run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> No
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: str, max_steps: int, env: dict) -> dict:
+def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: str, max_steps: int, env: dict,
+                 device: str = "cpu") -> dict:
     out = work / f"baseline-{precision}-{'probe' if max_steps > 0 else 'full'}.json"
     _run([sys.executable, "-m", "bench.baseline", "--model", str(model), "--data", str(data), "--eval", str(evals),
-          "--precision", precision, "--max-steps", str(max_steps), "--out", str(out)],
+          "--precision", precision, "--max-steps", str(max_steps), "--device", device, "--out", str(out)],
          env=env, log=out.with_suffix(".log"))
     r = json.loads(out.read_text())
     r["tokens_per_second"], r["timed_tokens"], r["timed_seconds"] = measure.after_warmup(r["step_seconds"],
@@ -50,13 +51,15 @@ def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: st
     return r
 
 
-def run_project(work: Path, model: Path, data: Path, evals: Path, env: dict) -> dict:
+def run_project(work: Path, model: Path, data: Path, evals: Path, env: dict, sets: tuple[str, ...] = ()) -> dict:
+    """`sets`: more --set PATH=VALUE for the strategy (the GPU mode sets device and precision)."""
     home = work / "home"
     env = {**env, "LLAMAFARM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     log = work / "project.log"
     _run([sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", "bench_cpu_lora",
           "--strategy-file", str(ROOT / "bench" / "strategy.yaml"), "--dataset", str(data),
           "--set", f"base_model.huggingface_id={model}", "--set", f"dataset.eval_file={evals}",
+          *(arg for s in sets for arg in ("--set", s)),
           "--runner", "local", "--foreground", "--ignore-estimate"], env=env, log=log)
     job_dir = max((home / "jobs").iterdir(), key=lambda p: p.stat().st_mtime)
     job = json.loads((job_dir / "job.json").read_text())

@@ -85,7 +85,7 @@ def eval_loss(model, rows: list[list[int]]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in rows:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=model.device)
             loss = model(input_ids=x, labels=x).loss.float().item()
             total += loss * (len(ids) - 1)
             count += len(ids) - 1

@@ -245,6 +245,8 @@ def _train(folder: Path, stop_flag: dict) -> None:
 
     measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
+    if device.value == "cuda":  # the GPU's own peak, what `estimate` predicts for cuda (RSS is only the host side)
+        measured["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if estimate and device.value == estimate.get("device") == "cpu":
         # The estimator checks itself after every run: its error, signed (+ means it guessed high).
         measured["memory_error"] = round(estimate["peak_memory_mb"] / measured["peak_rss_mb"] - 1, 3)
