@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.gpu_carry import MANIFEST, sha256
+from bench.gpu_carry import MANIFEST, PLATFORM, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ROOT / "bench" / "gpu_check.yaml"
@@ -161,8 +161,10 @@ def step_install(check: Check) -> dict:
     wheels = sorted({w.name: w for w in check.carry.glob("*/wheels/*.whl")}.values()) + sorted(staging.glob("*.whl"))
     if wheels:
         # --no-deps into a folder of our own: the device's own packages (torch, transformers) stay as they are.
+        # The dry run (Python 3.11 here) only asks pip whether every wheel installs on the device's 3.12.
+        where = ["--dry-run", *PLATFORM] if check.mode.device == "cpu" else []
         check.run("install", [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
-                              "--no-deps", "--target", str(check.site), *map(str, wheels)])
+                              "--no-deps", "--target", str(check.site), *where, *map(str, wheels)])
     return {"bundles": manifest["bundles"], "installed": [w.name for w in wheels],
             "joined": sorted(manifest["joined"]), "llama_cpp": manifest.get("llama_cpp"),
             "bitsandbytes": manifest.get("bitsandbytes")}
