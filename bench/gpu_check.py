@@ -225,7 +225,8 @@ def _job(check: Check, step: str, strategy: str, dataset: Path, sets: list[str],
         raise StepFailed(f"the job trained on {device}, not {check.mode.device}: {job['decisions']['device']['reason']}")
     metrics = [json.loads(x) for x in (new[-1] / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
-    return {"job_dir": str(new[-1]), "status": job["status"],
+    # "job_status", not "status": the step's own status (ok, failed, skipped) is a different thing.
+    return {"job_dir": str(new[-1]), "job_status": job["status"],
             "decisions": {k: v["value"] for k, v in job["decisions"].items()},
             "first_loss": losses[0] if losses else None, "final_loss": job.get("final_loss"),
             "tokens_per_second": job.get("tokens_per_second"), "measured": job.get("measured")}
