@@ -18,6 +18,7 @@ from contract.job_folder import (
     FINISHED,
     JOB_FILE,
     STRATEGY_FILE,
+    UnreadableJob,
     job_dir,
     jobs_root,
     now_iso,
@@ -108,8 +109,12 @@ def list_jobs() -> list[dict]:
     jobs = []
     for folder in sorted(root.iterdir()):
         if folder.is_dir() and (folder / JOB_FILE).exists():
-            jobs.append(refresh(folder))
-    return sorted(jobs, key=lambda j: j.get("created_at", ""))
+            try:
+                jobs.append(refresh(folder))
+            except UnreadableJob as exc:  # one bad folder must not hide the others
+                jobs.append({"job_id": folder.name, "status": "unreadable", "error": str(exc),
+                             "job_dir": str(folder)})
+    return sorted(jobs, key=lambda j: j.get("created_at") or "")
 
 
 def get(job_id: str) -> tuple[Path, dict]:

@@ -26,8 +26,11 @@ def generate(model, prompt, max_new_tokens, temperature):
     from pathlib import Path
 
     from orchestrator import jobs
+    from contract.errors import UserError
     from orchestrator.runners.local import PROJECT_ROOT, trainer_argv, trainer_env
 
+    if not prompt.strip():
+        raise UserError("--prompt is empty; give the question to answer, e.g. --prompt \"What is anemia?\"")
     # A GGUF answers through llama.cpp with the template and stop strings embedded at export.
     folder = Path(model).expanduser().resolve() if model.endswith(".gguf") else jobs.model_folder(model)
     # Streamed, not captured: the answer (or the trainer's error line) goes straight to the terminal.

@@ -155,7 +155,9 @@ def jobs_cmd(as_json):
         click.echo("no jobs yet; start one with `llamafarm finetune start --strategy tiny_demo --dataset ...`")
     for job in all_jobs:
         loss = f"loss {job['final_loss']:.4f}" if job.get("final_loss") is not None else ""
-        click.echo(f"{job['job_id']:<40} {job['status']:<9} {job.get('created_at', '')}  {loss}")
+        click.echo(f"{job['job_id']:<40} {job['status']:<9} {job.get('created_at', '')}  {loss}".rstrip())
+        if job["status"] == "unreadable":
+            click.echo(f"  {job['error']}")
 
 
 @finetune.command("stop")

@@ -1,0 +1,170 @@
+"""Hostile input, round two (issue 17): each case once crashed with a traceback or was silently
+accepted; now it is one `Error:` line, exit 1, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contract.job_folder import JOB_FILE, update_job
+from contract.strategy import parse_strategy
+from orchestrator import jobs
+
+from conftest import DATASETS
+
+QA = str(DATASETS / "medical_qa.jsonl")
+
+
+def _refused(result, message):
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("Error:") == 1, result.output
+
+
+# --- 1, 2: non-finite, absurd and boolean numbers ------------------------------------------------
+
+@pytest.mark.parametrize("value, message", [
+    ("inf", "num_train_epochs: Input should be a finite number"),
+    ("1e400", "num_train_epochs: Input should be a finite number"),
+    ("1e300", "num_train_epochs: Input should be less than or equal to 1000000"),
+    ("true", "num_train_epochs: true is a boolean; this key takes a number"),
+])
+def test_absurd_epochs_are_schema_errors(run_cli, value, message):
+    _refused(run_cli("finetune", "estimate", "--strategy", "tiny_demo", "--dataset", QA,
+                     "--set", f"training_args.num_train_epochs={value}"), message)
+
+
+def test_infinity_in_a_strategy_file_fails_validate(run_cli, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("inf_epochs:\n  fine_tuner:\n    config:\n      base_model: {huggingface_id: 'builtin:tiny-llama-spm'}\n"
+                    "      training_args: {num_train_epochs: 1e400, seed: 99999999999}\n")
+    result = run_cli("finetune", "strategies", "validate", path)
+    assert result.exit_code == 1
+    assert "num_train_epochs: Input should be a finite number" in result.output
+    assert "seed: Input should be less than or equal to 4294967295" in result.output
+
+
+def test_a_boolean_is_never_a_number(run_cli):
+    _refused(run_cli("finetune", "estimate", "--strategy", "tiny_demo", "--dataset", QA,
+                     "--set", "training_args.learning_rate=true"),
+             "training_args.learning_rate: true is a boolean; this key takes a number")
+    base = {"base_model": {"huggingface_id": "builtin:tiny-llama-spm"}}
+    ok = parse_strategy("t", {"fine_tuner": {"config": {**base, "training_args": {
+        "learning_rate": "3e-4", "torch_compile": False, "gradient_checkpointing": True}}}})
+    assert ok.cfg.training_args.learning_rate == 3e-4 and ok.cfg.training_args.torch_compile is False
+
+
+def test_base_model_name_defaults_from_the_id():
+    s = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"huggingface_id": "meta-llama/Llama-3.2-3B"}}}})
+    assert s.cfg.base_model.name == "Llama-3.2-3B"
+    s = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"huggingface_id": "builtin:tiny-llama-spm"}}}})
+    assert s.cfg.base_model.name == "tiny-llama-spm"
+
+
+# --- 3, 6, 7: dataset readers ----------------------------------------------------------------------
+
+def test_deeply_nested_json_is_a_line_error(run_cli, tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "\n")
+    _refused(run_cli("finetune", "dataset", "validate", deep), f"{deep}:2: not valid JSON for a dataset (nested too deeply")
+    _refused(run_cli("run", "--strategy", "tiny_demo", "--dataset", deep), f"{deep}:2: not valid JSON")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    _refused(run_cli("finetune", "dataset", "validate", tmp_path / "deep.json"), "nested too deeply")
+
+
+def test_latin1_csv_names_the_row(run_cli, tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"instruction,output\nWhat is flu?,A virus.\ncaf\xe9,x\n")
+    result = run_cli("finetune", "dataset", "validate", path)
+    _refused(result, f"{path}:3: not UTF-8 text")
+    assert "DatasetGenerationError" not in result.output and "Failed to read file" not in result.output
+
+
+def test_header_only_csv_has_no_rows(run_cli, tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text("instruction,output\n")
+    _refused(run_cli("finetune", "dataset", "validate", path), f"dataset {path} has no rows")
+
+
+def test_mixed_formats_name_the_first_row_of_the_other(run_cli, write_jsonl):
+    alpaca = {"instruction": "a", "output": "b"}
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path = write_jsonl([alpaca, alpaca, chat, alpaca, chat])
+    _refused(run_cli("finetune", "dataset", "validate", path),
+             f"{path}:3: mixes formats (alpaca, chat): this is the first chat row, after alpaca rows from {path}:1")
+
+
+# --- 4, 5: job list and monitor ------------------------------------------------------------------
+
+def _job(status="completed"):
+    strategy = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"huggingface_id": "builtin:tiny-llama-spm"}}}})
+    folder = jobs.create("t", strategy, Path("t.yaml"), Path(QA), None, {}, "local")
+    update_job(folder, status=status, pid=1)
+    return folder
+
+
+def test_one_truncated_job_file_never_takes_down_the_list(run_cli):
+    good, bad = _job(), _job()
+    text = (bad / JOB_FILE).read_text()
+    (bad / JOB_FILE).write_text(text[: len(text) // 2])
+    result = run_cli("finetune", "jobs")
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert f"{good.name}" in result.output and "completed" in result.output
+    assert f"{bad.name}" in result.output and "unreadable" in result.output
+    assert f"job file {bad / JOB_FILE} is unreadable" in result.output
+    listed = {j["job_id"]: j["status"] for j in json.loads(run_cli("finetune", "jobs", "--json").output)}
+    assert listed == {good.name: "completed", bad.name: "unreadable"}
+    _refused(run_cli("finetune", "monitor", "--job-id", bad.name), f"job file {bad / JOB_FILE} is unreadable")
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc", "bad_suffix"])
+def test_monitor_plot_to_an_impossible_path(run_cli, tmp_path, where):
+    folder = _job()
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "learning_rate": 1e-4}) + "\n")
+    (tmp_path / "afile").write_text("mine")
+    target = {"under_a_file": tmp_path / "afile" / "plot.png", "proc": Path("/proc/llamafarm/plot.png"),
+              "bad_suffix": tmp_path / "plot.notanimage"}[where]
+    _refused(run_cli("finetune", "monitor", "--job-id", folder.name, "--plot", target),
+             f"cannot write the plot to {target}")
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["afile"]
+
+
+# --- Messages ------------------------------------------------------------------------------------
+
+def test_usage_errors_and_ours_share_exit_code_1(run_cli):
+    for argv in (["nope"], ["finetune", "start"], ["--bogus"], ["generate", "--model", "x"]):
+        result = run_cli(*argv)
+        assert result.exit_code == 1 and "Error: " in result.output, (argv, result.output)
+
+
+def test_empty_prompt_is_refused(run_cli):
+    _refused(run_cli("generate", "--model", "x", "--prompt", "  "), "--prompt is empty")
+
+
+def test_validate_says_invalid_once(run_cli, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"broken": {"fine_tuner": {"config": {"method": {"r": 0}}}}}))
+    result = run_cli("finetune", "strategies", "validate", path)
+    assert "invalid strategy 'broken'" in result.output and "invalid invalid" not in result.output
+
+
+def test_offline_hub_message_does_not_suggest_logging_in(run_cli):
+    result = run_cli("run", "--strategy", "cpu_fine_tuning", "--dataset", QA)
+    _refused(result, "is not in the local Hugging Face cache and HF_HUB_OFFLINE=1")
+    assert "HF_TOKEN" not in result.output and "log in" not in result.output
+
+
+def test_messages_name_the_strategy_file_option(run_cli):
+    _refused(run_cli("finetune", "strategies", "list", "--strategy-file", "nope.yaml"), "(from --strategy-file or")
+
+
+def test_no_doubled_words_in_json_errors(run_cli, write_jsonl):
+    path = write_jsonl(['{"instruction": "x', '{"instruction": "x", "output": '])
+    result = run_cli("finetune", "dataset", "validate", path)
+    assert f"{path}:1: not valid JSON (Unterminated string starting at column 17)" in result.output
+    assert f"{path}:2: not valid JSON (Expecting value at column 32)" in result.output
