@@ -168,3 +168,26 @@ def test_no_doubled_words_in_json_errors(run_cli, write_jsonl):
     result = run_cli("finetune", "dataset", "validate", path)
     assert f"{path}:1: not valid JSON (Unterminated string starting at column 17)" in result.output
     assert f"{path}:2: not valid JSON (Expecting value at column 32)" in result.output
+
+
+# --- 8: --force replaces only what an export wrote -----------------------------------------------
+
+def test_export_force_never_deletes_the_users_own_folder(monkeypatch, tmp_path):
+    from contract.errors import UserError
+    from trainer.export import run as export_run
+
+    monkeypatch.setattr(export_run, "_resolve", lambda *a: (None, "gguf", "f32", False))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match=r"exists and was not written by an export \(it has no export_report.json\); "
+                                        "--force only replaces an earlier export's folder"):
+        export_run.export(tmp_path, "gguf", "f32", mine, None, force=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["mine"]
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "export_report.json").write_text("{}")
+    export_run._check_replaceable(earlier, force=True)  # an earlier export: may be replaced
+    with pytest.raises(UserError, match="pass --force to replace it"):
+        export_run._check_replaceable(earlier, force=False)
