@@ -191,3 +191,48 @@ def test_export_force_never_deletes_the_users_own_folder(monkeypatch, tmp_path):
     export_run._check_replaceable(earlier, force=True)  # an earlier export: may be replaced
     with pytest.raises(UserError, match="pass --force to replace it"):
         export_run._check_replaceable(earlier, force=False)
+
+
+# --- 9: Ctrl-C on a foreground job stops it --------------------------------------------------------
+
+def test_ctrl_c_on_a_foreground_job_stops_it(monkeypatch, capsys):
+    from orchestrator import monitor
+    from orchestrator.cli import jobs_cmd
+
+    folder = _job(status="running")
+    stops = []
+
+    class Runner:
+        def stop(self, job):  # what the trainer does on SIGTERM: checkpoint, then `stopped`
+            stops.append(job["job_id"])
+            update_job(folder, status="stopped")
+
+    calls = {"n": 0}
+    real_follow = monitor.follow
+
+    def follow(folder, echo=print, interval=1.0):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real_follow(folder, interval=0.01, echo=echo)
+
+    monkeypatch.setattr(monitor, "follow", follow)
+    monkeypatch.setattr(jobs, "pid_alive", lambda pid: True)  # pid 1 stands for a live trainer
+    with pytest.raises(SystemExit) as exited:
+        jobs_cmd.follow_in_foreground(folder, Runner(), echo=print)
+    assert exited.value.code == 130
+    assert stops == [folder.name]
+    out = capsys.readouterr().out
+    assert f"Ctrl-C: stopping job {folder.name}; it saves a checkpoint, then ends as stopped" in out
+    assert f"job {folder.name} stopped" in out
+
+
+def test_ctrl_c_elsewhere_exits_130_without_aborted(run_cli, monkeypatch):
+    from orchestrator import jobs as jobs_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs_module, "list_jobs", interrupted)
+    result = run_cli("finetune", "jobs")
+    assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.output and "Aborted" not in result.output

@@ -29,6 +29,7 @@ class _UserFacingError(click.ClickException):
 # The exit-code rule (README, Guarantees): 0 done; 1 anything refused or failed, Click's usage errors
 # (a missing option, an unknown command) included, each as one `Error: ...` line; 130 interrupted (Ctrl-C).
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # the shell's convention: 128 + SIGINT
 
 
 class _Root(click.Group):
@@ -50,6 +51,9 @@ class _Root(click.Group):
         except click.UsageError as exc:
             exc.exit_code = EXIT_ERROR
             raise
+        except KeyboardInterrupt:  # Click would print "Aborted!" and exit 1
+            click.echo("\ninterrupted (Ctrl-C)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
