@@ -236,3 +236,18 @@ def test_ctrl_c_elsewhere_exits_130_without_aborted(run_cli, monkeypatch):
     monkeypatch.setattr(jobs_module, "list_jobs", interrupted)
     result = run_cli("finetune", "jobs")
     assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.output and "Aborted" not in result.output
+
+
+# --- 11: after a resume, elapsed runs on and the ETA comes from the measured rate -------------------
+
+def test_elapsed_runs_on_across_a_resume(tmp_path):
+    from contract.job_folder import append_metrics
+    from orchestrator.monitor import summary
+    from trainer.loop import elapsed_before
+
+    folder = _job(status="running")
+    for step in range(1, 161):  # 160 steps at 1 s each before the kill; the checkpoint is at step 150
+        append_metrics(folder, {"step": step, "total_steps": 500, "loss": 1.0, "elapsed": float(step)})
+    assert elapsed_before(folder, 150) == 150.0
+    s = summary({"job_id": "j", "status": "running"}, [{"step": 160, "total_steps": 500, "loss": 1.0, "elapsed": 160.0}])
+    assert (s["elapsed"], s["eta_seconds"]) == (160.0, 340.0)
