@@ -124,6 +124,14 @@ def get(job_id: str) -> tuple[Path, dict]:
     return folder, refresh(folder)
 
 
+def export_gguf(path: Path) -> Path | None:
+    """The GGUF inside an export folder (gguf or ollama format), so `generate --model EXPORT_DIR` works."""
+    if not (path / "export_report.json").is_file():
+        return None
+    found = sorted(p for p in path.glob("*.gguf") if "adapter" not in p.name)
+    return found[0] if len(found) == 1 else None
+
+
 def model_folder(model: str) -> Path:
     """A job id or a folder to the folder that holds trained weights."""
     path = Path(model).expanduser().resolve()  # the trainer subprocess runs in another folder
@@ -134,7 +142,8 @@ def model_folder(model: str) -> Path:
             return path
         raise UserError(f"{path} holds no trained model (expected a job folder with final/, or a final/ folder)")
     if "/" in model or model.startswith("."):
-        raise UserError(f"model folder {model} does not exist")
+        raise UserError(f"model folder {model} does not exist; a job's model is named by its job id "
+                        "(`llamafarm finetune jobs` lists them), e.g. --model-path <job id>")
     folder, job = get(model)
     if job["status"] != "completed":
         detail = f": {job['error']}" if job.get("error") else ""

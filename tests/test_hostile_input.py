@@ -251,3 +251,16 @@ def test_elapsed_runs_on_across_a_resume(tmp_path):
     assert elapsed_before(folder, 150) == 150.0
     s = summary({"job_id": "j", "status": "running"}, [{"step": 160, "total_steps": 500, "loss": 1.0, "elapsed": 160.0}])
     assert (s["elapsed"], s["eta_seconds"]) == (160.0, 340.0)
+
+
+# --- the seed's own path flow ------------------------------------------------------------------------
+
+def test_the_documented_paths_answer_with_the_command_that_works(run_cli, tmp_path):
+    result = run_cli("finetune", "export", "--model-path", "./fine_tuned_models/model/", "--format", "ollama")
+    _refused(result, "model folder ./fine_tuned_models/model/ does not exist; a job's model is named by its job id")
+    export_dir = tmp_path / "exported"
+    export_dir.mkdir()
+    (export_dir / "export_report.json").write_text("{}")
+    (export_dir / "model-q8_0.gguf").write_bytes(b"GGUF")
+    assert jobs.export_gguf(export_dir) == export_dir / "model-q8_0.gguf", "generate --model EXPORT_DIR uses its GGUF"
+    assert jobs.export_gguf(tmp_path) is None

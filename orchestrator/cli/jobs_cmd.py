@@ -86,6 +86,9 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
         update_job(folder, status="failed", error=f"runner {runner.name} could not start: {exc}")
         raise UserError(f"runner {runner.name} could not start the job: {exc}") from None
     update_job(folder, pid=pid)
+    say(f"model: when it completes, the weights are in {folder / 'final'}; then "
+        f"`llamafarm finetune export --model-path {folder.name} --format ollama` and "
+        f"`llamafarm generate --model {folder.name} --prompt ...`")
     if as_json:
         emit_json({"job_id": folder.name, "job_dir": str(folder), "status": "pending", "pid": pid, "runner": runner.name})
     else:
