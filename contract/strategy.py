@@ -324,6 +324,10 @@ class FineTunerConfig(_Strict):
         default="auto", description="How the job is started: auto, local, container or native (see README, Runners)."
     )
     container: ContainerSettings = Field(default_factory=ContainerSettings)
+    time_warning_hours: float = Field(
+        default=8.0, gt=0, le=_MAX_EPOCHS,
+        description="`estimate` and `start` warn when the estimated training time is longer than this many hours.",
+    )
     export: ExportSpec = Field(default_factory=ExportSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 

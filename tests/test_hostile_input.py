@@ -264,3 +264,13 @@ def test_the_documented_paths_answer_with_the_command_that_works(run_cli, tmp_pa
     (export_dir / "model-q8_0.gguf").write_bytes(b"GGUF")
     assert jobs.export_gguf(export_dir) == export_dir / "model-q8_0.gguf", "generate --model EXPORT_DIR uses its GGUF"
     assert jobs.export_gguf(tmp_path) is None
+
+
+# --- 12: a long estimate is said, past a threshold the strategy or user sets ---------------------------
+
+def test_a_long_estimate_warns(run_cli):
+    quick = run_cli("finetune", "estimate", "--strategy", "tiny_demo", "--dataset", QA)
+    assert quick.exit_code == 0 and "warning:" not in quick.output
+    slow = run_cli("finetune", "estimate", "--strategy", "tiny_demo", "--dataset", QA,
+                   "--set", "training_args.num_train_epochs=100000", "--set", "time_warning_hours=1")
+    assert slow.exit_code == 0 and "longer than time_warning_hours (1 h)" in slow.output, slow.output

@@ -76,6 +76,10 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     say(f"runner: {runner.name} ({runner_reason})" + (f"; {runner_note}" if runner_note else ""))
     say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {format_duration(est.seconds)} for {est.steps} steps"
         + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
+    from orchestrator.cli.estimate_cmd import time_warning
+
+    if time_warning(est, cfg.time_warning_hours):
+        say(time_warning(est, cfg.time_warning_hours))
 
     folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
                          estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
