@@ -63,12 +63,6 @@ def _per_example_losses(model, batch, segments_per_row):
     return losses
 
 
-def _row_logits(model, batch, start: int, length: int):
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids).logits.float()
-    return logits[0, start : start + length]
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
     import torch
@@ -99,20 +93,10 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
         together = _per_example_losses(
             model, packed_batch, [[len(rows[i][0]) for i in (0, 1, 2)], [len(rows[i][0]) for i in (3, 4)]]
         )
-        # The sanity check that the test can fail, large by design whatever this machine's build of the
-        # builtin weights: replace every token of the first row with other tokens and watch the second
-        # row's logits. With the block mask they cannot move; without it they move by far more than
-        # float32 noise (a loss difference, which averages the leak away, once measured 0.0044 on one build).
-        other = (torch.randint(3, tok.vocab_size, (len(rows[0][0]),), generator=torch.Generator().manual_seed(0)).tolist(),
-                 list(rows[0][1]))
-        moved = {}
-        for packed in (True, False):
-            a, b = (_row_logits(model, collate([[first, rows[1]]], pad, packed=packed), len(first[0]), len(rows[1][0]))
-                    for first in (rows[0], other))
-            moved[packed] = (a - b).abs().max().item()
+        leaky = collate([[rows[0], rows[1], rows[2]]], pad, packed=False)  # one row, no block mask
+        leaked = _per_example_losses(model, leaky, [[len(rows[i][0]) for i in (0, 1, 2)]])
     assert together == pytest.approx(alone, abs=1e-5)
-    assert moved[True] < 1e-4, "with the block mask the second row never sees the first"
-    assert moved[False] > 100 * max(moved[True], 1e-4), f"without the block mask the second row sees the first: {moved}"
+    assert abs(leaked[1] - alone[1]) > 1e-2, "without the block mask the second row sees the first"
     assert packed_batch.attention_mask.shape[1] == 1 and packed_batch.attention_mask.dim() == 4
 
 
