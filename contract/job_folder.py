@@ -93,12 +93,21 @@ def _locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class UnreadableJob(UserError):
+    """A job.json that exists but cannot be read (truncated, hand-edited, not JSON)."""
+
+
 def read_job(folder: Path) -> dict:
     path = Path(folder) / JOB_FILE
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"no job at {folder} (missing {JOB_FILE}); `llamafarm finetune jobs` lists the jobs") from None
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UnreadableJob(f"job file {path} is unreadable ({exc}); fix or remove that job folder") from None
+    if not isinstance(data, dict):
+        raise UnreadableJob(f"job file {path} is unreadable (not a JSON object); fix or remove that job folder")
+    return data
 
 
 def update_job(folder: Path, **fields) -> dict:

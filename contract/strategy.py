@@ -10,18 +10,56 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from contract.export_options import FORMATS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
 
 
+# Upper bounds on counts: torch and numpy index with 64-bit (seeds: 32-bit) integers, and a value past
+# these is a typo, not a plan. Reported as a schema error rather than an OverflowError mid-run.
+_MAX_COUNT = 2**31 - 1
+_MAX_EPOCHS = 1e6
+
+
 class _Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # extra="forbid": a misspelt key is an error, never silently ignored. allow_inf_nan=False: 1e400
+    # and .inf are not numbers a run can use.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info: ValidationInfo):
+        # Pydantic's lax mode reads true as 1 and 1.0; `learning_rate: true` is a mistake, never a number.
+        if isinstance(value, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean; this key takes a {_kind(cls.model_fields[info.field_name].annotation)}")
+        return value
+
+
+def _kind(annotation) -> str:
+    from typing import Literal, get_args, get_origin
+
+    def one(a) -> str:
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return "section (a mapping of keys)"
+        if get_origin(a) is Literal:
+            return "name"
+        return {int: "number", float: "number", str: "text", list: "list", dict: "mapping"}.get(get_origin(a) or a, "value")
+
+    parts = get_args(annotation) if get_origin(annotation) not in (None, list, dict, Literal) else (annotation,)
+    return " or ".join(sorted({one(a) for a in parts if a is not type(None)}))
+
+
+def _accepts_bool(annotation) -> bool:
+    from typing import get_args
+
+    return annotation is bool or bool in get_args(annotation) or any(
+        _accepts_bool(arg) for arg in get_args(annotation) if get_args(arg))
 
 
 class BaseModelSpec(_Strict):
-    name: str = Field(description="Short display name of the base model, e.g. llama3.2-3b.")
+    name: str | None = Field(
+        default=None, description="Short display name of the base model, e.g. llama3.2-3b; null: from huggingface_id."
+    )
     huggingface_id: str = Field(
         description="Hub id, local folder, builtin:<name> (builtin:tiny-llama-spm, builtin:tiny-llama-bpe), "
         "or a previous job's output: job:<job_id> or its folder (a LoRA output is merged into its base).",
@@ -32,10 +70,17 @@ class BaseModelSpec(_Strict):
         default=False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
     )
 
+    @model_validator(mode="after")
+    def _default_name(self) -> "BaseModelSpec":
+        if not self.name:
+            # "Org/Model-1B" -> "Model-1B", "builtin:tiny" -> "tiny", "./models/mine/" -> "mine"
+            self.name = re.split(r"[/:\\]", self.huggingface_id.rstrip("/\\"))[-1] or self.huggingface_id
+        return self
+
 
 class MethodSpec(_Strict):
     type: Literal["lora", "qlora", "full"] = Field(default="lora", description="lora, qlora (4-bit base, CUDA) or full.")
-    r: int = Field(default=8, gt=0, description="LoRA rank; higher trains more parameters.")
+    r: int = Field(default=8, gt=0, le=_MAX_COUNT, description="LoRA rank; higher trains more parameters.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha/r.")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
@@ -60,12 +105,12 @@ class MethodSpec(_Strict):
 
 
 class TrainingArgs(_Strict):
-    num_train_epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
+    num_train_epochs: float = Field(default=1.0, gt=0, le=_MAX_EPOCHS, description="Passes over the training data.")
     max_steps: int | None = Field(
-        default=None, gt=0, description="Stop after this many optimizer steps (overrides num_train_epochs)."
+        default=None, gt=0, le=_MAX_COUNT, description="Stop after this many optimizer steps (overrides num_train_epochs)."
     )
-    per_device_train_batch_size: int = Field(default=1, gt=0, description="Sequences per forward pass.")
-    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Forward passes per optimizer step.")
+    per_device_train_batch_size: int = Field(default=1, gt=0, le=_MAX_COUNT, description="Sequences per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, le=_MAX_COUNT, description="Forward passes per optimizer step.")
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         default="linear", description="Learning-rate schedule after warm-up."
@@ -73,15 +118,15 @@ class TrainingArgs(_Strict):
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping norm; null turns it off.")
-    max_seq_length: int = Field(default=512, gt=8, description="Tokens per training row, prompt included.")
-    seed: int = Field(default=42, ge=0, description="Seed for initialisation, dropout and data order.")
-    logging_steps: int = Field(default=1, gt=0, description="Write a metrics line every N optimizer steps.")
+    max_seq_length: int = Field(default=512, gt=8, le=_MAX_COUNT, description="Tokens per training row, prompt included.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for initialisation, dropout and data order.")
+    logging_steps: int = Field(default=1, gt=0, le=_MAX_COUNT, description="Write a metrics line every N optimizer steps.")
     save_steps: int | None = Field(
-        default=None, gt=0, description="Checkpoint every N optimizer steps; null saves only the final weights."
+        default=None, gt=0, le=_MAX_COUNT, description="Checkpoint every N optimizer steps; null saves only the final weights."
     )
-    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    save_total_limit: int = Field(default=2, gt=0, le=_MAX_COUNT, description="Checkpoints kept; older ones are deleted.")
     eval_steps: int | None = Field(
-        default=None, gt=0, description="Eval loss every N steps; null: at the end of every epoch. Needs eval data."
+        default=None, gt=0, le=_MAX_COUNT, description="Eval loss every N steps; null: at the end of every epoch. Needs eval data."
     )
     save_best: bool = Field(
         default=False, description="Keep the checkpoint with the lowest eval loss as best/. Needs eval data."
@@ -142,10 +187,10 @@ class OllamaSpec(_Strict):
     system: str | None = Field(default=None, description="SYSTEM prompt written into the Modelfile; null: none.")
     temperature: float | None = Field(default=None, ge=0.0, description="Sampling temperature; null: Ollama's default.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; null: Ollama's default.")
-    top_k: int | None = Field(default=None, gt=0, description="Top-k sampling; null: Ollama's default.")
+    top_k: int | None = Field(default=None, gt=0, le=_MAX_COUNT, description="Top-k sampling; null: Ollama's default.")
     repeat_penalty: float | None = Field(default=None, gt=0.0, description="Repetition penalty; null: Ollama's default.")
     num_ctx: int | None = Field(
-        default=None, gt=0, description="Context window; null: the training max_seq_length."
+        default=None, gt=0, le=_MAX_COUNT, description="Context window; null: the training max_seq_length."
     )
 
 
@@ -213,8 +258,8 @@ class DistributedSpec(_Strict):
         description="none: one process. ddp: every process holds the whole model and takes its share of each "
         "batch. fsdp: weights, gradients and optimizer state are sharded across processes (models too big for one device).",
     )
-    nproc_per_node: int = Field(default=1, gt=0, description="Training processes on each machine: one per GPU.")
-    nnodes: int = Field(default=1, gt=0, description="Machines taking part; each starts the same strategy.")
+    nproc_per_node: int = Field(default=1, gt=0, le=_MAX_COUNT, description="Training processes on each machine: one per GPU.")
+    nnodes: int = Field(default=1, gt=0, le=_MAX_COUNT, description="Machines taking part; each starts the same strategy.")
     node_rank: int = Field(
         default=0, ge=0, description="This machine's number, 0 to nnodes-1 (rdzv_backend static; c10d numbers nodes itself)."
     )
@@ -279,6 +324,10 @@ class FineTunerConfig(_Strict):
         default="auto", description="How the job is started: auto, local, container or native (see README, Runners)."
     )
     container: ContainerSettings = Field(default_factory=ContainerSettings)
+    time_warning_hours: float = Field(
+        default=8.0, gt=0, le=_MAX_EPOCHS,
+        description="`estimate` and `start` warn when the estimated training time is longer than this many hours.",
+    )
     export: ExportSpec = Field(default_factory=ExportSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 

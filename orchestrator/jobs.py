@@ -18,6 +18,7 @@ from contract.job_folder import (
     FINISHED,
     JOB_FILE,
     STRATEGY_FILE,
+    UnreadableJob,
     job_dir,
     jobs_root,
     now_iso,
@@ -108,8 +109,12 @@ def list_jobs() -> list[dict]:
     jobs = []
     for folder in sorted(root.iterdir()):
         if folder.is_dir() and (folder / JOB_FILE).exists():
-            jobs.append(refresh(folder))
-    return sorted(jobs, key=lambda j: j.get("created_at", ""))
+            try:
+                jobs.append(refresh(folder))
+            except UnreadableJob as exc:  # one bad folder must not hide the others
+                jobs.append({"job_id": folder.name, "status": "unreadable", "error": str(exc),
+                             "job_dir": str(folder)})
+    return sorted(jobs, key=lambda j: j.get("created_at") or "")
 
 
 def get(job_id: str) -> tuple[Path, dict]:
@@ -117,6 +122,14 @@ def get(job_id: str) -> tuple[Path, dict]:
     if not (folder / JOB_FILE).exists():
         raise UserError(f"no job with id {job_id!r}; `llamafarm finetune jobs` lists the jobs")
     return folder, refresh(folder)
+
+
+def export_gguf(path: Path) -> Path | None:
+    """The GGUF inside an export folder (gguf or ollama format), so `generate --model EXPORT_DIR` works."""
+    if not (path / "export_report.json").is_file():
+        return None
+    found = sorted(p for p in path.glob("*.gguf") if "adapter" not in p.name)
+    return found[0] if len(found) == 1 else None
 
 
 def model_folder(model: str) -> Path:
@@ -129,7 +142,8 @@ def model_folder(model: str) -> Path:
             return path
         raise UserError(f"{path} holds no trained model (expected a job folder with final/, or a final/ folder)")
     if "/" in model or model.startswith("."):
-        raise UserError(f"model folder {model} does not exist")
+        raise UserError(f"model folder {model} does not exist; a job's model is named by its job id "
+                        "(`llamafarm finetune jobs` lists them), e.g. --model-path <job id>")
     folder, job = get(model)
     if job["status"] != "completed":
         detail = f": {job['error']}" if job.get("error") else ""

@@ -41,8 +41,29 @@ def plot_metrics(metrics: list[dict], out: Path, title: str) -> Path:
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    try:
+        _save(fig, Path(out))
+    finally:
+        plt.close(fig)
+    return Path(out)
+
+
+def _save(fig, out: Path) -> None:
+    """Write under a temporary name, then rename: a failed save leaves nothing behind."""
+    import os
+
+    from contract.errors import UserError
+
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"cannot write the plot to {out}: unknown image type {out.suffix!r}; use a .png path")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format=fmt)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if tmp.is_file():
+            tmp.unlink()
+        reason = exc.strerror or str(exc)
+        raise UserError(f"cannot write the plot to {out}: {reason}; give --plot a path in a writable folder") from None

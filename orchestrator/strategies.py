@@ -1,7 +1,7 @@
 """Finding, loading, checking and overriding strategies.
 
 Strategy files are YAML mappings of `name -> strategy`. They come from the shipped
-`strategies/default_strategies.yaml`, then from every file or folder named by `--strategies` and by
+`strategies/default_strategies.yaml`, then from every file or folder named by `--strategy-file` and by
 `LLAMAFARM_STRATEGIES` (os.pathsep separated); a later file may redefine a name, which is reported.
 """
 
@@ -40,7 +40,7 @@ def yaml_files(path: Path) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
     if path.is_file():
         return [path]
-    raise UserError(f"strategy path {path} does not exist (from --strategies or ${ENV_VAR})")
+    raise UserError(f"strategy path {path} does not exist (from --strategy-file or ${ENV_VAR})")
 
 
 def read_strategy_file(path: Path) -> dict:

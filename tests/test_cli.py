@@ -24,15 +24,20 @@ def test_strategies_list_and_json(run_cli):
     assert tiny["base_model_name"] == "tiny-llama-bpe"
 
 
-def test_strategies_list_shows_files_as_written_even_broken_ones(run_cli, tmp_path):
+def test_strategies_list_shows_files_as_written_and_marks_broken_ones(run_cli, tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("weird:\n  fine_tuner: just-a-string\n"
                     "minimal:\n  fine_tuner: {config: {base_model: {name: x, huggingface_id: 'builtin:tiny-llama-spm'}}}\n")
     result = run_cli("finetune", "strategies", "list", "--strategy-file", mine)
     assert result.exit_code == 0
     lines = {line.split()[0]: line.split() for line in result.output.splitlines()}
-    assert lines["weird"][1:4] == ["default", "default", "-"]
+    assert lines["weird"][1:4] == ["INVALID", "(1", "problem;"]
+    assert f"`llamafarm finetune strategies validate {mine}`" in result.output
     assert lines["minimal"][1:4] == ["default", "default", "builtin:tiny-llama-spm"]
+    rows = {r["name"]: r for r in json.loads(run_cli("finetune", "strategies", "list", "--json",
+                                                     "--strategy-file", mine).output)}
+    assert (rows["weird"]["valid"], rows["weird"]["problems"]) == (False, ["fine_tuner: Input should be a valid dictionary or instance of FineTuner"])
+    assert rows["minimal"]["valid"] and rows["tiny_demo"]["valid"]
     shown = run_cli("finetune", "strategies", "show", "weird", "--strategy-file", mine)
     assert shown.exit_code == 1 and "fine_tuner: Input should be a valid dictionary" in shown.output
 

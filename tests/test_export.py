@@ -274,7 +274,7 @@ def test_bad_export_requests_are_refused_clearly(job, tmp_path, run_cli):
     result = run_cli("finetune", "export", "--model-path", "no-such-job", "--format", "gguf")
     assert result.exit_code == 1 and "no job with id 'no-such-job'" in result.output
     result = run_cli("finetune", "export", "--model-path", str(folder), "--format", "gguf", "--quantization", "q3")
-    assert result.exit_code == 2 and "'q3' is not one of" in result.output
+    assert result.exit_code == 1 and "'q3' is not one of" in result.output
 
 
 def test_k_quants_without_llama_cpp_say_how_to_get_it(monkeypatch):

@@ -99,6 +99,8 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     assert _weights_digest(killed / "final") == reference, f"killed at step >= {kill_at}, resumed from {newest.name}"
     steps = [m["step"] for m in read_metrics(killed) if "loss" in m]
     assert steps == list(range(1, 13)), "metrics cut back to the checkpoint, then continued"
+    elapsed = [m["elapsed"] for m in read_metrics(killed) if "loss" in m]
+    assert elapsed == sorted(elapsed), "elapsed runs on across the resume, never back to 0:00:00"
     assert f"resume: from {newest.name}" in (killed / "train.log").read_text()
 
 

@@ -200,9 +200,11 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
         hooks.save_checkpoint(TrainState(step, epoch, groups_done, best), optimizer, scheduler, scaler)
 
     model.train()
-    start = time.perf_counter()
+    run_start = time.perf_counter()
+    # Records carry the job's training time, which runs on across resumes (monitor's elapsed and ETA).
+    start = run_start - (elapsed_before(job_dir, state.step) if resume else 0.0)
     step, best = state.step, state.best_eval_loss
-    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, start
+    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, run_start
     tokens_seen, final_loss = 0, None
     epoch, skip = state.epoch, state.groups_done
     while step < total_steps:
@@ -273,5 +275,13 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
             if args.save_steps and step % args.save_steps == 0 and step < total_steps:
                 checkpoint(epoch, done + 1)
         epoch, skip = epoch + 1, 0
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - run_start
     return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed, tokens_seen)
+
+
+def elapsed_before(job_dir: Path, resume_step: int) -> float:
+    """Training time spent up to the checkpoint a run resumes from: the last record at or before it."""
+    from contract.job_folder import read_metrics
+
+    times = [r["elapsed"] for r in read_metrics(job_dir) if "elapsed" in r and r.get("step", 0) <= resume_step]
+    return times[-1] if times else 0.0

@@ -26,14 +26,34 @@ class _UserFacingError(click.ClickException):
     exit_code = 1
 
 
+# The exit-code rule (README, Guarantees): 0 done; 1 anything refused or failed, Click's usage errors
+# (a missing option, an unknown command) included, each as one `Error: ...` line; 130 interrupted (Ctrl-C).
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # the shell's convention: 128 + SIGINT
+
+
 class _Root(click.Group):
-    """Turns a UserError anywhere below into one clear line and exit 1, never a traceback."""
+    """Turns a UserError anywhere below into one clear line and exit 1, never a traceback; gives
+    Click's own usage errors the same exit code."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as exc:
             raise _UserFacingError(str(exc)) from None
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+        except KeyboardInterrupt:  # Click would print "Aborted!" and exit 1
+            click.echo("\ninterrupted (Ctrl-C)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})

@@ -32,7 +32,7 @@ def estimate_cmd(strategy_name, dataset, device, assignments, as_json, strategy_
     if as_json:
         emit_json(est.to_dict())
         return
-    _print_estimate(strategy_name, est)
+    _print_estimate(strategy_name, est, strategy.cfg.time_warning_hours)
 
 
 def _estimate_device(strategy, flag: str) -> str:
@@ -48,7 +48,18 @@ def _estimate_device(strategy, flag: str) -> str:
         return cfg.device  # judged against the device it asks for, even if absent here
 
 
-def _print_estimate(name: str, est) -> None:
+def time_warning(est, hours: float) -> str | None:
+    """A fitting run can still be too long to want: say so past the strategy's time_warning_hours."""
+    from orchestrator.monitor import format_duration
+
+    if est.seconds is None or est.seconds <= hours * 3600:
+        return None
+    return (f"warning: about {format_duration(est.seconds)} of training, longer than time_warning_hours ({hours:g} h); "
+            "lower training_args.num_train_epochs or max_steps, or raise time_warning_hours "
+            f"(--set time_warning_hours={max(hours, est.seconds / 3600) * 2:.0f})")
+
+
+def _print_estimate(name: str, est, warn_hours: float | None = None) -> None:
     from orchestrator.monitor import format_duration
 
     click.echo(f"{name}: {est.model} ({est.params / 1e6:,.1f}M parameters, {est.trainable_params / 1e6:,.2f}M trained; "
@@ -70,3 +81,6 @@ def _print_estimate(name: str, est) -> None:
         click.echo("verdict: does NOT fit; to make it fit:")
         for tip in est.advice:
             click.echo(f"  - {tip}")
+    warning = time_warning(est, warn_hours) if warn_hours else None
+    if warning:
+        click.echo(warning)

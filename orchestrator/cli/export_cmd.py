@@ -19,7 +19,7 @@ from orchestrator.cli.base import finetune
               help="GGUF weight type, or merged precision (default: the strategy's export section).")
 @click.option("--output", type=click.Path(), default=None, help="Folder to write (default: <job>/exports/<format>-<quantization>).")
 @click.option("--name", default=None, help="Model name; with --format ollama and `ollama` on PATH, runs `ollama create NAME`.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in the output folder (one holding export_report.json); other folders are refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(model, fmt, quantization, output, name, force, as_json):
     """Export a trained model; every GGUF is loaded back with llama.cpp and compared with PyTorch

@@ -26,10 +26,17 @@ def generate(model, prompt, max_new_tokens, temperature):
     from pathlib import Path
 
     from orchestrator import jobs
+    from contract.errors import UserError
     from orchestrator.runners.local import PROJECT_ROOT, trainer_argv, trainer_env
 
+    if not prompt.strip():
+        raise UserError("--prompt is empty; give the question to answer, e.g. --prompt \"What is anemia?\"")
     # A GGUF answers through llama.cpp with the template and stop strings embedded at export.
-    folder = Path(model).expanduser().resolve() if model.endswith(".gguf") else jobs.model_folder(model)
+    gguf = jobs.export_gguf(Path(model).expanduser().resolve())  # an export folder: its one GGUF
+    if gguf:
+        folder = gguf
+    else:
+        folder = Path(model).expanduser().resolve() if model.endswith(".gguf") else jobs.model_folder(model)
     # Streamed, not captured: the answer (or the trainer's error line) goes straight to the terminal.
     argv = trainer_argv("generate", str(folder), "--prompt", prompt,
                         "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature))

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from contract.errors import UserError
-from orchestrator.cli.base import STRATEGY_FILES, cli, emit_json, finetune, load_strategy
+from orchestrator.cli.base import EXIT_INTERRUPTED, STRATEGY_FILES, cli, emit_json, finetune, load_strategy
 
 
 @finetune.command("start")
@@ -76,6 +76,10 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     say(f"runner: {runner.name} ({runner_reason})" + (f"; {runner_note}" if runner_note else ""))
     say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {format_duration(est.seconds)} for {est.steps} steps"
         + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
+    from orchestrator.cli.estimate_cmd import time_warning
+
+    if time_warning(est, cfg.time_warning_hours):
+        say(time_warning(est, cfg.time_warning_hours))
 
     folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
                          estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
@@ -86,15 +90,44 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
         update_job(folder, status="failed", error=f"runner {runner.name} could not start: {exc}")
         raise UserError(f"runner {runner.name} could not start the job: {exc}") from None
     update_job(folder, pid=pid)
+    say(f"model: when it completes, the weights are in {folder / 'final'}; then "
+        f"`llamafarm finetune export --model-path {folder.name} --format ollama` and "
+        f"`llamafarm generate --model {folder.name} --prompt ...`")
     if as_json:
         emit_json({"job_id": folder.name, "job_dir": str(folder), "status": "pending", "pid": pid, "runner": runner.name})
     else:
         click.echo(folder.name)
     if foreground:
-        from orchestrator.monitor import follow
-
-        final = follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+        final = follow_in_foreground(folder, runner, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
         sys.exit(0 if final["status"] == "completed" else 1)
+
+
+def follow_in_foreground(folder: Path, runner, echo=click.echo) -> dict:
+    """Stream a job started with --foreground. Ctrl-C stops the job, as users of a foreground command
+    expect: it saves a checkpoint and ends `stopped` (resumable); a second Ctrl-C stops waiting only."""
+    from contract.job_folder import FINISHED, now_iso, update_job
+    from orchestrator import jobs
+    from orchestrator.monitor import follow
+
+    try:
+        return follow(folder, echo=echo)
+    except KeyboardInterrupt:
+        pass
+    job_id = folder.name
+    job = jobs.refresh(folder)
+    if job["status"] not in FINISHED:
+        echo(f"\nCtrl-C: stopping job {job_id}; it saves a checkpoint, then ends as stopped "
+             f"(continue it with `llamafarm finetune resume --job-id {job_id}`)")
+        if job.get("pid"):
+            runner.stop(job)
+        else:
+            update_job(folder, status="stopped", finished_at=now_iso())
+        try:
+            job = follow(folder, echo=lambda m: None)
+            echo(f"job {job_id} {job['status']}")
+        except KeyboardInterrupt:
+            echo(f"not waiting any longer; job {job_id} is still stopping (`llamafarm finetune jobs` shows when it has)")
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @finetune.command("monitor")
@@ -125,7 +158,12 @@ def monitor(job_id, follow_, plot_path, as_json):
         written = plot_metrics(metrics, Path(plot_path), f"{job_id} ({job['status']})")
         click.echo(f"plot: {written}", err=as_json)
     if follow_:
-        final = mon.follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+        try:
+            final = mon.follow(folder, echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+        except KeyboardInterrupt:  # watching stops; the job is not ours to stop here
+            click.echo(f"\nstopped watching; job {job_id} runs on (`llamafarm finetune stop --job-id {job_id}` "
+                       "stops it)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         if as_json:
             emit_json(final)
         sys.exit(0 if final["status"] == "completed" else 1)
@@ -155,7 +193,9 @@ def jobs_cmd(as_json):
         click.echo("no jobs yet; start one with `llamafarm finetune start --strategy tiny_demo --dataset ...`")
     for job in all_jobs:
         loss = f"loss {job['final_loss']:.4f}" if job.get("final_loss") is not None else ""
-        click.echo(f"{job['job_id']:<40} {job['status']:<9} {job.get('created_at', '')}  {loss}")
+        click.echo(f"{job['job_id']:<40} {job['status']:<9} {job.get('created_at', '')}  {loss}".rstrip())
+        if job["status"] == "unreadable":
+            click.echo(f"  {job['error']}")
 
 
 @finetune.command("stop")
@@ -218,9 +258,7 @@ def resume(job_id, foreground):
     update_job(folder, pid=pid)
     click.echo(f"job {job_id} resumes from {latest.name} (runner {runner.name}, pid {pid})")
     if foreground:
-        from orchestrator.monitor import follow
-
-        sys.exit(0 if follow(folder)["status"] == "completed" else 1)
+        sys.exit(0 if follow_in_foreground(folder, runner)["status"] == "completed" else 1)
 
 
 

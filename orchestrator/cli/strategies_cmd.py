@@ -32,10 +32,12 @@ def strategies_list(strategy_files, as_json):
     """
     from orchestrator import strategies as strat
 
-    # Listing reads the files as written (no validation, so it stays instant and shows broken ones
-    # too); a key left to the schema's default shows as "default" (`strategies show` resolves it).
+    # Listing shows the files as written (a key left to the schema's default shows as "default";
+    # `strategies show` resolves it). The user's own files are validated so a broken strategy is never
+    # listed as if it were fine; the shipped ones are checked by CI, so a plain list stays instant.
     rows = []
     for name, entry in sorted(strat.discover(strategy_files).items()):
+        problems = [] if entry.source == strat.DEFAULT_STRATEGIES else _problems(strat, entry)
         rows.append(
             {
                 "name": name,
@@ -45,6 +47,8 @@ def strategies_list(strategy_files, as_json):
                 "method": _raw(entry.raw, "fine_tuner", "config", "method", "type") or "default",
                 "device": _raw(entry.raw, "fine_tuner", "config", "device") or "default",
                 "source": str(entry.source),
+                "valid": not problems,
+                "problems": problems,
             }
         )
     if as_json:
@@ -52,7 +56,22 @@ def strategies_list(strategy_files, as_json):
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['method']:<7} {r['device']:<7}  {r['base_model'] or '-'}  {r['description']}")
+        line = f"{r['name']:<{width}}  {r['method']!s:<7} {r['device']!s:<7}  {r['base_model'] or '-'}  {r['description']}"
+        if not r["valid"]:
+            n = len(r["problems"])
+            line = (f"{r['name']:<{width}}  INVALID ({n} problem{'s' if n != 1 else ''}; "
+                    f"`llamafarm finetune strategies validate {r['source']}`)")
+        click.echo(line.rstrip())
+
+
+def _problems(strat, entry) -> list[str]:
+    from contract.errors import StrategyError
+
+    try:
+        strat.validate(entry.name, entry.raw, str(entry.source))
+        return []
+    except StrategyError as exc:
+        return exc.problems
 
 
 def _raw(data, *path):
@@ -109,7 +128,7 @@ def strategies_validate(files):
                     click.echo(f"ok      {name} ({path})")
                 except StrategyError as exc:
                     failures += 1
-                    click.echo(f"invalid {exc}", err=True)
+                    click.echo(str(exc), err=True)  # "invalid strategy NAME in FILE (N problems): ..."
     if failures:
         raise UserError(f"{failures} invalid strateg{'y' if failures == 1 else 'ies'}")
 

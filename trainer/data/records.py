@@ -28,6 +28,8 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _MAX_REPORTED = 10
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one row this long is almost surely a broken file, not data
+# Python's JSON parser recurses once per level; a row nested past its limit is a broken file, not data.
+_TOO_DEEP = "not valid JSON for a dataset (nested too deeply: lists or objects inside each other past Python's limit)"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,11 @@ def detect_format(row: dict) -> str | None:
 # --- files ---------------------------------------------------------------------------------------
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" already ("Unterminated string starting at").
+    return f"not valid JSON ({exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno})"
+
+
 def _jsonl_rows(path: Path, text: str, problems: list[str]):
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -149,14 +156,19 @@ def _jsonl_rows(path: Path, text: str, problems: list[str]):
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            problems.append(f"{where}: {_json_problem(exc)}")
+        except RecursionError:
+            problems.append(f"{where}: {_TOO_DEEP}")
 
 
 def _json_rows(path: Path, text: str, problems: list[str]):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        problems.append(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+        problems.append(f"{path}:{exc.lineno}: {_json_problem(exc)}")
+        return
+    except RecursionError:
+        problems.append(f"{path}: {_TOO_DEEP}")
         return
     if not isinstance(data, list):
         problems.append(f"{path}: a .json dataset must be an array of rows (use .jsonl for one row per line)")
@@ -187,6 +199,8 @@ def _library_rows(path: Path):
                     raise DatasetError(f"dataset folder {path} has splits {list(ds)} but no 'train' split")
                 ds = ds["train"]
         else:
+            if path.suffix == ".csv" and not _csv_has_rows(path):
+                return
             kind = {".csv": "csv", ".parquet": "parquet"}[path.suffix]
             ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True) if kind == "csv" else \
                 datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
@@ -199,6 +213,16 @@ def _library_rows(path: Path):
     for i, row in enumerate(ds):
         where = f"{path}:{i + first}" if path.suffix == ".csv" else f"{path} row {i + 1}"
         yield where, dict(row)  # an empty cell is None: optional fields treat it as absent
+
+
+def _csv_has_rows(path: Path) -> bool:
+    """Checked before the library reads a CSV: it names no row for bad bytes and answers a header-only
+    file with 'corresponds to no data'; we say file:line and 'has no rows' as for JSONL."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(_read_text(path)))
+    return any(any(cell.strip() for cell in row) for i, row in enumerate(reader) if i > 0)
 
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -231,7 +255,7 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
     rename = {source: canonical for canonical, source in (columns or {}).items()}
     problems: list[str] = []
     conversations: list[Conversation] = []
-    seen_formats: set[str] = set()
+    first_of_format: dict[str, str] = {}  # format -> where its first row is
     for where, row in _raw_rows(path, problems):
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object, got {type(row).__name__}")
@@ -254,13 +278,15 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        seen_formats.add(row_format)
+        first_of_format.setdefault(row_format, where)
         if isinstance(parsed, str):
             conversations.append(Conversation((), where, row_format, text=parsed))
         else:
             conversations.append(Conversation(tuple(parsed), where, row_format))
-    if len(seen_formats) > 1:
-        problems.append(f"{path}: mixes formats ({', '.join(sorted(seen_formats))}); use one format per file")
+    if len(first_of_format) > 1:
+        (main, main_where), (other, other_where) = list(first_of_format.items())[:2]
+        problems.append(f"{other_where}: mixes formats ({', '.join(sorted(first_of_format))}): this is the first "
+                        f"{other} row, after {main} rows from {main_where}; use one format per file")
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
         more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""

@@ -151,14 +151,29 @@ def _ollama_create(name: str | None, out: Path) -> dict:
     return {"command": command}
 
 
+def _written_by_export(path: Path) -> bool:
+    """An export folder carries its report; nothing else is ours to replace."""
+    return path.is_dir() and (path / REPORT_FILE).is_file()
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """--force replaces an earlier export only: a folder of the user's own files is never deleted."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not force:
+        raise UserError(f"{out} already exists; choose another --output or pass --force to replace it")
+    if not _written_by_export(out):
+        raise UserError(f"{out} exists and was not written by an export (it has no {REPORT_FILE}); --force only "
+                        "replaces an earlier export's folder; choose another --output")
+
+
 def export(folder: Path, fmt: str | None, quantization: str | None, output: Path | None, name: str | None,
            force: bool = False) -> dict:
     from trainer.generate import load_for_inference
 
     strategy, fmt, quantization, is_adapter = _resolve(folder, fmt, quantization)
     out = (output or default_output(folder, fmt, quantization)).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} already exists; choose another --output or pass --force to replace it")
+    _check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     label = name or f"{strategy.cfg.base_model.name}-{folder.parent.name if folder.name == FINAL_DIR else folder.name}"
@@ -189,8 +204,9 @@ def export(folder: Path, fmt: str | None, quantization: str | None, output: Path
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     except BaseException:
         failed = out.with_name(out.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        if report.get("verification"):
+        if _written_by_export(failed):
+            shutil.rmtree(failed, ignore_errors=True)
+        if report.get("verification") and not failed.exists():
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
             tmp.rename(failed)
             _say(f"the failed export is kept for inspection in {failed}")

@@ -13,7 +13,10 @@ from contract.errors import UserError
 from contract.strategy import BaseModelSpec
 from trainer.models import builtin
 
-_FIX = "set base_model.huggingface_id to a local folder (or builtin:tiny-llama-bpe), or log in with HF_TOKEN"
+_LOCAL = "set base_model.huggingface_id to a local folder (or builtin:tiny-llama-bpe)"
+_FIX = f"{_LOCAL}, or log in with HF_TOKEN"
+# Offline, logging in cannot help: the model must come from the cache or a folder.
+_FIX_OFFLINE = f"{_LOCAL}, or download it once with HF_HUB_OFFLINE unset"
 
 
 def _offline() -> bool:
@@ -47,7 +50,7 @@ def check_available(spec: BaseModelSpec) -> str:
     if _cached(spec):
         return "Hugging Face cache"
     if _offline():
-        raise UserError(f"base model {model_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; {_FIX}")
+        raise UserError(f"base model {model_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; {_FIX_OFFLINE}")
     from huggingface_hub import auth_check
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
