@@ -1,7 +1,8 @@
 """Actions from the page run the `llamafarm` command itself, in a subprocess.
 
 The CLI commands own the checks, decisions and messages (preflight, estimate, resume rules); calling
-them, not a copy, keeps the page and the terminal identical. A subprocess also keeps click's output
+them, not a copy, keeps the page and the terminal identical. They run in the folder `llamafarm ui`
+was started in, so a relative dataset path means what it means on the command line. A subprocess also keeps click's output
 and a failing trainer away from the server. Cost: about 0.3 s of interpreter start per action."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Iterator
 
 from contract.errors import UserError
-from orchestrator.runners.local import PROJECT_ROOT, trainer_env
+from orchestrator.runners.local import trainer_env
 
 
 def cli_argv(*args: str) -> list[str]:
@@ -30,7 +31,7 @@ def _error_line(stderr: str, code: int) -> str:
 
 def run(*args: str, timeout: float | None = None) -> str:
     """Run `llamafarm ARGS`; its stdout, or a UserError carrying the CLI's own error message."""
-    proc = subprocess.run(cli_argv(*args), cwd=PROJECT_ROOT, env=trainer_env(), capture_output=True,
+    proc = subprocess.run(cli_argv(*args), env=trainer_env(), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode:
         raise UserError(_error_line(proc.stderr, proc.returncode))
@@ -51,7 +52,7 @@ def stream(*args: str) -> Iterator[str]:
     """Run `llamafarm ARGS` and yield its stdout as it arrives; a failure ends with UserError."""
     import codecs
 
-    proc = subprocess.Popen(cli_argv(*args), cwd=PROJECT_ROOT, env=trainer_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cli_argv(*args), env=trainer_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
