@@ -141,3 +141,13 @@ def test_beyond_localhost_every_request_needs_the_token():
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         assert opener.open(guard.url(), timeout=30).status == 200
         assert json.loads(opener.open(f"http://127.0.0.2:{guard.port}/api/jobs", timeout=30).read()) == []
+
+
+def test_chat_answers_with_the_cli_message_for_a_job_without_weights(server):
+    _fake_job("f-1", status="stopped")
+    status, text = request(server, "/api/chat", {"job_id": "f-1", "prompt": "hi"})
+    assert status == 200 and "[error] job f-1 is stopped; only a completed job has final weights" in text
+    status, body = request(server, "/api/chat", {"job_id": "f-1", "export": "../../x", "prompt": "hi"})
+    assert status == 400 and "no GGUF export named '../../x'" in body["error"]
+    status, body = request(server, "/api/chat", {"job_id": "../f-1", "prompt": "hi"})
+    assert status == 400 and "invalid job id" in body["error"]

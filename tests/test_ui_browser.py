@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.ui_server import serving
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1280,900")
+MAX_STEPS = 12
 WAIT_S = 240  # generous: a busy CI machine trains, exports and answers far slower than a quiet one
 
 
@@ -67,6 +69,19 @@ def _status(driver) -> str:
     return _text(driver, "#summary span[class^=status-]")
 
 
+def _freeze_after(folder: Path, records: int, timeout: float = WAIT_S) -> int:
+    """SIGSTOP the job's process group once metrics.jsonl holds `records` lines; its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= records:
+            pid = json.loads((folder / "job.json").read_text())["pid"]
+            os.killpg(pid, signal.SIGSTOP)
+            return pid
+        time.sleep(0.01)
+    raise AssertionError(f"the job logged fewer than {records} steps in {timeout} s: {(folder / 'train.log').read_text()[-2000:]}")
+
+
 def _screenshot(driver, name: str) -> None:
     folder = os.environ.get("LLAMAFARM_UI_SCREENSHOTS")
     if folder:
@@ -92,7 +107,7 @@ def test_a_job_from_start_to_chat_in_the_browser(browser):
         dataset.send_keys(str(DATASETS / "medical_qa.jsonl"))
         _click(browser, "#validate")
         _wait(browser, lambda d: d.find_elements("css selector", "#preview tr"), "the dataset report and preview")
-        for name, value in (("training_args.max_steps", "6"), ("training_args.logging_steps", "1"),
+        for name, value in (("training_args.max_steps", str(MAX_STEPS)), ("training_args.logging_steps", "1"),
                             ("training_args.save_steps", "1000")):
             _set_value(browser, name, value)
         _screenshot(browser, "ui-new-job.png")
@@ -100,19 +115,18 @@ def test_a_job_from_start_to_chat_in_the_browser(browser):
         _wait(browser, lambda d: "#/job/" in d.current_url, "the new job's page")
         job_id = browser.current_url.split("#/job/")[1]
 
-        # The chart grows from the metrics stream; then the trainer is frozen for a moment so the
-        # page's Stop lands mid-run whatever the machine's speed (SIGTERM waits for SIGCONT).
-        _wait(browser, lambda d: _loss_points(d) >= 2, "two points on the loss chart")
-        pid = json.loads((job_dir(job_id) / "job.json").read_text())["pid"]
-        os.killpg(pid, signal.SIGSTOP)
+        # The trainer is frozen (SIGSTOP) as soon as it has logged two steps, so the page's Stop lands
+        # mid-run however fast this machine trains; the pending SIGTERM is handled after SIGCONT.
+        pid = _freeze_after(job_dir(job_id), records=2)
         try:
+            _wait(browser, lambda d: _loss_points(d) >= 2, "two points on the loss chart")
             _click(browser, "#stop")
             _wait(browser, lambda d: "stop sent" in _text(d, "#action-result"), "the stop command's answer")
         finally:
             os.killpg(pid, signal.SIGCONT)
         _wait(browser, lambda d: _status(d) == "stopped", "status stopped")
         points_at_stop = _loss_points(browser)
-        assert 2 <= points_at_stop < 6
+        assert 2 <= points_at_stop < MAX_STEPS
         _wait(browser, lambda d: "checkpoint-" in _text(d, "#checkpoints"), "the stop's checkpoint")
 
         _click(browser, "#resume")
