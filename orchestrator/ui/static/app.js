@@ -28,8 +28,15 @@ async function post(path, body) {
   return data;
 }
 
-function listen(path, handlers) {
+function unlisten() {
   if (stream) stream.close();
+  stream = null;
+  const live = document.getElementById("live");
+  live.textContent = ""; live.className = "";
+}
+
+function listen(path, handlers) {
+  unlisten();
   stream = new EventSource(path);
   const live = document.getElementById("live");
   stream.onopen = () => { live.textContent = "live"; live.className = "on"; };
@@ -169,7 +176,7 @@ function showDataset(el, r) {
 
 // --- Chat ---------------------------------------------------------------------------------------
 async function chatPage(jobId) {
-  if (stream) { stream.close(); stream = null; }
+  unlisten();
   const job = h("select", {id: "chat-job"}), model = h("select", {id: "chat-model"});
   const prompt = h("textarea", {id: "prompt", rows: 3, cols: 80});
   const answer = h("div", {id: "answer"});
@@ -217,7 +224,7 @@ async function comparePage() {
 function route() {
   const [, page, arg] = location.hash.split("/");
   if (page === "job" && arg) return jobPage(decodeURIComponent(arg));
-  if (stream && page !== "" && page !== undefined) { stream.close(); stream = null; }
+  if (page === "new" || page === "chat") unlisten();
   if (page === "new") return newJobPage().catch(e => view.append(h("p", {class: "error"}, e.message)));
   if (page === "chat") return chatPage(arg && decodeURIComponent(arg)).catch(e => view.append(h("p", {class: "error"}, e.message)));
   if (page === "compare") return comparePage();
