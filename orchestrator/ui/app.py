@@ -198,6 +198,11 @@ async def _chat(request: Request) -> Response:
 # --- server-sent events ------------------------------------------------------------------------------
 
 
+def _stopping(request: Request) -> bool:
+    server = getattr(request.app.state, "server", None)
+    return bool(server and server.should_exit)
+
+
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -206,7 +211,8 @@ def _event_stream(request: Request, poll):
     """Call poll() every POLL_SECONDS in a thread; send what it returns; stop when the page goes."""
     async def events():
         quiet = 0.0
-        while not await request.is_disconnected():
+        # A stream ends when the page goes or the server is stopping (else uvicorn waits, then cancels it).
+        while not _stopping(request) and not await request.is_disconnected():
             messages = await run_in_threadpool(poll)
             for message in messages:
                 yield message

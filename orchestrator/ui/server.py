@@ -18,6 +18,9 @@ def make_guard(host: str, port: int) -> Guard:
 
 
 def make_server(guard: Guard) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(guard), host=guard.host, port=guard.port, log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=1)
-    return uvicorn.Server(config)
+    app = create_app(guard)
+    config = uvicorn.Config(app, host=guard.host, port=guard.port, log_level="warning",
+                            lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    app.state.server = server  # the event streams end when it is asked to stop
+    return server
