@@ -66,12 +66,16 @@ def test_job_events_stream_new_metrics_as_they_are_written(server):
     assert status == 200 and resp.headers["content-type"].startswith("text/event-stream")
     with resp:
         first = read_events(resp, lambda ev: any(n == "metrics" for n, _ in ev) and any(n == "job" for n, _ in ev))
-        assert [m["loss"] for n, data in first if n == "metrics" for m in data] == [3.0]
+        assert [(d["from"], [m["loss"] for m in d["records"]]) for n, d in first if n == "metrics"] == [(0, [3.0])]
         append_metrics(job_dir("b-1"), {"step": 2, "loss": 2.5, "elapsed": 2.0})
         update_job(job_dir("b-1"), status="stopped")
         later = read_events(resp, lambda ev: any(n == "metrics" for n, _ in ev)
                             and any(n == "job" and d["job"]["status"] == "stopped" for n, d in ev))
-        assert [m["loss"] for n, data in later if n == "metrics" for m in data] == [2.5]  # only the new record
+        assert [(d["from"], [m["loss"] for m in d["records"]]) for n, d in later if n == "metrics"] == [(1, [2.5])]  # only the new one
+        # A resume cuts the file back to its checkpoint: the page is told to drop what follows.
+        (job_dir("b-1") / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "elapsed": 1.0}) + "\n")
+        cut = read_events(resp, lambda ev: any(n == "metrics" for n, _ in ev))
+        assert [(d["from"], d["records"]) for n, d in cut if n == "metrics"] == [(1, [])]
 
 
 def test_jobs_event_stream_sends_the_list_when_it_changes(server):

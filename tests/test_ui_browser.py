@@ -98,7 +98,7 @@ def _set_value(driver, name: str, value: str) -> None:
     field.send_keys(value)
 
 
-def test_a_job_from_start_to_chat_in_the_browser(browser):
+def test_a_job_from_start_to_chat_in_the_browser(browser, run_cli):
     with serving() as guard:
         browser.get(guard.url() + "#/new")
         _wait(browser, lambda d: d.find_elements("css selector", '#values input[name="training_args.max_steps"]'), "the strategy's values")
@@ -133,6 +133,9 @@ def test_a_job_from_start_to_chat_in_the_browser(browser):
         _wait(browser, lambda d: _status(d) == "completed", "the resumed job to complete")
         _wait(browser, lambda d: _loss_points(d) > points_at_stop, "the resumed steps on the chart")
         _screenshot(browser, "ui-job.png")
+        # The page's job is a CLI job like any other.
+        listed = json.loads(run_cli("finetune", "jobs", "--json").output)
+        assert [(j["job_id"], j["status"], j["resumes"]) for j in listed] == [(job_id, "completed", 1)]
 
         browser.find_element("css selector", "#export-quantization option[value=f16]").click()
         _click(browser, "#export")

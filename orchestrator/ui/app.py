@@ -249,8 +249,11 @@ async def _job_events(request: Request) -> Response:
     def poll() -> list[str]:
         messages = []
         metrics = read_metrics(folder)
-        if len(metrics) > state["sent"]:
-            messages.append(_sse("metrics", metrics[state["sent"]:]))
+        # A resume cuts metrics.jsonl back to its checkpoint's step: then the records are sent again
+        # from where they changed; `from` tells the page where the new records go.
+        start = min(state["sent"], len(metrics))
+        if len(metrics) != state["sent"]:
+            messages.append(_sse("metrics", {"from": start, "records": metrics[start:]}))
             state["sent"] = len(metrics)
         current = views.job_detail(job_id)
         if current != state["detail"]:

@@ -86,7 +86,7 @@ function jobPage(jobId) {
   view.replaceChildren(h("h2", {}, jobId), actionsBar(jobId, out), out, charts, details);
   drawCharts();
   listen(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
-    metrics: records => { metrics.push(...records); drawCharts(); },
+    metrics: m => { metrics.length = m.from; metrics.push(...m.records); drawCharts(); },
     job: d => details.replaceChildren(...jobDetails(jobId, d)),
   });
 }
