@@ -204,7 +204,7 @@ async function chatPage(jobId) {
       const reader = r.body.getReader(), decoder = new TextDecoder();
       for (let c = await reader.read(); !c.done; c = await reader.read()) reply.textContent += decoder.decode(c.value, {stream: true});
     } catch (e) { reply.className = "error"; reply.textContent = e.message; }
-    finally { send.disabled = false; }
+    finally { send.disabled = false; turn.dataset.done = "1"; }
   });
 }
 
