@@ -92,8 +92,8 @@ function jobPage(jobId) {
 }
 
 function actionsBar(jobId, out) {
-  const fmt = h("select", {id: "export-format"}, ["gguf", "ollama", "merged", "adapter-gguf"].map(f => h("option", {}, f)));
-  const quant = h("select", {id: "export-quantization"}, h("option", {value: ""}, "(strategy default)"), ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"].map(q => h("option", {}, q)));
+  const fmt = h("select", {id: "export-format"}, ["gguf", "ollama", "merged", "adapter-gguf"].map(f => h("option", {value: f}, f)));
+  const quant = h("select", {id: "export-quantization"}, h("option", {value: ""}, "(strategy default)"), ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"].map(q => h("option", {value: q}, q)));
   const evalData = h("input", {id: "eval-dataset", size: 40, placeholder: "held-out dataset path"});
   const button = (id, label, fn) => { const b = h("button", {id, onclick: () => act(b, out, fn)}, label); return b; };
   const base = `/api/jobs/${encodeURIComponent(jobId)}/`;
