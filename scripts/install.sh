@@ -11,6 +11,7 @@ PYTHON=${PYTHON:-python3}
 quiet_pip() { .venv/bin/pip "$@" --quiet --disable-pip-version-check 2> >(grep -v "^WARNING: Location" >&2); }
 quiet_pip install -r requirements/cpu.txt
 quiet_pip install -r requirements/export.txt
+quiet_pip install -r requirements/ui.txt   # llamafarm ui, and Selenium for its browser tests
 quiet_pip install --no-deps -e .
-.venv/bin/python -c "import torch, transformers, peft, llama_cpp, orchestrator, trainer" \
+.venv/bin/python -c "import torch, transformers, peft, llama_cpp, starlette, uvicorn, orchestrator, trainer" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }

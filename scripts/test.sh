@@ -13,4 +13,6 @@ if [ "$(uname -s)" = Linux ]; then bash scripts/container_setup.sh; fi
 command -v go >/dev/null || bash scripts/apt_install.sh golang-go
 # The torch.compile tests need the C++ compiler torch's CPU backend builds its kernels with.
 command -v g++ >/dev/null || bash scripts/apt_install.sh g++
+# The dashboard's browser tests drive Debian's headless chromium through its chromedriver.
+command -v chromedriver >/dev/null || bash scripts/apt_install.sh chromium chromium-driver
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

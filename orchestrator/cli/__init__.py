@@ -5,7 +5,7 @@ command bodies so `--help` and `strategies list` answer at once.
     llamafarm finetune strategies list
 """
 
-from orchestrator.cli import data_cmd, estimate_cmd, export_cmd, generate_cmd, images_cmd, jobs_cmd, strategies_cmd  # noqa: F401  (register)
+from orchestrator.cli import data_cmd, estimate_cmd, export_cmd, generate_cmd, images_cmd, jobs_cmd, strategies_cmd, ui_cmd  # noqa: F401  (register)
 from orchestrator.cli.base import cli
 
 __all__ = ["cli", "main"]
