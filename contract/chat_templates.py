@@ -49,14 +49,60 @@ _ALPACA = (
     "{% endif %}{% endfor %}"
 )
 
-_CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+def _keep_newlines(jinja: str) -> str:
+    """Hugging Face renders with trim_blocks, which eats the newline right after a tag; written as an
+    expression it stays, as the Ollama form needs."""
+    return jinja.replace("%}\n", "%}{{ '\\n' }}")
+
+
+# Tool definitions and call arguments are written as compact JSON with sorted keys: that is what
+# Ollama's `json` template function (Go's json.Marshal of a map) writes, so both forms give one text.
+_JSON = "tojson(separators=(',', ':'), sort_keys=True)"
+
+# Qwen2.5's tool format: the tools in the system block, calls in <tool_call> tags, results as a user
+# block of <tool_response> tags (consecutive results share one block).
+_TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FORMAT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n"
+)
+_CHATML = _keep_newlines(
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    + _TOOLS_PREAMBLE + "{% for t in tools %}\n{{ t | " + _JSON + " }}{% endfor %}" + _TOOLS_FORMAT + "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif not (tools and m['role'] == 'system') %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for c in m['tool_calls'] or [] %}{% if m['content'] or not loop.first %}\n{% endif %}"
+    "<tool_call>\n{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": {{ c['function']['arguments'] | " + _JSON + " }}}"
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_LLAMA3 = (
+# Llama 3.1's tool format: the tools in the first user message, a call as {"name", "parameters"}
+# JSON, results in an ipython block.
+_LLAMA3_TOOLS_INTRO = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": "
+    "dictionary of argument name and its value}. Do not use variables.\n\n"
+)
+_LLAMA3 = _keep_newlines(
     "{{ bos_token }}{% for m in messages %}"
-    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% if m['role'] == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% elif m['tool_calls'] %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% if m['content'] %}{{ m['content'] }}\n{% endif %}{% for c in m['tool_calls'] %}{% if not loop.first %}\n{% endif %}"
+    "{\"name\": \"{{ c['function']['name'] }}\", \"parameters\": {{ c['function']['arguments'] | " + _JSON + " }}}"
+    "{% endfor %}<|eot_id|>"
+    "{% else %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if tools and m['role'] == 'user' and (loop.index0 == 0 or (loop.index0 == 1 and messages[0]['role'] == 'system')) %}"
+    + _LLAMA3_TOOLS_INTRO + "{% for t in tools %}{{ t | " + _JSON + " }}\n\n{% endfor %}{% endif %}"
+    "{{ m['content'] }}<|eot_id|>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
@@ -90,12 +136,32 @@ _ALPACA_GO = (
     '{{ else if eq .Role "user" }}{{ if eq $prev "assistant" }}\n{{ end }}### Instruction:\n{{ .Content }}\n\n### Response:\n'
     '{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}{{ end }}{{ $prev = .Role }}{{ end }}'
 )
+# With tools: .Tools and each message's .ToolCalls, JSON through Ollama's `json` function. A run of
+# tool results is closed when the next message (or the end) comes, instead of looking ahead.
 _CHATML_GO = (
-    "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    '{{ if .Tools }}<|im_start|>system\n{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq .Role "system") }}'
+    '{{ .Content }}\n\n{{ end }}{{ end }}' + _TOOLS_PREAMBLE + '{{ range .Tools }}\n{{ json . }}{{ end }}'
+    + _TOOLS_FORMAT + '{{ end }}'
+    '{{ $prev := "" }}{{ range .Messages }}'
+    '{{ if and (eq $prev "tool") (ne .Role "tool") }}<|im_end|>\n{{ end }}'
+    '{{ if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}'
+    '\n<tool_response>\n{{ .Content }}\n</tool_response>'
+    '{{ else if not (and $.Tools (eq .Role "system")) }}<|im_start|>{{ .Role }}\n{{ .Content }}'
+    '{{ $content := .Content }}{{ range $j, $c := .ToolCalls }}{{ if or $content $j }}\n{{ end }}'
+    '<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n</tool_call>{{ end }}'
+    '<|im_end|>\n{{ end }}{{ $prev = .Role }}{{ end }}'
+    '{{ if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
 )
 _LLAMA3_GO = (
-    "{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    '{{ $first := true }}{{ range .Messages }}'
+    '{{ if eq .Role "tool" }}<|start_header_id|>ipython<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+    '{{ else if .ToolCalls }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ if .Content }}{{ .Content }}\n{{ end }}'
+    '{{ range $j, $c := .ToolCalls }}{{ if $j }}\n{{ end }}'
+    '{"name": "{{ .Function.Name }}", "parameters": {{ json .Function.Arguments }}}{{ end }}<|eot_id|>'
+    '{{ else }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+    '{{ if and $.Tools $first (eq .Role "user") }}' + _LLAMA3_TOOLS_INTRO + '{{ range $.Tools }}{{ json . }}\n\n{{ end }}{{ end }}'
+    '{{ .Content }}<|eot_id|>{{ end }}{{ if eq .Role "user" }}{{ $first = false }}{{ end }}{{ end }}'
+    '<|start_header_id|>assistant<|end_header_id|>\n\n'
 )
 _LLAMA2_GO = (
     '{{ $sys := "" }}{{ $first := true }}{{ range .Messages }}'

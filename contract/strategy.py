@@ -147,6 +147,12 @@ class TrainingArgs(_Strict):
     )
 
 
+# The fields of every row format (trainer/data/records.py), the names dataset.columns may map to.
+DATASET_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages", "conversations",
+                  "tools", "text")
+LLAMAFACTORY_COLUMNS = {"query": "input", "response": "output", "history": "earlier turns (write sharegpt rows instead)"}
+
+
 class DatasetSpec(_Strict):
     format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = Field(
         default="auto", description="Row format; auto detects it from the rows' keys."
@@ -154,6 +160,16 @@ class DatasetSpec(_Strict):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Your column names for the format's fields, e.g. {instruction: question, output: answer}.",
+    )
+    replace: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values for {{name}} placeholders in the rows, e.g. {name: MedBot, author: Acme}; "
+        "placeholders left unfilled are counted in a warning.",
+    )
+    text_mode: Literal["blocks", "truncate"] = Field(
+        default="blocks",
+        description="Plain-text rows (format text): blocks joins the documents, each ending in EOS, and cuts "
+        "full max_seq_length blocks so every token trains (pretraining); truncate cuts each row at max_seq_length.",
     )
     template: str = Field(
         default="auto",
@@ -177,6 +193,17 @@ class DatasetSpec(_Strict):
         if self.eval_file and self.eval_fraction:
             raise ValueError("set eval_fraction or eval_file, not both")
         return self
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "DatasetSpec":
+        unknown = [k for k in self.columns if k not in DATASET_FIELDS]
+        if not unknown:
+            return self
+        hints = [f"{k} is LlamaFactory's name for {LLAMAFACTORY_COLUMNS[k]}" for k in unknown if k in LLAMAFACTORY_COLUMNS]
+        raise ValueError(
+            f"columns: unknown field(s) {', '.join(unknown)}; valid: {', '.join(DATASET_FIELDS)}"
+            + (f" ({'; '.join(hints)}; or give the whole entry as --dataset path/to/dataset_info.json:NAME)" if hints else "")
+        )
 
     @property
     def has_eval(self) -> bool:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.data.report import token_stats
 
             cfg = parse_strategy("stdin", yaml.safe_load(sys.stdin.read())).cfg
-            rows = read_dataset(args.dataset, cfg.dataset.format, cfg.dataset.columns)
+            rows = read_dataset(args.dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
             print(json.dumps(token_stats(rows, cfg)), flush=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -140,10 +140,15 @@ def _train(folder: Path, stop_flag: dict) -> None:
     with world.local_first():
         data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
     stats = data.stats
+    for warning in stats.warnings:
+        print(warning, flush=True)
     print(
         f"data: {stats.rows} rows read, {len(data.train)} for training, {len(data.eval)} for eval; "
         f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as longer than {args.max_seq_length} tokens, "
-        f"{stats.dropped_no_target} dropped with no answer tokens; {stats.tokens} tokens, {stats.target_tokens} in the loss"
+        f"{stats.dropped_no_target} dropped with no answer tokens"
+        + (f", plain text as {stats.text_blocks} blocks of up to {args.max_seq_length} tokens" if stats.text_blocks else "")
+        + f"; {stats.tokens} of {stats.source_tokens} tokens trained ({stats.share_trained:.0%}), "
+        f"{stats.target_tokens} in the loss"
         + ("; tokenized rows from cache" if data.cache_hit else ""),
         flush=True,
     )

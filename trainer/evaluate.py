@@ -39,7 +39,7 @@ def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int 
 
     model, tokenizer, encoder, strategy = load_for_inference(Path(folder))
     cfg = strategy.cfg
-    conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns)
+    conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
     rows, stats = encoder.encode_all(conversations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chats = [c for c in conversations if c.text is None][:samples]

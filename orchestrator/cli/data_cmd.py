@@ -40,7 +40,7 @@ def dataset_validate(path, strategy_name, as_json, strategy_files):
 
     strategy = load_strategy(strategy_name, (), strategy_files)[1] if strategy_name else None
     d = strategy.cfg.dataset if strategy else None
-    report = describe(Path(path), d.format if d else "auto", d.columns if d else None)
+    report = describe(Path(path), d.format if d else "auto", d.columns if d else None, d.replace if d else None)
     if strategy:
         report.update(_trainer_json(["dataset-stats", str(Path(path).resolve())], yaml.safe_dump(resolved_dict(strategy))))
         report["strategy"] = strategy_name
@@ -52,12 +52,17 @@ def dataset_validate(path, strategy_name, as_json, strategy_files):
                f"multi-turn {report['multi_turn_rows']}, with a system prompt {report['with_system_prompt']}")
     for example in report["duplicate_examples"]:
         click.echo(f"  duplicate: {example}")
+    if report["with_tools"]:
+        click.echo(f"  with tool calls or tools: {report['with_tools']}")
+    if report["unfilled_placeholders"]:
+        names = ", ".join(f"{{{{{k}}}}} in {n}" for k, n in sorted(report["unfilled_placeholders"].items()))
+        click.echo(f"  warning: unfilled placeholders ({names} rows); fill them with dataset.replace")
     if strategy:
         click.echo(f"  tokens ({strategy_name}, template {report['template']}): p50 {report['tokens_p50']}, "
                    f"p95 {report['tokens_p95']}, max {report['tokens_max']}")
         click.echo(f"  over max_seq_length {report['max_seq_length']}: {report['over_max_seq_length']} rows "
-                   f"({report['over_action']}); tokens per epoch {report['tokens_per_epoch']}, "
-                   f"in the loss {report['target_tokens']}")
+                   f"({report['over_action']}); tokens per epoch {report['tokens_per_epoch']} of "
+                   f"{report['tokens_total']} ({report['share_trained']:.0%} trained), in the loss {report['target_tokens']}")
     else:
         click.echo("  (add --strategy NAME for token lengths under that strategy's tokenizer and template)")
 

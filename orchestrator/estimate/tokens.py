@@ -50,7 +50,7 @@ def _tokenizer(strategy: Strategy):
 
 def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple[int, str]:
     d = strategy.cfg.dataset
-    conversations = conversations or read_dataset(dataset, d.format, d.columns)
+    conversations = conversations or read_dataset(dataset, d.format, d.columns, d.replace)
     limit = strategy.cfg.training_args.max_seq_length
     found = _tokenizer(strategy)
     if found is None:
@@ -60,13 +60,20 @@ def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple
 
     tok, bos, eos, own, label = found
     name = d.template if d.template != "auto" else (None if own else FALLBACK_TEMPLATE)
-    template = jinja2.Environment().from_string(own if name is None else get_template(name).jinja)
+    env = jinja2.Environment()
+    # The tojson of Hugging Face's template renderer (options included), which the tool templates use.
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    template = env.from_string(own if name is None else get_template(name).jinja)
     total = 0
     for c in conversations:
         text = c.text if c.text is not None else template.render(messages=list(c.messages), bos_token=bos,
-                                                                 eos_token=eos, add_generation_prompt=False)
+                                                                 eos_token=eos, add_generation_prompt=False,
+                                                                 tools=list(c.tools) or None)
         # BOS once: from the template text when it writes one, else from the tokenizer; then EOS.
         n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
-        if n <= limit or d.truncation == "truncate":
+        if c.text is not None and d.text_mode == "blocks":
+            total += n  # documents joined and cut into blocks: every token trains
+        elif n <= limit or d.truncation == "truncate":
             total += min(n, limit)  # longer rows are cut to the limit, or dropped
     return total, f"counted with {label} and the {name or 'model'} template"

@@ -110,7 +110,11 @@ def _write_data(job: dict, cfg, work: Path) -> tuple[str, str | None]:
     from trainer.data.records import read_dataset
 
     def write(source: str, name: str) -> str:
-        rows = read_dataset(Path(source), cfg.dataset.format, cfg.dataset.columns)
+        rows = read_dataset(Path(source), cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+        calls = [c.where for c in rows if c.tools or any(m["role"] == "tool" for m in c.messages)]
+        if calls:  # messages_row carries role and content only: calls would be lost, not trained
+            raise UserError(f"{calls[0]}: tool-calling rows are not passed to the llamafactory backend in this "
+                            "version; use fine_tuner.type: pytorch")
         path = work / name
         path.write_text("".join(json.dumps(messages_row(c.messages), ensure_ascii=False) + "\n" for c in rows))
         return str(path)

@@ -134,7 +134,9 @@ def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts) 
     if host.hf_home:
         mounts.append({"source": str(host.hf_home), "target": HF_HOME_IN_CONTAINER, "read_only": False})
         environment["HF_HOME"] = HF_HOME_IN_CONTAINER
-    inputs = [job.get("dataset"), job.get("eval_dataset")]
+    # A LlamaFactory registry entry (dataset_info.json:NAME) names files beside it: its folder is mounted.
+    inputs = [str(Path(p.rsplit(":", 1)[0]).parent) if p and p.rsplit(":", 1)[0].endswith("dataset_info.json") else p
+              for p in (job.get("dataset"), job.get("eval_dataset"))]
     if Path(cfg.base_model.huggingface_id).is_absolute():  # a local base model folder (start pins it absolute)
         inputs.append(cfg.base_model.huggingface_id)
     for path in dict.fromkeys(p for p in inputs if p):

@@ -16,12 +16,13 @@ from pathlib import Path
 from contract.chat_templates import ChatTemplate
 from contract.errors import UserError
 from contract.strategy import FineTunerConfig
+from trainer.data.placeholders import unfilled_warning
 from trainer.data.records import read_dataset
 from trainer.data.tokenize import ConversationEncoder, EncodeStats
 from contract.job_folder import llamafarm_home
 
 # Bump when encoding changes, so stale cached rows are never used.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 
 @dataclass
@@ -34,7 +35,12 @@ class Prepared:
 
 
 def _file_digest(path: Path) -> str:
+    from trainer.data.llamafactory_info import entry_file, is_entry
+
     h = hashlib.sha256()
+    if is_entry(path):  # a registry entry: its own text (columns, tags) and the file it names
+        h.update(Path(str(path).rsplit(":", 1)[0]).read_bytes() + str(path).rsplit(":", 1)[1].encode())
+        path = entry_file(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
@@ -58,6 +64,8 @@ def cache_key(dataset: Path, eval_file: Path | None, tokenizer, template: ChatTe
         "train_on_inputs": d.train_on_inputs,
         "format": d.format,
         "columns": sorted(d.columns.items()),
+        "replace": sorted(d.replace.items()),
+        "text_mode": d.text_mode,
         "eval_fraction": d.eval_fraction,
         "seed": cfg.training_args.seed,
     }
@@ -108,10 +116,12 @@ def prepare(dataset: Path, cfg: FineTunerConfig, tokenizer, template: ChatTempla
         except Exception:  # a damaged cache file is rebuilt, never trusted
             path.unlink(missing_ok=True)
     d, args = cfg.dataset, cfg.training_args
-    encoder = ConversationEncoder(tokenizer, template, args.max_seq_length, d.train_on_inputs, d.truncation)
-    rows, stats = encoder.encode_all(read_dataset(dataset, d.format, d.columns))
+    encoder = ConversationEncoder(tokenizer, template, args.max_seq_length, d.train_on_inputs, d.truncation, d.text_mode)
+    conversations = read_dataset(dataset, d.format, d.columns, d.replace)
+    rows, stats = encoder.encode_all(conversations)
+    stats.warnings = [w for w in (unfilled_warning(conversations),) if w]
     if eval_file:
-        eval_rows, _ = encoder.encode_all(read_dataset(eval_file, d.format, d.columns))
+        eval_rows, _ = encoder.encode_all(read_dataset(eval_file, d.format, d.columns, d.replace))
     elif d.eval_fraction:
         order = list(range(len(rows)))
         random.Random(args.seed).shuffle(order)

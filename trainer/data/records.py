@@ -7,12 +7,16 @@ Files: JSONL and JSON arrays are read here, line by line, so every error names i
 and Hugging Face dataset folders (`save_to_disk`) go through the `datasets` library.
 
 Formats (one registry; `dataset.format` picks one, or `auto` detects it from the rows' keys):
-    alpaca             {"instruction", "input" (optional), "output"}
-    chat               {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
-    sharegpt           {"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}
-    prompt_completion  {"prompt", "completion"}
+    alpaca             {"instruction", "input" (optional), "output", "system" (optional)}
+    chat               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content", "tool_calls"}, ...],
+                        "tools" (optional), "system" (optional)}: OpenAI messages, tool calls included
+    sharegpt           {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value"}, ...],
+                        "tools" (optional), "system" (optional)}: LlamaFactory's ShareGPT
+    prompt_completion  {"prompt", "completion", "system" (optional)}
     text               {"text"}: raw text, every token trained, no template
-`dataset.columns` renames a file's own column names to these (e.g. {instruction: question}).
+`dataset.columns` renames a file's own column names to these (e.g. {instruction: question}); a
+LlamaFactory `dataset_info.json:NAME` gives the file, format and columns itself (trainer/data/llamafactory_info.py).
+Rows of kinds this version cannot train (preference pairs, multimodal) are refused by name (_UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from contract.errors import DatasetError
+from trainer.data import tools as tool_rows
+from trainer.data.placeholders import fill_placeholders
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -40,6 +46,8 @@ class Conversation:
     format: str
     text: str | None = None
     """Set for plain-text rows, which skip the chat template."""
+    tools: tuple[dict, ...] = ()
+    """Tool definitions offered to the model ({"type": "function", "function": {...}}), for the template."""
 
 
 def _strings(row: dict, keys: tuple[str, ...], required: tuple[str, ...], fmt: str) -> None:
@@ -54,21 +62,32 @@ def _strings(row: dict, keys: tuple[str, ...], required: tuple[str, ...], fmt: s
         raise ValueError(f"unexpected keys {sorted(extra)} for a {fmt} row ({', '.join(keys)})")
 
 
+def _with_system(row: dict, messages: list[dict]) -> list[dict]:
+    """A per-row `system` column becomes the conversation's system message."""
+    system = row.get("system")
+    if system is None or not system.strip():
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise ValueError("the row has both a 'system' column and a system message; keep one")
+    return [{"role": "system", "content": system}, *messages]
+
+
 def _alpaca(row: dict) -> list[dict]:
-    _strings(row, ("instruction", "input", "output"), ("instruction", "output"), "alpaca")
+    _strings(row, ("instruction", "input", "output", "system"), ("instruction", "output"), "alpaca")
     if not row["instruction"].strip() or not row["output"].strip():
         raise ValueError("empty instruction or output")
     prompt = row["instruction"]
     if (row.get("input") or "").strip():
         prompt = f"{prompt}\n\n{row['input']}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return _with_system(row, [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}])
 
 
 def _prompt_completion(row: dict) -> list[dict]:
-    _strings(row, ("prompt", "completion"), ("prompt", "completion"), "prompt_completion")
+    _strings(row, ("prompt", "completion", "system"), ("prompt", "completion"), "prompt_completion")
     if not row["prompt"].strip() or not row["completion"].strip():
         raise ValueError("empty prompt or completion")
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    return _with_system(row, [{"role": "user", "content": row["prompt"]},
+                              {"role": "assistant", "content": row["completion"]}])
 
 
 def _check_turns(messages: list[dict]) -> list[dict]:
@@ -103,12 +122,27 @@ def _turn_list(row: dict, key: str, role_key: str, text_key: str, roles: dict[st
     return _check_turns(out)
 
 
-def _chat(row: dict) -> list[dict]:
-    return _turn_list(row, "messages", "role", "content", {r: r for r in ROLES})
+def _chat(row: dict) -> list[dict] | tuple[list[dict], list[dict]]:
+    if tool_rows.uses_tools(row, "messages"):
+        messages, tools = tool_rows.chat_row(_check_system_column(row, "messages"))
+        return _with_system(row, messages), tools
+    return _with_system(row, _turn_list(_check_system_column(row, "messages"), "messages", "role", "content",
+                                        {r: r for r in ROLES}))
 
 
-def _sharegpt(row: dict) -> list[dict]:
-    return _turn_list(row, "conversations", "from", "value", SHAREGPT_ROLES)
+def _sharegpt(row: dict) -> list[dict] | tuple[list[dict], list[dict]]:
+    if tool_rows.uses_tools(row, "conversations"):
+        messages, tools = tool_rows.sharegpt_row(_check_system_column(row, "conversations"))
+        return _with_system(row, messages), tools
+    return _with_system(row, _turn_list(_check_system_column(row, "conversations"), "conversations", "from", "value",
+                                        SHAREGPT_ROLES))
+
+
+def _check_system_column(row: dict, key: str) -> dict:
+    """The row without its optional `system` column (checked here, added by _with_system)."""
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        raise ValueError(f"'system' must be a string, got {type(row['system']).__name__}")
+    return {k: v for k, v in row.items() if k != "system"}
 
 
 def _text(row: dict) -> str:
@@ -134,6 +168,33 @@ def detect_format(row: dict) -> str | None:
     for key, fmt in _SIGNATURES:
         if key in row:
             return fmt
+    return None
+
+
+def _is_multimodal(row: dict) -> bool:
+    turns = row.get("messages") or row.get("conversations") or []
+    parts = [t.get("content", t.get("value")) for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
+    return any(isinstance(p, list) and any(isinstance(x, dict) and "type" in x for x in p) for p in parts)
+
+
+# Row kinds this version recognises but cannot train, each with what to say. Checked before the
+# format, so the message names the kind instead of an unexpected key. The preference-tuning work
+# takes its entries out of this list as it adds its formats.
+_UNSUPPORTED: tuple[tuple[Callable[[dict], bool], str], ...] = (
+    (lambda row: "chosen" in row or "rejected" in row,
+     "preference data (chosen/rejected) is not supported by supervised fine-tuning in this version"),
+    (lambda row: "label" in row and isinstance(row["label"], bool),
+     "KTO preference data (a true/false 'label') is not supported by supervised fine-tuning in this version"),
+    (lambda row: bool({"images", "videos", "audios"} & set(row)) or _is_multimodal(row),
+     "multimodal rows (images, videos, audios or content parts with a 'type') are not supported in this version; "
+     "give text-only rows"),
+)
+
+
+def unsupported_kind(row: dict) -> str | None:
+    for matches, message in _UNSUPPORTED:
+        if matches(row):
+            return message
     return None
 
 
@@ -245,8 +306,18 @@ def _raw_rows(path: Path, problems: list[str]):
     raise DatasetError(f"dataset {path}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
-def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Conversation]:
-    """Read a dataset; raise DatasetError naming file:line for each bad row (the first ten shown)."""
+def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
+                 replace: dict[str, str] | None = None) -> list[Conversation]:
+    """Read a dataset; raise DatasetError naming file:line for each bad row (the first ten shown).
+
+    `path` may also be a LlamaFactory registry entry, `.../dataset_info.json:NAME`. `replace` fills
+    `{{name}}` placeholders in every string of every row."""
+    from trainer.data.llamafactory_info import is_entry, read_entry
+
+    if is_entry(path):
+        path, fmt, columns, adapt = read_entry(path, fmt, columns)
+    else:
+        adapt = None
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
@@ -260,12 +331,25 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object, got {type(row).__name__}")
             continue
-        if rename:
+        if replace:
+            row = fill_placeholders(row, replace)
+        kind = unsupported_kind(row)
+        if kind:
+            problems.append(f"{where}: {kind}")
+            continue
+        if rename and not adapt:  # a registry entry's columns may be absent, as in LlamaFactory
             missing = [s for s in rename if s not in row]
             if missing:
                 problems.append(f"{where}: column {missing[0]!r} (from dataset.columns) is missing")
                 continue
-            row = {rename.get(k, k): v for k, v in row.items()}
+        if rename:
+            row = {rename.get(k, k): v for k, v in row.items() if k in rename or not adapt}
+        if adapt:
+            try:
+                row = adapt(row)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
         row_format = fmt if fmt != "auto" else detect_format(row)
         if row_format is None:
             problems.append(
@@ -281,6 +365,8 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
         first_of_format.setdefault(row_format, where)
         if isinstance(parsed, str):
             conversations.append(Conversation((), where, row_format, text=parsed))
+        elif isinstance(parsed, tuple):  # messages with the tools they may call
+            conversations.append(Conversation(tuple(parsed[0]), where, row_format, tools=tuple(parsed[1])))
         else:
             conversations.append(Conversation(tuple(parsed), where, row_format))
     if len(first_of_format) > 1:

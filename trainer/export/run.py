@@ -230,7 +230,7 @@ def _training_prompts(folder: Path, strategy) -> list[str]:
     job_file = folder.parent / JOB_FILE
     try:
         dataset = json.loads(job_file.read_text())["dataset"]
-        rows = read_dataset(dataset, strategy.cfg.dataset.format, strategy.cfg.dataset.columns)
+        rows = read_dataset(dataset, strategy.cfg.dataset.format, strategy.cfg.dataset.columns, strategy.cfg.dataset.replace)
         prompts = [next(m["content"] for m in r.messages if m["role"] == "user") for r in rows if r.messages]
         prompts = prompts[:VERIFY_PROMPTS_FROM_DATA]
     except (OSError, KeyError, ValueError, StopIteration, TypeError, UserError):

@@ -81,6 +81,8 @@ def get_spec(model_id: str) -> BuiltinSpec:
 def _fingerprint(spec: BuiltinSpec) -> str:
     h = hashlib.sha256(f"{RECIPE_VERSION}{spec}".encode())
     h.update(CORPUS.read_bytes())
+    if spec.tokenizer_kind == "bpe":  # its saved chat template is the llama3 one: a new template, a new build
+        h.update(TEMPLATES["llama3"].jinja.encode())
     return h.hexdigest()[:12]
 
 
