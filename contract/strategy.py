@@ -341,6 +341,9 @@ class FineTunerConfig(_Strict):
                               "never packed, so a chosen and a rejected answer never share a sequence")
             if self.distributed.mode != "none":
                 errors.append(f"method.stage {stage} runs in one process: set distributed.mode none")
+            if self.dataset.train_on_inputs:
+                errors.append(f"dataset.train_on_inputs does not apply to method.stage {stage}: "
+                              "preference losses score the answers only")
         if errors:
             raise ValueError("; ".join(errors))
         return self

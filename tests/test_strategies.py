@@ -21,7 +21,8 @@ def _minimal(**config):
 
 
 def test_every_shipped_strategy_validates():
-    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo"}
+    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo",
+                            "tiny_dpo"}
     for name, raw in SHIPPED.items():
         strat.validate(name, raw, "shipped")
 
@@ -150,7 +151,7 @@ def test_user_strategy_files_from_flag_env_and_folders(tmp_path, monkeypatch):
 
 
 def test_unknown_strategy_suggests_close_names():
-    with pytest.raises(UserError, match="unknown strategy 'tiny_dem'; did you mean tiny_demo\\?"):
+    with pytest.raises(UserError, match="unknown strategy 'tiny_dem'; did you mean tiny_demo, tiny_dpo\\?"):
         strat.get("tiny_dem")
 
 
