@@ -78,6 +78,18 @@ class BaseModelSpec(_Strict):
         return self
 
 
+# Dataset formats that hold preference data (trainer/data/preference.py reads them).
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference", "kto")
+
+# Method keys that only mean something for some stages (the rest are refused, and left out of resolved strategies).
+PREFERENCE_KEYS = {
+    "beta": ("dpo", "orpo", "kto"),
+    "dpo_loss": ("dpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+}
+
+
 class MethodSpec(_Strict):
     type: Literal["lora", "qlora", "full"] = Field(default="lora", description="lora, qlora (4-bit base, CUDA) or full.")
     r: int = Field(default=8, gt=0, le=_MAX_COUNT, description="LoRA rank; higher trains more parameters.")
@@ -89,10 +101,27 @@ class MethodSpec(_Strict):
     fallback_to_lora: bool = Field(
         default=False, description="qlora only: train plain LoRA where CUDA or bitsandbytes is missing, instead of failing."
     )
+    stage: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        default="sft",
+        description="Objective: sft (next-token loss on answers), or preference tuning on chosen/rejected "
+        "data: dpo, orpo (no reference model) or kto (single answers labelled good or bad).",
+    )
+    beta: float = Field(
+        default=0.1, gt=0, description="dpo/kto: strength of the pull toward the reference model; "
+        "orpo: weight of the odds-ratio term beside the answer loss."
+    )
+    dpo_loss: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid", description="dpo only: sigmoid (the DPO paper) or ipo (squared, length-averaged)."
+    )
+    kto_desirable_weight: float = Field(default=1.0, gt=0, description="kto only: loss weight of answers labelled good.")
+    kto_undesirable_weight: float = Field(default=1.0, gt=0, description="kto only: loss weight of answers labelled bad.")
 
     @model_validator(mode="after")
     def _no_ignored_keys(self) -> "MethodSpec":
         errors = []
+        for key, stages in PREFERENCE_KEYS.items():
+            if key in self.model_fields_set and self.stage not in stages:
+                errors.append(f"{key} only applies to stage {' or '.join(stages)}, not to stage {self.stage}")
         if self.type == "full":
             lora_keys = {"r", "alpha", "dropout", "target_modules"} & self.model_fields_set
             if lora_keys:
@@ -154,8 +183,10 @@ LLAMAFACTORY_COLUMNS = {"query": "input", "response": "output", "history": "earl
 
 
 class DatasetSpec(_Strict):
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"] = Field(
-        default="auto", description="Row format; auto detects it from the rows' keys."
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text",
+                    "preference", "sharegpt_preference", "kto"] = Field(
+        default="auto", description="Row format; auto detects it from the rows' keys. preference, "
+        "sharegpt_preference and kto are for method.stage dpo, orpo and kto (docs/PREFERENCE.md)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -370,6 +401,30 @@ class FineTunerConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _stage_fits_the_data(self) -> "FineTunerConfig":
+        stage, fmt = self.method.stage, self.dataset.format
+        errors = []
+        if stage == "sft" and fmt in PREFERENCE_FORMATS:
+            errors.append(f"dataset.format {fmt} is preference data: set method.stage to dpo, orpo or kto")
+        if stage != "sft":
+            if fmt not in ("auto", *PREFERENCE_FORMATS):
+                errors.append(f"method.stage {stage} needs preference data: dataset.format auto or one of "
+                              f"{', '.join(PREFERENCE_FORMATS)}, not {fmt}")
+            if stage != "kto" and fmt == "kto":
+                errors.append(f"method.stage {stage} needs chosen/rejected pairs; dataset.format kto is for stage kto")
+            if self.dataset.packing is True:
+                errors.append(f"dataset.packing: true does not apply to method.stage {stage}: preference rows are "
+                              "never packed, so a chosen and a rejected answer never share a sequence")
+            if self.distributed.mode != "none":
+                errors.append(f"method.stage {stage} runs in one process: set distributed.mode none")
+            if self.dataset.train_on_inputs:
+                errors.append(f"dataset.train_on_inputs does not apply to method.stage {stage}: "
+                              "preference losses score the answers only")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
     def _distributed_fits_the_rest(self) -> "FineTunerConfig":
         mode = self.distributed.mode
         if mode == "none":
@@ -436,6 +491,9 @@ def resolved_dict(strategy: Strategy) -> dict:
     method = data["fine_tuner"]["config"]["method"]
     if method["type"] != "qlora":
         method.pop("fallback_to_lora")
+    for key, stages in PREFERENCE_KEYS.items():
+        if method["stage"] not in stages:
+            method.pop(key)
     if method["type"] == "full":
         for key in ("r", "alpha", "dropout", "target_modules"):
             method.pop(key)

@@ -32,6 +32,10 @@ def summary(job: dict, metrics: list[dict]) -> dict:
         "loss": last.get("loss"),
         "first_loss": train[0]["loss"] if train else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        # Preference stages (dpo, orpo, kto): held-out preference accuracy and margin, else None.
+        "eval_reward_accuracy": evals[-1].get("eval_reward_accuracy") if evals else None,
+        "eval_reward_margin": evals[-1].get("eval_reward_margin") if evals else None,
+        "reward_accuracy": last.get("reward_accuracy"),
         "loss_sparkline": sparkline([m["loss"] for m in train]),
         "learning_rate": last.get("learning_rate"),
         "tokens_per_second": last.get("tokens_per_second"),
@@ -61,6 +65,10 @@ def render(s: dict) -> str:
         parts.append(f"loss {s['loss']:.4f} (first {s['first_loss']:.4f}) {s['loss_sparkline']}")
     if s["eval_loss"] is not None:
         parts.append(f"eval {s['eval_loss']:.4f}")
+    if s.get("reward_accuracy") is not None:
+        parts.append(f"pairs ranked right {s['reward_accuracy']:.2f}")
+    if s.get("eval_reward_accuracy") is not None:
+        parts.append(f"(eval {s['eval_reward_accuracy']:.2f}, margin {s['eval_reward_margin']:.2f})")
     if s["tokens_per_second"]:
         parts.append(f"{s['tokens_per_second']:.0f} tok/s")
     parts.append(f"elapsed {format_duration(s['elapsed'])}")

@@ -30,6 +30,12 @@ def plot_metrics(metrics: list[dict], out: Path, title: str) -> Path:
     ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss", color="tab:blue")
     if evals:
         ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss", color="tab:orange")
+    if any("reward_margin" in m for m in train):  # preference stages: the reward margin, on the loss axis
+        ax.plot([m["step"] for m in train if "reward_margin" in m],
+                [m["reward_margin"] for m in train if "reward_margin" in m], label="reward margin", color="tab:green")
+    if any("eval_reward_accuracy" in m for m in evals):
+        ax.plot([m["step"] for m in evals], [m.get("eval_reward_accuracy") for m in evals], "s-",
+                label="eval pairs ranked right", color="tab:red")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

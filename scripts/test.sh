@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Test-only dependencies (TRL, for the preference loss checks).
+.venv/bin/pip install --quiet --disable-pip-version-check -r requirements/test.txt
 # LlamaFactory's own venv for the llamafactory backend's tests: built once per machine (about 2 min), then reused.
 .venv/bin/python -m orchestrator.llamafactory.env
 # The container runner's tests need a Docker-API engine and the CPU image (README, Runners).

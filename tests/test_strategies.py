@@ -21,7 +21,8 @@ def _minimal(**config):
 
 
 def test_every_shipped_strategy_validates():
-    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo"}
+    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo",
+                            "tiny_dpo"}
     for name, raw in SHIPPED.items():
         strat.validate(name, raw, "shipped")
 
@@ -150,7 +151,7 @@ def test_user_strategy_files_from_flag_env_and_folders(tmp_path, monkeypatch):
 
 
 def test_unknown_strategy_suggests_close_names():
-    with pytest.raises(UserError, match="unknown strategy 'tiny_dem'; did you mean tiny_demo\\?"):
+    with pytest.raises(UserError, match="unknown strategy 'tiny_dem'; did you mean tiny_demo, tiny_dpo\\?"):
         strat.get("tiny_dem")
 
 
@@ -162,3 +163,37 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(UserError, match="expected a mapping of strategy names"):
         strat.read_strategy_file(bad)
+
+
+def _with(method=None, dataset=None, **config):
+    cfg = {"base_model": {"name": "t", "huggingface_id": "builtin:tiny-llama-bpe"}, **config}
+    if method is not None:
+        cfg["method"] = method
+    if dataset is not None:
+        cfg["dataset"] = dataset
+    return {"fine_tuner": {"config": cfg}}
+
+
+@pytest.mark.parametrize("method, dataset, message", [
+    ({"beta": 0.2}, None, "method: Value error, beta only applies to stage dpo or orpo or kto, not to stage sft"),
+    ({"stage": "orpo", "dpo_loss": "ipo"}, None, "dpo_loss only applies to stage dpo, not to stage orpo"),
+    ({"stage": "dpo", "kto_desirable_weight": 2}, None, "kto_desirable_weight only applies to stage kto"),
+    ({"stage": "dpo"}, {"format": "alpaca"}, "method.stage dpo needs preference data"),
+    ({"stage": "dpo"}, {"format": "kto"}, "needs chosen/rejected pairs"),
+    ({"stage": "dpo"}, {"packing": True}, "preference rows are never packed"),
+    (None, {"format": "preference"}, "set method.stage to dpo, orpo or kto"),
+])
+def test_preference_keys_that_do_not_apply_are_errors(method, dataset, message):
+    with pytest.raises(StrategyError) as err:
+        parse_strategy("s.yaml", _with(method, dataset))
+    assert message.split("Value error, ")[-1] in str(err.value)
+
+
+def test_preference_defaults_live_in_the_schema_and_round_trip():
+    s = parse_strategy("s.yaml", _with({"stage": "dpo"}, {"format": "preference"}))
+    assert (s.cfg.method.beta, s.cfg.method.dpo_loss) == (0.1, "sigmoid")
+    resolved = resolved_dict(s)["fine_tuner"]["config"]["method"]
+    assert resolved["stage"] == "dpo" and "kto_desirable_weight" not in resolved
+    assert parse_strategy("again", resolved_dict(s)).cfg.method == s.cfg.method
+    sft = resolved_dict(parse_strategy("s.yaml", _with()))["fine_tuner"]["config"]["method"]
+    assert "beta" not in sft and "dpo_loss" not in sft

@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             from contract.strategy import parse_strategy
-            from trainer.data.records import read_dataset
+            from trainer.data.preference import read_for_stage
             from trainer.data.report import token_stats
 
             cfg = parse_strategy("stdin", yaml.safe_load(sys.stdin.read())).cfg
-            rows = read_dataset(args.dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+            rows = read_for_stage(args.dataset, cfg)
             print(json.dumps(token_stats(rows, cfg)), flush=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

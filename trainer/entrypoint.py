@@ -80,10 +80,12 @@ def _resume_point(folder: Path, job: dict, world=None):
     return path, state, extra
 
 
-def choose_packing(setting, model):
+def choose_packing(setting, model, stage: str = "sft"):
     """Packing needs attention that honours a 4-D mask; FlashAttention-style kernels do not."""
     from trainer.devices import Decision
 
+    if stage != "sft":  # the schema refuses packing: true here
+        return Decision("off", f"method.stage {stage}: a chosen and a rejected answer never share a sequence")
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     supported = impl in ("sdpa", "eager")
     if setting is False:
@@ -93,6 +95,24 @@ def choose_packing(setting, model):
     if not supported:
         return Decision("off", f"auto; {impl} attention does not take block-diagonal masks")
     return Decision("on", "set in the strategy" if setting is True else f"auto; block-diagonal masks with {impl} attention")
+
+
+def _reference_model(model, stage: str, method: str, device: str, decisions: dict):
+    """DPO and KTO compare with the base: with LoRA the adapter is switched off (no copy); full
+    fine-tuning keeps a frozen copy, which `estimate` counts. ORPO and SFT need none."""
+    from trainer.devices import Decision
+
+    if stage not in ("dpo", "kto"):
+        return None
+    if method != "full":
+        decisions["reference"] = _say("reference model", Decision("base with the adapter off", f"{method}: no copy"))
+        return None
+    import copy
+
+    ref = copy.deepcopy(model).to(device).eval()
+    ref.requires_grad_(False)
+    decisions["reference"] = _say("reference model", Decision("frozen copy", "full fine-tuning changes every weight"))
+    return ref
 
 
 def _train(folder: Path, stop_flag: dict) -> None:
@@ -137,8 +157,14 @@ def _train(folder: Path, stop_flag: dict) -> None:
     decisions["template"] = {"value": template.name, "reason": template_reason}
 
     eval_file = Path(job["eval_dataset"]) if job.get("eval_dataset") else None
+    preference = cfg.method.stage != "sft"
     with world.local_first():
-        data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
+        if preference:
+            from trainer.data.preference import prepare_preference
+
+            data = prepare_preference(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
+        else:
+            data = prepare(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
     stats = data.stats
     for warning in stats.warnings:
         print(warning, flush=True)
@@ -167,6 +193,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
         use_safetensors=True,
         **builder.load_kwargs(cfg.method, load_dtype),
     )
+    ref_model = _reference_model(model, cfg.method.stage, method.value, device.value, decisions)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -181,7 +208,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
     # The tokenizer saved with every artifact carries the template the data was shaped with.
     tokenizer.chat_template = template.jinja
-    packing = choose_packing(cfg.dataset.packing, model)
+    packing = choose_packing(cfg.dataset.packing, model, cfg.method.stage)
     decisions["packing"] = _say("packing", packing)
     attention = performance.choose_attention(device.value, packing.value == "on", model.config,
                                              args.per_device_train_batch_size, args.max_seq_length, precision.value)
@@ -199,15 +226,19 @@ def _train(folder: Path, stop_flag: dict) -> None:
         world.active, args.gradient_checkpointing))
     decisions["compile"] = _say("compile", compiled)
     decisions["threads"] = _say("threads", performance.choose_threads())
-    sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
-    padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packing.value == "on")
-    print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)", flush=True)
+    if preference:  # items (pairs or KTO rows), batched as they are
+        sequences, padding = data.train, None
+    else:
+        sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
+        padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packing.value == "on")
+        print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)",
+              flush=True)
     record(
         folder,
         decisions=decisions,
         data={"rows": stats.rows, "train": len(data.train), "eval": len(data.eval), "truncated": stats.truncated,
               "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens,
-              "sequences": len(sequences), "padding_fraction": round(padding, 4), "cache_hit": data.cache_hit},
+              "sequences": len(sequences), "padding_fraction": None if padding is None else round(padding, 4), "cache_hit": data.cache_hit},
         trainable_parameters=trainable,
     )
 
@@ -228,6 +259,13 @@ def _train(folder: Path, stop_flag: dict) -> None:
             print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
 
     trained = world.wrap(model, device.value)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    objective = None
+    if preference:
+        from trainer.preference import PreferenceObjective
+
+        objective = PreferenceObjective(cfg.method.stage, cfg.method, pad_id, device.value,
+                                        lambda: loop._autocast(device.value, precision.value), ref_model)
     if world.active:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
@@ -236,7 +274,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
             result = loop.train(
                 trained, sequences, data.eval, args, device=device.value, precision=precision.value,
                 packed=packing.value == "on",
-                pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                pad_id=pad_id, objective=objective,
                 job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
                 resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
             )

@@ -39,7 +39,12 @@ def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int 
 
     model, tokenizer, encoder, strategy = load_for_inference(Path(folder))
     cfg = strategy.cfg
-    conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+    if cfg.method.stage == "sft":
+        conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+    else:  # a preference job is scored on its data's preferred answers (the chosen ones, or KTO's own)
+        from trainer.data.preference import read_for_stage
+
+        conversations = read_for_stage(dataset, cfg)[::2]
     rows, stats = encoder.encode_all(conversations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chats = [c for c in conversations if c.text is None][:samples]

@@ -129,6 +129,34 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     return total / max(count, 1)
 
 
+@dataclass
+class TokenObjective:
+    """Next-token loss on the answer tokens (method.stage sft); trainer/preference.py has the others."""
+
+    pad_id: int
+    packed: bool
+    device: str
+    precision: str
+    chunked_loss: bool = False
+
+    def units(self, batch) -> int:
+        """The loss is a mean over target tokens, so accumulation weighs micro-batches by them."""
+        return batch.target_tokens
+
+    def collate(self, sequences):
+        import torch
+
+        return collate(sequences, self.pad_id, self.packed, torch.float32)
+
+    def loss(self, model, batch):
+        out = _forward(model, batch, self.device, self.precision, self.chunked_loss)
+        return out.loss.float(), {}
+
+    def evaluate(self, model, rows, batch_size: int) -> dict:
+        loss = evaluate_loss(model, rows, batch_size, self.pad_id, self.device, self.precision, self.chunked_loss)
+        return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
+
+
 def _step_groups(batches: list, accum: int, world: World) -> list[tuple[list, int]]:
     """(micro-batches, how many of them are real) for each optimizer step of an epoch, for this process.
 
@@ -148,14 +176,18 @@ def _step_groups(batches: list, accum: int, world: World) -> list[tuple[list, in
 
 def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
           pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None,
-          chunked_loss: bool = False, world: World | None = None) -> LoopResult:
+          chunked_loss: bool = False, world: World | None = None, objective=None) -> LoopResult:
     """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
     it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position.
-    With a distributed `world`, `model` is the wrapped model and this process trains on its share."""
+    With a distributed `world`, `model` is the wrapped model and this process trains on its share.
+    `objective` gives the batches, the loss and the eval (default: next-token loss, TokenObjective)."""
     import torch
     from transformers import get_scheduler
 
+    from trainer.preference import add_metrics, mean_metrics
+
     world = world or World()
+    objective = objective or TokenObjective(pad_id, packed, device, precision, chunked_loss)
     per_epoch, total_steps = plan_steps(len(sequences), args, world.size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -166,18 +198,18 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
         num_training_steps=total_steps,
     )
     scaler = torch.amp.GradScaler("cuda") if (device == "cuda" and precision == "fp16") else None
-    mask_dtype = torch.float32
     if world.writes:
         update_job(job_dir, total_steps=total_steps, steps_per_epoch=per_epoch)
     print(f"training: {len(sequences)} sequences, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
     def run_eval(step: int, best: float | None) -> float | None:
-        loss = evaluate_loss(model, eval_rows, args.per_device_train_batch_size, pad_id, device, precision,
-                             chunked_loss)
-        record = {"step": step, "epoch": round(step / per_epoch, 4), "eval_loss": round(loss, 6),
-                  "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
+        scores = objective.evaluate(model, eval_rows, args.per_device_train_batch_size)
+        loss = scores["eval_loss"]
+        record = {"step": step, "epoch": round(step / per_epoch, 4), **scores}
         sink.log(record)
-        print(f"eval at step {step}: loss {loss:.4f} perplexity {record['eval_perplexity']:.2f}", flush=True)
+        print(f"eval at step {step}: loss {loss:.4f} " + " ".join(
+            f"{k.removeprefix('eval_')} {v:.{2 if k == 'eval_perplexity' else 4}f}" for k, v in scores.items()
+            if k != "eval_loss"), flush=True)
         if best is None or loss < best:
             if args.save_best:
                 hooks.save_best(step)
@@ -205,6 +237,7 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
     start = run_start - (elapsed_before(job_dir, state.step) if resume else 0.0)
     step, best = state.step, state.best_eval_loss
     window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, run_start
+    window_metrics: dict = {}  # the objective's own metrics (e.g. preference rewards), summed
     tokens_seen, final_loss = 0, None
     epoch, skip = state.epoch, state.groups_done
     while step < total_steps:
@@ -218,21 +251,23 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
             if world.any(hooks.stop_requested()):  # every process stops at the same step
                 checkpoint(epoch, done)
                 raise StopRequested()
-            collated = [collate(b, pad_id, packed, mask_dtype) for b in group]
-            step_targets = int(world.sum(sum(c.target_tokens for c in collated[:real]))[0]) or 1
+            collated = [objective.collate(b) for b in group]
+            step_targets = int(world.sum(sum(objective.units(c) for c in collated[:real]))[0]) or 1
             for i, batch in enumerate(collated):
+                units = objective.units(batch)
                 with world.sync_gradients(model, sync=i == len(collated) - 1):
-                    out = _forward(model, batch, device, precision, chunked_loss)
-                    # Weight each micro-batch by its share of the step's target tokens, so accumulation
-                    # gives the same gradient as one big batch (times the processes, whose gradients
-                    # DDP/FSDP average).
-                    weight = world.size * batch.target_tokens / step_targets if i < real else 0.0
-                    loss = out.loss.float() * weight
+                    batch_loss, metrics = objective.loss(model, batch)
+                    # Weight each micro-batch by its share of the step's target tokens (pairs for
+                    # preference stages), so accumulation gives the same gradient as one big batch
+                    # (times the processes, whose gradients DDP/FSDP average).
+                    weight = world.size * units / step_targets if i < real else 0.0
+                    loss = batch_loss * weight
                     (scaler.scale(loss) if scaler else loss).backward()
                 if i < real:
-                    window_loss += out.loss.item() * batch.target_tokens
-                    window_targets += batch.target_tokens
+                    window_loss += batch_loss.item() * units
+                    window_targets += units
                     window_tokens += batch.real_tokens
+                    add_metrics(window_metrics, metrics)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = (
@@ -263,6 +298,9 @@ def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, preci
                     "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 2),
                     "elapsed": round(now - start, 3),
                 }
+                # Preference stages run in one process (the schema refuses distributed), so no world.sum.
+                record.update({k: v for k, v in mean_metrics(window_metrics).items() if k != "loss"})
+                window_metrics = {}
                 sink.log(record)
                 print(f"step {step}/{total_steps} loss {final_loss:.4f} lr {lr:.2e} "
                       f"{record['tokens_per_second']:.0f} tok/s", flush=True)

@@ -37,7 +37,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     from orchestrator.platform import available_devices
     from orchestrator.runners import choose_runner, get_runner
     from trainer.data.placeholders import unfilled_warning
-    from trainer.data.records import read_dataset
+    from trainer.data.preference import read_for_stage
     from trainer.devices import choose_device
     from trainer.methods import choose_method
     from trainer.models.source import check_available
@@ -49,10 +49,10 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
         raise UserError(f"strategy {strategy_name}: backend {strategy.fine_tuner.type!r}: {backend.note}")
     device = choose_device(cfg.device, cfg.fallback_device, available_devices())
     method = choose_method(cfg.method, device.value)  # QLoRA off CUDA: refused or LoRA, before any job exists
-    conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+    conversations = read_for_stage(dataset, cfg)
     eval_path = Path(cfg.dataset.eval_file).expanduser() if cfg.dataset.eval_file else None
     if eval_path:
-        read_dataset(eval_path, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
+        read_for_stage(eval_path, cfg)
     model_source = check_available(cfg.base_model)
     if backend.runner:  # a backend with an environment of its own starts its own way
         runner, runner_reason = get_runner(backend.runner), f"fine_tuner.type {strategy.fine_tuner.type}"
@@ -69,7 +69,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
         )
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     say(f"strategy: {strategy_name} ({entry.source})" + (f"; overrides {overrides}" if overrides else ""))
-    say(f"dataset: {dataset} ({len(conversations)} rows, {conversations[0].format} format)"
+    say(f"dataset: {dataset} ({len({c.where for c in conversations})} rows, {conversations[0].format} format)"
         + (f"; eval: {eval_path}" if eval_path else ""))
     placeholders = unfilled_warning(conversations)
     if placeholders:

@@ -114,6 +114,9 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
         emb = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
         weights += emb * (2.0 - weight_b)
     tokens = args.per_device_train_batch_size * args.max_seq_length
+    preference = cfg.method.stage != "sft"
+    if preference:  # each item is two rows (chosen and rejected, or a KTO answer and its mismatched twin)
+        tokens *= 2
     per_token_layer = (ACT_HIDDEN * shape.hidden_size + 3 * shape.kv_dim + ACT_INTER * shape.intermediate_size
                        + shape.num_heads * args.max_seq_length) * act_bytes
     if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
@@ -123,7 +126,7 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     # The trainer's chunked loss (trainer/performance.py, on for the Llama-family shapes estimated here,
     # off under distributed) holds one chunk of rows: fp32 logits, log-softmax and their gradient, or
     # with bf16/fp16 logits the logits and the softmax in that dtype.
-    chunked = cfg.distributed.mode == "none"
+    chunked = cfg.distributed.mode == "none" and not preference  # preference log-probs take the full logits
     rows = min(tokens, chunk_rows(shape.vocab_size)) if chunked else tokens
     logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 else 4 * 3)
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
@@ -134,6 +137,8 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
         weights, state = weights / _world_size(strategy), state / _world_size(strategy)
     parts = {"weights": weights, "trainable_state": state, "activations": activations,
              "logits": logits, "framework": overhead}
+    if method == "full" and cfg.method.stage in ("dpo", "kto"):  # the frozen fp32 copy (trainer/entrypoint.py)
+        parts["reference_model"] = shape.params * 4
     return {k: round(v / MB, 1) for k, v in parts.items()}
 
 

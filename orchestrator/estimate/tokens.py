@@ -12,7 +12,7 @@ from pathlib import Path
 
 from contract.chat_templates import FALLBACK_TEMPLATE, get_template
 from contract.strategy import Strategy
-from trainer.data.records import read_dataset
+from trainer.data.preference import read_for_stage
 
 
 def _tokenizer(strategy: Strategy):
@@ -50,7 +50,7 @@ def _tokenizer(strategy: Strategy):
 
 def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple[int, str]:
     d = strategy.cfg.dataset
-    conversations = conversations or read_dataset(dataset, d.format, d.columns, d.replace)
+    conversations = conversations or read_for_stage(dataset, strategy.cfg)
     limit = strategy.cfg.training_args.max_seq_length
     found = _tokenizer(strategy)
     if found is None:

@@ -35,6 +35,9 @@ def problems(strategy: Strategy) -> list[str]:
     data = cfg.dataset
     out = []
     at = "fine_tuner.config."
+    if cfg.method.stage != "sft":
+        out.append(f"{at}method.stage: {cfg.method.stage} is trained by the built-in trainer only; "
+                   "use fine_tuner.type: pytorch")
     if data.format == "text":
         out.append(f"{at}dataset.format: text rows (every token trained, no template) are not supported by the "
                    "llamafactory backend, which trains conversations; use fine_tuner.type: pytorch")

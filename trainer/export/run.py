@@ -225,12 +225,12 @@ def export(folder: Path, fmt: str | None, quantization: str | None, output: Path
 def _training_prompts(folder: Path, strategy) -> list[str]:
     """The first user prompts of the job's training data; general prompts when it can't be read."""
     from contract.job_folder import JOB_FILE
-    from trainer.data.records import read_dataset
+    from trainer.data.preference import read_for_stage
 
     job_file = folder.parent / JOB_FILE
     try:
         dataset = json.loads(job_file.read_text())["dataset"]
-        rows = read_dataset(dataset, strategy.cfg.dataset.format, strategy.cfg.dataset.columns, strategy.cfg.dataset.replace)
+        rows = read_for_stage(dataset, strategy.cfg)
         prompts = [next(m["content"] for m in r.messages if m["role"] == "user") for r in rows if r.messages]
         prompts = prompts[:VERIFY_PROMPTS_FROM_DATA]
     except (OSError, KeyError, ValueError, StopIteration, TypeError, UserError):

@@ -1,0 +1,295 @@
+"""Preference data: answers to the same prompt marked better or worse, read with file:line errors.
+
+No torch here, so the host CLI checks a preference dataset before it starts a job. Formats (one
+registry; `dataset.format` picks one, or `auto` detects it from the rows' keys):
+    preference           {"prompt", "chosen", "rejected"}: strings, or message lists (the prompt's
+                         list ends with a user turn; chosen and rejected hold one assistant message)
+    sharegpt_preference  {"conversations": [{"from", "value"}, ...], "chosen": {"from": "gpt", "value"},
+                         "rejected": {...}, "system" (optional)}: LlamaFactory's ShareGPT pairs
+    kto                  {"prompt", "completion", "label": true|false}: one answer, good or bad
+Pairs also train stage kto: each pair gives a good and a bad answer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from contract.errors import DatasetError, UserError
+from trainer.data.records import _MAX_REPORTED, ROLES, SHAREGPT_ROLES, _raw_rows
+from trainer.data.tokenize import IGNORE_INDEX, ConversationEncoder, EncodeStats
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: tuple[dict, ...]
+    chosen: str
+    rejected: str
+    where: str
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    prompt: tuple[dict, ...]
+    completion: str
+    desirable: bool
+    where: str
+
+
+def _keys(row: dict, required: tuple[str, ...], optional: tuple[str, ...], fmt: str) -> None:
+    missing = [k for k in required if row.get(k) is None]
+    if missing:
+        raise ValueError(f"{fmt} row is missing {missing[0]!r}")
+    extra = set(row) - set(required) - set(optional)
+    if extra:
+        raise ValueError(f"unexpected keys {sorted(extra)} for a {fmt} row ({', '.join(required + optional)})")
+
+
+def _prompt(value, key: str = "prompt") -> tuple[dict, ...]:
+    """A prompt: a string (one user turn) or a message list that ends with a user turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{key!r} is empty")
+        return ({"role": "user", "content": value},)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{key!r} must be a string or a non-empty list of messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ROLES \
+                or not isinstance(m["content"], str):
+            raise ValueError(f"{key}[{i}] must be an object with a role ({', '.join(ROLES)}) and a string content")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"{key}[{i}]: a system message may only come first")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{key!r} must end with a user turn (the answers are the assistant's reply to it)")
+    return tuple(messages)
+
+
+def _answer(value, key: str) -> str:
+    """An answer: a string, or a list holding one assistant message (TRL's conversational form)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        if value[0].get("role") != "assistant" or set(value[0]) != {"role", "content"}:
+            raise ValueError(f"{key}[0] must be {{'role': 'assistant', 'content': ...}}")
+        value = value[0]["content"]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string or a list with one assistant message")
+    if not value.strip():
+        raise ValueError(f"{key!r} is empty")
+    return value
+
+
+def _preference(row: dict) -> Pair:
+    _keys(row, ("prompt", "chosen", "rejected"), (), "preference")
+    return Pair(_prompt(row["prompt"]), _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected"), "")
+
+
+def _sharegpt_answer(value, key: str) -> str:
+    if not isinstance(value, dict) or set(value) != {"from", "value"} or SHAREGPT_ROLES.get(value["from"]) != "assistant":
+        raise ValueError(f"{key!r} must be an object {{'from': 'gpt', 'value': ...}}")
+    return _answer(value["value"], f"{key}.value")
+
+
+def _sharegpt_preference(row: dict) -> Pair:
+    _keys(row, ("conversations", "chosen", "rejected"), ("system",), "sharegpt_preference")
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list")
+    messages = []
+    if row.get("system") is not None:
+        if not isinstance(row["system"], str):
+            raise ValueError("'system' must be a string")
+        messages.append({"role": "system", "content": row["system"]})
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or set(m) != {"from", "value"} or m["from"] not in SHAREGPT_ROLES \
+                or not isinstance(m["value"], str):
+            raise ValueError(f"conversations[{i}] must be an object with 'from' ({', '.join(SHAREGPT_ROLES)}) "
+                             "and a string 'value'")
+        messages.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+    prompt = _prompt(messages, "conversations")
+    return Pair(prompt, _sharegpt_answer(row["chosen"], "chosen"), _sharegpt_answer(row["rejected"], "rejected"), "")
+
+
+def _kto(row: dict) -> Unpaired:
+    _keys(row, ("prompt", "completion", "label"), (), "kto")
+    if not isinstance(row["label"], bool):
+        raise ValueError(f"'label' must be true or false, got {row['label']!r}")
+    return Unpaired(_prompt(row["prompt"]), _answer(row["completion"], "completion"), row["label"], "")
+
+
+PREFERENCE_READERS: dict[str, Callable[[dict], Pair | Unpaired]] = {
+    "preference": _preference,
+    "sharegpt_preference": _sharegpt_preference,
+    "kto": _kto,
+}
+
+
+def detect_preference_format(row: dict) -> str | None:
+    if "chosen" in row or "rejected" in row:
+        return "sharegpt_preference" if "conversations" in row else "preference"
+    if "label" in row and "completion" in row:
+        return "kto"
+    return None
+
+
+def read_preference_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None):
+    """Pairs or unpaired answers; raise DatasetError naming file:line for each bad row (the first ten)."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist")
+    rename = {source: canonical for canonical, source in (columns or {}).items()}
+    problems: list[str] = []
+    out, seen = [], set()
+    for where, row in _raw_rows(path, problems):
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected an object, got {type(row).__name__}")
+            continue
+        row = {rename.get(k, k): v for k, v in row.items()}
+        row_format = fmt if fmt != "auto" else detect_preference_format(row)
+        if row_format is None:
+            problems.append(f"{where}: not preference data (keys {sorted(row)}); expected one of the formats "
+                            f"{', '.join(PREFERENCE_READERS)}, or map your columns with dataset.columns")
+            continue
+        try:
+            item = PREFERENCE_READERS[row_format](row)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        seen.add(row_format)
+        out.append(type(item)(**{**item.__dict__, "where": where}))
+    if len(seen) > 1:
+        problems.append(f"{path}: mixes formats ({', '.join(sorted(seen))}); use one format per file")
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
+        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
+        raise DatasetError(f"dataset {path} has {len(problems)} bad row(s):\n{shown}{more}")
+    if not out:
+        raise DatasetError(f"dataset {path} has no rows; add rows in one of the formats {', '.join(PREFERENCE_READERS)}")
+    return out
+
+
+def as_stage_items(items: list, stage: str, where: str) -> list:
+    """Pairs for dpo/orpo; unpaired answers for kto (a pair gives one good and one bad answer)."""
+    paired = isinstance(items[0], Pair)
+    if stage == "kto":
+        if not paired:
+            return items
+        return [Unpaired(p.prompt, answer, good, p.where) for p in items
+                for answer, good in ((p.chosen, True), (p.rejected, False))]
+    if not paired:
+        raise UserError(f"{where}: method.stage {stage} needs chosen/rejected pairs, but the file holds single "
+                        "answers with a label (format kto); use method.stage: kto")
+    return items
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+Row = tuple[list[int], list[int]]
+
+
+@dataclass
+class PairRows:
+    chosen: Row
+    rejected: Row
+
+
+@dataclass
+class UnpairedRows:
+    row: Row
+    desirable: bool
+    mismatched: Row
+    """This prompt with another row's answer: KTO's estimate of the policy's drift from the reference."""
+
+
+def _encode(encoder: ConversationEncoder, prompt, answer: str, stats: EncodeStats) -> Row | None:
+    ids, labels = encoder.encode([*prompt, {"role": "assistant", "content": answer}])
+    if len(ids) > encoder.max_seq_length:
+        if encoder.truncation == "drop":
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        ids, labels = ids[: encoder.max_seq_length], labels[: encoder.max_seq_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        stats.dropped_no_target += 1
+        return None
+    stats.tokens += len(ids)
+    stats.target_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
+    stats.lengths.append(len(ids))
+    return ids, labels
+
+
+def encode_items(encoder: ConversationEncoder, items: list) -> tuple[list, EncodeStats]:
+    """Token rows for each item; an item goes whole or not at all (a pair never loses one side)."""
+    stats, out = EncodeStats(), []
+    for k, item in enumerate(items):
+        stats.rows += 1
+        if isinstance(item, Pair):
+            rows = [_encode(encoder, item.prompt, a, stats) for a in (item.chosen, item.rejected)]
+            if None not in rows:
+                out.append(PairRows(*rows))
+        else:
+            other = items[(k + 1) % len(items)].completion if len(items) > 1 else item.completion
+            row, mismatched = (_encode(encoder, item.prompt, a, stats) for a in (item.completion, other))
+            if row is not None and mismatched is not None:
+                out.append(UnpairedRows(row, item.desirable, mismatched))
+    if not out:
+        raise UserError(
+            f"no usable preference rows: {stats.dropped_too_long} answers longer than max_seq_length="
+            f"{encoder.max_seq_length} (dropped), {stats.dropped_no_target} with no answer tokens left; "
+            "raise training_args.max_seq_length or set dataset.truncation: truncate"
+        )
+    return out, stats
+
+
+@dataclass
+class PreparedPreference:
+    train: list
+    eval: list
+    stats: EncodeStats
+    cache_hit: bool = False  # the SFT token cache is not used for preference data (small sets; a TODO)
+
+
+def prepare_preference(dataset: Path, cfg, tokenizer, template, eval_file: Path | None = None) -> PreparedPreference:
+    """Train and eval items for a preference stage; the eval split is seeded like the SFT one."""
+    d, args, stage = cfg.dataset, cfg.training_args, cfg.method.stage
+    encoder = ConversationEncoder(tokenizer, template, args.max_seq_length, False, d.truncation)
+    items = as_stage_items(read_preference_dataset(dataset, d.format, d.columns), stage, str(dataset))
+    eval_items = []
+    if eval_file:
+        eval_items = as_stage_items(read_preference_dataset(eval_file, d.format, d.columns), stage, str(eval_file))
+    elif d.eval_fraction:
+        order = list(range(len(items)))
+        random.Random(args.seed).shuffle(order)
+        n_eval = max(1, round(len(items) * d.eval_fraction))
+        if n_eval >= len(items):
+            raise UserError(f"dataset.eval_fraction {d.eval_fraction} leaves no training rows out of {len(items)}")
+        held = set(order[:n_eval])
+        eval_items = [items[i] for i in sorted(held)]
+        items = [x for i, x in enumerate(items) if i not in held]
+    train, stats = encode_items(encoder, items)
+    evaluation = encode_items(encoder, eval_items)[0] if eval_items else []
+    return PreparedPreference(train, evaluation, stats)
+
+
+def read_for_stage(path: str | Path, cfg) -> list:
+    """The dataset as conversations, for the host's checks, token estimates and verify prompts.
+
+    A preference stage gives one conversation per answer (prompt + chosen, prompt + rejected, or the
+    KTO answer and the other row's answer it is compared with), as the trainer runs them."""
+    from trainer.data.records import Conversation, read_dataset
+
+    d, stage = cfg.dataset, cfg.method.stage
+    if stage == "sft":
+        return read_dataset(path, d.format, d.columns, d.replace)
+    items = as_stage_items(read_preference_dataset(path, d.format, d.columns), stage, str(path))
+    fmt = "kto" if isinstance(items[0], Unpaired) else "preference"
+
+    def conv(item, answer):
+        return Conversation((*item.prompt, {"role": "assistant", "content": answer}), item.where, fmt)
+
+    if fmt == "kto":
+        return [conv(it, a) for k, it in enumerate(items)
+                for a in (it.completion, items[(k + 1) % len(items)].completion)]
+    return [conv(it, a) for it in items for a in (it.chosen, it.rejected)]
