@@ -21,7 +21,7 @@ def _minimal(**config):
 
 
 def test_every_shipped_strategy_validates():
-    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo"}
+    assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo", "smollm2_medical"}
     for name, raw in SHIPPED.items():
         strat.validate(name, raw, "shipped")
 
