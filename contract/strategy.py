@@ -140,10 +140,16 @@ class DatasetSpec(_Strict):
 
 class OllamaSpec(_Strict):
     system: str | None = Field(default=None, description="SYSTEM prompt written into the Modelfile; null: none.")
-    temperature: float | None = Field(default=None, ge=0.0, description="Sampling temperature; null: Ollama's default.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; null: Ollama's default.")
-    top_k: int | None = Field(default=None, gt=0, description="Top-k sampling; null: Ollama's default.")
-    repeat_penalty: float | None = Field(default=None, gt=0.0, description="Repetition penalty; null: Ollama's default.")
+    # Sampling: written into the Modelfile and used by `generate` and `evaluate` too, so an answer seen
+    # here is one Ollama could give. The defaults are Ollama's own; greedy only with --greedy.
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature (Ollama's default 0.8).")
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Nucleus sampling (Ollama's default 0.9).")
+    top_k: int = Field(default=40, gt=0, description="Top-k sampling (Ollama's default 40).")
+    repeat_penalty: float = Field(
+        default=1.1, gt=0.0, description="Penalty on tokens seen in the last repeat_last_n (Ollama's default 1.1)."
+    )
+    repeat_last_n: int = Field(default=64, gt=0, description="Tokens the repeat penalty looks back over (Ollama's 64).")
+    seed: int | None = Field(default=None, ge=0, description="Sampling seed; null: a fresh one each time (as Ollama).")
     num_ctx: int | None = Field(
         default=None, gt=0, description="Context window; null: the training max_seq_length."
     )
