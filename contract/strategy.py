@@ -23,8 +23,9 @@ class _Strict(BaseModel):
 class BaseModelSpec(_Strict):
     name: str = Field(description="Short display name of the base model, e.g. llama3.2-3b.")
     huggingface_id: str = Field(
-        description="Hub id, local folder, builtin:<name> (builtin:tiny-llama-spm, builtin:tiny-llama-bpe), "
-        "or a previous job's output: job:<job_id> or its folder (a LoRA output is merged into its base).",
+        description="Hub id, local folder, builtin:<name> (builtin:tiny-llama-spm, builtin:tiny-llama-bpe, "
+        "builtin:smollm2-135m-instruct), a local .gguf file or ollama:NAME[:TAG] (dequantized and checked against "
+        "llama.cpp once), or a previous job's output: job:<job_id> or its folder (a LoRA output is merged into its base).",
         min_length=1,
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")

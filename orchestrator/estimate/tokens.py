@@ -34,6 +34,12 @@ def _tokenizer(strategy: Strategy):
         folder = builtin.cached_path(model_id)  # a real one is read once it is on disk
         if folder is None:
             return None
+    elif model_id.startswith("ollama:") or model_id.endswith(".gguf"):
+        from trainer.models import gguf_base
+
+        folder = gguf_base.cached_folder(model_id)  # once dequantized; else characters are counted
+        if folder is None:
+            return None
     elif (local / "tokenizer.json").exists():
         folder = local
     else:

