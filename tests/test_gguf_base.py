@@ -81,7 +81,7 @@ def test_real_gguf_from_an_ollama_store_loads_checked_against_llama_cpp(tmp_path
     data, digest = _real_gguf()
     monkeypatch.setenv("OLLAMA_MODELS", str(_store(tmp_path / "store", "smollm2", "135m", data, digest)))
     spec = BaseModelSpec(name="s", huggingface_id="ollama:smollm2:135m")
-    assert "(llama, F32/Q4_1)" in source.check_available(spec)
+    assert "(llama, F32/Q4_1/Q8_0)" in source.check_available(spec)
     folder = Path(source.resolve(spec))
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["file_sha256"] == digest and prov["architecture"] == "llama"
