@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract.export_options import FORMATS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
 
@@ -151,6 +151,12 @@ class OllamaSpec(_Strict):
     )
     repeat_last_n: int = Field(default=64, gt=0, description="Tokens the repeat penalty looks back over (Ollama's 64).")
     seed: int | None = Field(default=None, ge=0, description="Sampling seed; null: a fresh one each time (as Ollama).")
+
+    @field_validator("temperature", "top_p", "top_k", "repeat_penalty", mode="before")
+    @classmethod
+    def _null_is_ollamas_default(cls, value, info):
+        # Strategies resolved before these had values say null, which meant Ollama's default then too.
+        return cls.model_fields[info.field_name].default if value is None else value
     num_ctx: int | None = Field(
         default=None, gt=0, description="Context window; null: the training max_seq_length."
     )

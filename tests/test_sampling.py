@@ -65,3 +65,9 @@ def test_generation_on_a_tiny_builtin_is_reproducible_with_a_seed(greedy):
     sampling = Sampling.from_spec(OllamaSpec(), greedy=greedy, seed=11)
     first = complete(model, tok, encoder, messages, 12, sampling)
     assert first and complete(model, tok, encoder, messages, 12, sampling) == first
+
+
+def test_a_strategy_resolved_before_the_defaults_still_loads():
+    # strategy.yaml written by older jobs says null for these, which meant Ollama's default then too.
+    old = OllamaSpec.model_validate({"temperature": None, "top_p": None, "top_k": None, "repeat_penalty": None})
+    assert (old.temperature, old.top_p, old.top_k, old.repeat_penalty) == (0.8, 0.9, 40, 1.1)
