@@ -128,6 +128,14 @@ _MISTRAL = (
     "{% endfor %}"
 )
 
+# ChatML that opens with a default system message when the conversation has none (SmolLM2's own
+# template renders exactly this).
+_SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+_CHATML_DEFAULT_SYSTEM = (
+    "{% if messages and messages[0]['role'] != 'system' %}<|im_start|>system\n" + _SMOLLM2_SYSTEM + "<|im_end|>\n"
+    "{% endif %}" + _CHATML
+)
+
 # The Ollama forms. Go's text/template keeps every character outside {{ }}, so these are written
 # without trim markers; $prev / $first carry what the Jinja reads from the previous message.
 _ALPACA_GO = (
@@ -151,6 +159,10 @@ _CHATML_GO = (
     '<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n</tool_call>{{ end }}'
     '<|im_end|>\n{{ end }}{{ $prev = .Role }}{{ end }}'
     '{{ if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+)
+_CHATML_DEFAULT_SYSTEM_GO = (
+    '{{ if ne (index .Messages 0).Role "system" }}<|im_start|>system\n' + _SMOLLM2_SYSTEM + "<|im_end|>\n{{ end }}"
+    + _CHATML_GO
 )
 _LLAMA3_GO = (
     '{{ $first := true }}{{ range .Messages }}'
@@ -182,6 +194,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
     for t in (
         ChatTemplate("alpaca", _ALPACA, ("### Instruction:",), "Stanford Alpaca instruction/response blocks", _ALPACA_GO),
         ChatTemplate("chatml", _CHATML, ("<|im_end|>",), "ChatML (<|im_start|>role ... <|im_end|>), Qwen, SmolLM", _CHATML_GO),
+        ChatTemplate("chatml-smollm2", _CHATML_DEFAULT_SYSTEM, ("<|im_end|>",),
+                     "ChatML with SmolLM2's default system message when none is given", _CHATML_DEFAULT_SYSTEM_GO),
         ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>", _LLAMA3_GO),
         ChatTemplate("llama2", _LLAMA2, ("[INST]",), "Llama 2 chat [INST] blocks with <<SYS>>", _LLAMA2_GO),
         ChatTemplate("mistral", _MISTRAL, ("[INST]",), "Mistral instruct [INST] blocks", _MISTRAL_GO),

@@ -61,8 +61,9 @@ class BaseModelSpec(_Strict):
         default=None, description="Short display name of the base model, e.g. llama3.2-3b; null: from huggingface_id."
     )
     huggingface_id: str = Field(
-        description="Hub id, local folder, builtin:<name> (builtin:tiny-llama-spm, builtin:tiny-llama-bpe), "
-        "or a previous job's output: job:<job_id> or its folder (a LoRA output is merged into its base).",
+        description="Hub id, local folder, builtin:<name> (builtin:tiny-llama-spm, builtin:tiny-llama-bpe, "
+        "builtin:smollm2-135m-instruct), a local .gguf file or ollama:NAME[:TAG] (dequantized and checked against "
+        "llama.cpp once), or a previous job's output: job:<job_id> or its folder (a LoRA output is merged into its base).",
         min_length=1,
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
@@ -243,10 +244,22 @@ class DatasetSpec(_Strict):
 
 class OllamaSpec(_Strict):
     system: str | None = Field(default=None, description="SYSTEM prompt written into the Modelfile; null: none.")
-    temperature: float | None = Field(default=None, ge=0.0, description="Sampling temperature; null: Ollama's default.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; null: Ollama's default.")
-    top_k: int | None = Field(default=None, gt=0, le=_MAX_COUNT, description="Top-k sampling; null: Ollama's default.")
-    repeat_penalty: float | None = Field(default=None, gt=0.0, description="Repetition penalty; null: Ollama's default.")
+    # Sampling: written into the Modelfile and used by `generate` and `evaluate` too, so an answer seen
+    # here is one Ollama could give. The defaults are Ollama's own; greedy only with --greedy.
+    temperature: float = Field(default=0.8, ge=0.0, description="Sampling temperature (Ollama's default 0.8).")
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Nucleus sampling (Ollama's default 0.9).")
+    top_k: int = Field(default=40, gt=0, le=_MAX_COUNT, description="Top-k sampling (Ollama's default 40).")
+    repeat_penalty: float = Field(
+        default=1.1, gt=0.0, description="Penalty on tokens seen in the last repeat_last_n (Ollama's default 1.1)."
+    )
+    repeat_last_n: int = Field(default=64, gt=0, description="Tokens the repeat penalty looks back over (Ollama's 64).")
+    seed: int | None = Field(default=None, ge=0, description="Sampling seed; null: a fresh one each time (as Ollama).")
+
+    @field_validator("temperature", "top_p", "top_k", "repeat_penalty", mode="before")
+    @classmethod
+    def _null_is_ollamas_default(cls, value, info):
+        # Strategies resolved before these had values say null, which meant Ollama's default then too.
+        return cls.model_fields[info.field_name].default if value is None else value
     num_ctx: int | None = Field(
         default=None, gt=0, le=_MAX_COUNT, description="Context window; null: the training max_seq_length."
     )

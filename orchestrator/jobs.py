@@ -140,7 +140,12 @@ def model_folder(model: str) -> Path:
             return path / FINAL_DIR
         if (path / STRATEGY_FILE).exists() and not (path / JOB_FILE).exists():
             return path
-        raise UserError(f"{path} holds no trained model (expected a job folder with final/, or a final/ folder)")
+        from trainer.models.plain_folder import is_causal_lm_folder  # torch-free
+
+        if is_causal_lm_folder(path):  # a merged export or a downloaded Hugging Face model
+            return path
+        raise UserError(f"{path} holds no trained model (expected a job folder with final/, a final/ folder, "
+                        "or a Hugging Face model folder with config.json)")
     if "/" in model or model.startswith("."):
         raise UserError(f"model folder {model} does not exist; a job's model is named by its job id "
                         "(`llamafarm finetune jobs` lists them), e.g. --model-path <job id>")

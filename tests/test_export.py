@@ -245,14 +245,17 @@ def test_cli_export_runs_ollama_create_and_generate_answers_from_the_gguf(job, t
     report = json.loads(proc.stdout)
     assert report["ollama"] == {"created": "tiny-med"}
     assert (tmp_path / "ollama-called").read_text().split() == [str(out), "create", "tiny-med", "-f", str(out / "Modelfile")]
-    answer = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--model", str(out / "model.gguf"),
-                             "--prompt", "What are the symptoms of anemia?", "--max-new-tokens", "200"],
+    # The Ollama export folder itself answers (through its model.gguf and its Modelfile's settings).
+    answer = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--model", str(out),
+                             "--prompt", "What are the symptoms of anemia?", "--max-new-tokens", "200", "--greedy"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0, answer.stderr
+    assert "sampling: greedy, repeat_penalty 1.1 over 64 tokens" in answer.stderr
     torch_answer = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", "--model", str(folder),
-                                   "--prompt", "What are the symptoms of anemia?", "--max-new-tokens", "200"],
+                                   "--prompt", "What are the symptoms of anemia?", "--max-new-tokens", "200", "--greedy"],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    # The same greedy answer through llama.cpp as through PyTorch, and it stops (no 200-token ramble).
+    # The same greedy answer (Ollama's repeat penalty included) through llama.cpp as through PyTorch,
+    # and it stops (no 200-token ramble).
     from transformers import AutoTokenizer
 
     assert answer.stdout.strip() and answer.stdout.strip() == torch_answer.stdout.strip()

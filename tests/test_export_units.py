@@ -128,4 +128,6 @@ def test_modelfile_carries_strategy_settings():
     assert 'SYSTEM """Be brief."""' in lines
     assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "</s>"' in lines
     assert "PARAMETER num_ctx 384" in lines and "PARAMETER temperature 0.2" in lines and "PARAMETER top_k 20" in lines
-    assert not any(line.startswith("PARAMETER top_p") for line in lines)
+    # Ollama's own defaults for the rest, from the schema, written out so generate can read them back.
+    assert "PARAMETER top_p 0.9" in lines and "PARAMETER repeat_penalty 1.1" in lines
+    assert "PARAMETER repeat_last_n 64" in lines and not any(line.startswith("PARAMETER seed") for line in lines)

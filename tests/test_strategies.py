@@ -22,7 +22,7 @@ def _minimal(**config):
 
 def test_every_shipped_strategy_validates():
     assert set(SHIPPED) == {"m1_fine_tuning", "cuda_fine_tuning", "cpu_fine_tuning", "llamafactory_advanced", "tiny_demo",
-                            "tiny_dpo"}
+                            "tiny_dpo", "smollm2_medical"}
     for name, raw in SHIPPED.items():
         strat.validate(name, raw, "shipped")
 
@@ -96,7 +96,7 @@ def test_registry_names_are_checked_and_listed():
     assert info.value.problems == [
         "fine_tuner.type: unknown backend 'axolotl'; valid: pytorch, llamafactory",
         f"fine_tuner.config.runner: unknown runner 'kubernetes'; valid: auto, {', '.join(RUNNERS)}",
-        "fine_tuner.config.dataset.template: unknown template 'vicuna'; valid: auto, alpaca, chatml, llama2, llama3, mistral",
+        "fine_tuner.config.dataset.template: unknown template 'vicuna'; valid: auto, alpaca, chatml, chatml-smollm2, llama2, llama3, mistral",
         "fine_tuner.config.method.type: qlora needs CUDA but device is cpu; use lora, or set method.fallback_to_lora: true",
     ]
 

@@ -1,8 +1,8 @@
 """The trainer's own command line, used by runners (not by people; they use `llamafarm`).
 
     python -m trainer train <job_dir>
-    python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T]
-    python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N]
+    python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T] [--greedy] [--seed N]
+    python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N] [--greedy] [--seed N]
     python -m trainer dataset-stats <dataset> < strategy.yaml
     python -m trainer calibrate [--device cpu] [--dtype fp32]
     python -m trainer export <folder> [--format F] [--quantization Q] [--output DIR] [--name NAME] [--force] [--json]
@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("folder", type=Path)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=float, default=None, help="overrides export.ollama.temperature")
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--seed", type=int, default=None)
     ev = sub.add_parser("evaluate", help="loss, perplexity and sample answers, fine-tuned vs base")
     ev.add_argument("folder", type=Path)
     ev.add_argument("dataset", type=Path)
     ev.add_argument("--output", type=Path, required=True)
     ev.add_argument("--samples", type=int, default=3)
     ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--greedy", action="store_true")
+    ev.add_argument("--seed", type=int, default=None)
     cal = sub.add_parser("calibrate", help="measure this machine's matmul rate (GFLOP/s) for the estimator")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -60,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "generate" and args.folder.suffix == ".gguf":
-            from trainer.export.generate_gguf import generate_gguf
+            from trainer.export.generate_gguf import generate_gguf, sampling_for
 
-            print(generate_gguf(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+            sampling = sampling_for(args.folder, args.greedy, args.seed, args.temperature)
+            print(sampling.describe(), file=sys.stderr, flush=True)
+            print(generate_gguf(args.folder, args.prompt, args.max_new_tokens, sampling), flush=True)
         elif args.command == "generate":
             from trainer.generate import generate
 
-            print(generate(args.folder, args.prompt, args.max_new_tokens, args.temperature), flush=True)
+            print(generate(args.folder, args.prompt, args.max_new_tokens, args.greedy, args.seed, args.temperature),
+                  flush=True)
         elif args.command == "export":
             from trainer.export.run import export
 
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from trainer.evaluate import evaluate
 
-            result = evaluate(args.folder, args.dataset, args.samples, args.max_new_tokens)
+            result = evaluate(args.folder, args.dataset, args.samples, args.max_new_tokens, args.greedy, args.seed)
             tmp = args.output.with_name(f".{args.output.name}.tmp")
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             tmp.replace(args.output)

@@ -1,6 +1,6 @@
 """Evaluation of a trained model against its base on a dataset: loss, perplexity, sample answers.
 
-    python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N]
+    python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N] [--greedy] [--seed N]
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ def _scores(model, rows, pad_id: int) -> dict:
     return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4)}
 
 
-def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int = 64) -> dict:
-    import torch
-
+def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int = 64, greedy: bool = False,
+             seed: int | None = None) -> dict:
     from trainer.data.records import read_dataset
     from trainer.generate import complete, load_for_inference
+    from trainer.sampling import Sampling
 
     model, tokenizer, encoder, strategy = load_for_inference(Path(folder))
     cfg = strategy.cfg
@@ -48,17 +48,19 @@ def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int 
     rows, stats = encoder.encode_all(conversations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chats = [c for c in conversations if c.text is None][:samples]
-    torch.manual_seed(0)
+    # Both models answer with the Modelfile's sampling and the same seed, as Ollama would.
+    sampling = Sampling.from_spec(cfg.export.ollama, greedy, seed)
     tuned = _scores(model, rows, pad)
-    tuned_answers = [complete(model, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens) for c in chats]
+    tuned_answers = [complete(model, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens, sampling) for c in chats]
     with _base_view(model, cfg) as base:
         base_scores = _scores(base, rows, pad)
-        base_answers = [complete(base, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens) for c in chats]
+        base_answers = [complete(base, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens, sampling) for c in chats]
     return {
         "model": str(folder),
         "dataset": str(dataset),
         "rows": len(rows),
         "truncated": stats.truncated,
+        "sampling": sampling.describe(),
         "fine_tuned": tuned,
         "base": base_scores,
         "samples": [

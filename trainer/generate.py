@@ -1,9 +1,10 @@
 """Generation from a fine-tuned job (or a saved folder) with the template it was trained with.
 
-    python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T]
+    python -m trainer generate <folder> --prompt "..." [--max-new-tokens N] [--temperature T] [--greedy] [--seed N]
 
 <folder> is a job's final/ or checkpoints/checkpoint-N/ folder: it holds the adapter (or full
-weights), the tokenizer carrying the training chat template, and the strategy that made it.
+weights), the tokenizer carrying the training chat template, and the strategy that made it. Any
+Hugging Face causal-LM folder works too (trainer/models/plain_folder.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from contract.errors import UserError
-from contract.job_folder import STRATEGY_FILE
 
 
 def quiet_libraries() -> None:
@@ -43,12 +42,10 @@ def load_for_inference(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from trainer.entrypoint import load_job_strategy
+    from trainer.models.plain_folder import folder_strategy
 
     quiet_libraries()
-    if not (folder / STRATEGY_FILE).exists():
-        raise UserError(f"{folder} is not a llamafarm model folder (no {STRATEGY_FILE}); give a job id or its final/ folder")
-    strategy, _ = load_job_strategy(folder)
+    strategy, _ = folder_strategy(folder)
     cfg = strategy.cfg
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template, _ = choose_template(cfg.dataset.template, tokenizer)
@@ -67,25 +64,27 @@ def load_for_inference(folder: Path):
     return model, tokenizer, encoder, strategy
 
 
-def complete(model, tokenizer, encoder, messages, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
-    """The assistant's next turn for `messages`, stopping at EOS or a template stop string."""
+def complete(model, tokenizer, encoder, messages, max_new_tokens: int, sampling) -> str:
+    """The assistant's next turn for `messages`, stopping at EOS or a template stop string.
+
+    `sampling` (trainer.sampling.Sampling) seeds torch itself, so each answer is reproducible alone."""
     import torch
+
+    from trainer.sampling import hf_generate_kwargs
 
     ids = encoder.prompt_ids(messages)
     stop = [s for s in encoder.template.stop_strings if s and s != tokenizer.eos_token]
+    torch.manual_seed(sampling.seed)
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([ids], device=model.device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             stop_strings=stop or None,
             tokenizer=tokenizer if stop else None,
+            **hf_generate_kwargs(sampling),
         )
     text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     for s in stop:  # stop_strings end generation after the string; do not show it
@@ -93,9 +92,16 @@ def complete(model, tokenizer, encoder, messages, max_new_tokens: int = 128, tem
     return text.strip()
 
 
-def generate(folder: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0) -> str:
-    import torch
+def generate(folder: Path, prompt: str, max_new_tokens: int = 128, greedy: bool = False, seed: int | None = None,
+             temperature: float | None = None) -> str:
+    import sys
 
-    model, tokenizer, encoder, _ = load_for_inference(Path(folder))
-    torch.manual_seed(seed)
-    return complete(model, tokenizer, encoder, [{"role": "user", "content": prompt}], max_new_tokens, temperature)
+    from trainer.sampling import Sampling
+
+    model, tokenizer, encoder, strategy = load_for_inference(Path(folder))
+    spec = strategy.cfg.export.ollama
+    if temperature is not None:
+        spec = spec.model_copy(update={"temperature": temperature})
+    sampling = Sampling.from_spec(spec, greedy, seed)
+    print(sampling.describe(), file=sys.stderr, flush=True)  # stdout is the answer alone
+    return complete(model, tokenizer, encoder, [{"role": "user", "content": prompt}], max_new_tokens, sampling)

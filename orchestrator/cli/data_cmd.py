@@ -80,8 +80,10 @@ def _trainer_json(args: list[str], stdin: str | None = None) -> dict:
 @click.option("--samples", default=3, show_default=True, type=click.IntRange(0, 100), help="Prompts to answer side by side.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--output", type=click.Path(), default=None, help="Where to write the JSON (default: evaluation.json in the job).")
+@click.option("--greedy", is_flag=True, help="Answer with the most likely tokens instead of sampling.")
+@click.option("--seed", default=None, type=click.IntRange(0), help="Sampling seed (default: a fresh one, as Ollama).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate_cmd(model, dataset, samples, max_new_tokens, output, as_json):
+def evaluate_cmd(model, dataset, samples, max_new_tokens, output, greedy, seed, as_json):
     """Eval loss and perplexity of the fine-tuned model and its base, and their answers side by side.
 
     \b
@@ -98,13 +100,14 @@ def evaluate_cmd(model, dataset, samples, max_new_tokens, output, as_json):
     if output is None and not (folder.parent / "job.json").exists():
         out = folder / "evaluation.json"
     run_trainer("evaluate", str(folder), str(Path(dataset).resolve()), "--output", str(out.resolve()),
-                "--samples", str(samples), "--max-new-tokens", str(max_new_tokens))
+                "--samples", str(samples), "--max-new-tokens", str(max_new_tokens),
+                *(["--greedy"] if greedy else []), *(["--seed", str(seed)] if seed is not None else []))
     result = json.loads(out.read_text())
     if as_json:
         emit_json(result)
         return
     ft, base = result["fine_tuned"], result["base"]
-    click.echo(f"{result['dataset']}: {result['rows']} rows")
+    click.echo(f"{result['dataset']}: {result['rows']} rows; answers by {result['sampling']}")
     click.echo(f"{'':<12}{'loss':>10}{'perplexity':>14}")
     click.echo(f"{'base':<12}{base['loss']:>10.4f}{base['perplexity']:>14.2f}")
     click.echo(f"{'fine-tuned':<12}{ft['loss']:>10.4f}{ft['perplexity']:>14.2f}")

@@ -73,6 +73,17 @@ def _from_config(config: dict) -> ModelShape:
         raise UserError(f"the model's config.json has no {exc.args[0]!r}; cannot estimate its size") from None
 
 
+def _from_gguf(found) -> ModelShape:
+    arch, meta = found
+    heads = meta[f"{arch}.attention.head_count"]
+    return ModelShape(
+        vocab_size=meta["tokenizer.ggml.tokens"], hidden_size=meta[f"{arch}.embedding_length"],
+        intermediate_size=meta[f"{arch}.feed_forward_length"], num_layers=meta[f"{arch}.block_count"],
+        num_heads=heads, num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+        tied_embeddings=meta["tied_embeddings"],
+    )
+
+
 def shape_for(spec: BaseModelSpec) -> tuple[ModelShape, str]:
     """The shape and where it came from."""
     from trainer.models import builtin
@@ -82,6 +93,10 @@ def shape_for(spec: BaseModelSpec) -> tuple[ModelShape, str]:
         b = builtin.get_spec(model_id)
         return ModelShape(b.vocab_size, b.hidden_size, b.intermediate_size, b.num_hidden_layers,
                           b.num_attention_heads, b.num_key_value_heads, b.tie_word_embeddings), "builtin spec"
+    from trainer.models import gguf_base
+
+    if gguf_base.is_gguf_source(model_id):
+        return _from_gguf(gguf_base.inspect(gguf_base.source_file(model_id))), "the GGUF file's metadata"
     local = Path(model_id).expanduser()
     if (local / "config.json").is_file():
         return _from_config(json.loads((local / "config.json").read_text())), f"{local / 'config.json'}"

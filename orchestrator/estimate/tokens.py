@@ -22,15 +22,25 @@ def _tokenizer(strategy: Strategy):
     from trainer.models import builtin
 
     model_id = strategy.cfg.base_model.huggingface_id
-    if builtin.is_builtin(model_id):
-        # A builtin's tokenizer is rebuilt from the corpus here (about 1 s, no torch) when the model
-        # itself has not been built yet.
-        spec = builtin.get_spec(model_id)
-        raw, names, own = builtin.raw_tokenizer(spec)
-        return raw, names["bos_token"], names["eos_token"], own, f"{spec.name}'s tokenizer"
     folder = None
     local = Path(model_id).expanduser()
-    if (local / "tokenizer.json").exists():
+    if builtin.is_builtin(model_id):
+        spec = builtin.get_spec(model_id)
+        if isinstance(spec, builtin.BuiltinSpec):
+            # A tiny builtin's tokenizer is rebuilt from the corpus here (about 1 s, no torch) when the
+            # model itself has not been built yet.
+            raw, names, own = builtin.raw_tokenizer(spec)
+            return raw, names["bos_token"], names["eos_token"], own, f"{spec.name}'s tokenizer"
+        folder = builtin.cached_path(model_id)  # a real one is read once it is on disk
+        if folder is None:
+            return None
+    elif model_id.startswith("ollama:") or model_id.endswith(".gguf"):
+        from trainer.models import gguf_base
+
+        folder = gguf_base.cached_folder(model_id)  # once dequantized; else characters are counted
+        if folder is None:
+            return None
+    elif (local / "tokenizer.json").exists():
         folder = local
     else:
         try:

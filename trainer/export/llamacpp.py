@@ -44,13 +44,14 @@ def quantize_k(source: Path, out: Path, quantization: str) -> None:
 class GgufModel:
     """A GGUF loaded in llama.cpp with every position's logits kept (for comparison)."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, lora_path: Path | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, lora_path: Path | None = None, last_n_tokens: int = 64):
         llama_cpp = llama_cpp_module("loading a GGUF")
         kwargs = {"lora_path": str(lora_path)} if lora_path else {}
         try:
             # An f32 KV cache (llama.cpp's default is f16): the comparison measures the weights, not the cache.
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                       n_threads=os.cpu_count() or 1, seed=0, type_k=GGML_F32, type_v=GGML_F32, **kwargs)
+                                       n_threads=os.cpu_count() or 1, seed=0, type_k=GGML_F32, type_v=GGML_F32,
+                                       last_n_tokens_size=last_n_tokens, **kwargs)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"llama.cpp cannot load {path}: {exc}") from None
         self.eos = self.llm.token_eos()

@@ -58,7 +58,7 @@ def modelfile(template: ChatTemplate, bos: str, eos: str, strategy: Strategy, gg
     for stop in stops:
         lines.append(f"PARAMETER stop {_quote(stop)}")
     lines.append(f"PARAMETER num_ctx {spec.num_ctx or strategy.cfg.training_args.max_seq_length}")
-    for key in ("temperature", "top_p", "top_k", "repeat_penalty"):
+    for key in ("temperature", "top_p", "top_k", "repeat_penalty", "repeat_last_n", "seed"):
         value = getattr(spec, key)
         if value is not None:
             lines.append(f"PARAMETER {key} {value}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from contract.export_options import FORMATS, GENERAL_VERIFY_PROMPTS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
-from contract.job_folder import FINAL_DIR, STRATEGY_FILE
+from contract.job_folder import FINAL_DIR
 from trainer.export import gguf_model
 from trainer.export.llamacpp import K_QUANT_FTYPES
 REPORT_FILE = "export_report.json"
@@ -49,11 +49,9 @@ def default_output(folder: Path, fmt: str, quantization: str) -> Path:
 
 
 def _resolve(folder: Path, fmt: str | None, quantization: str | None):
-    from trainer.entrypoint import load_job_strategy
+    from trainer.models.plain_folder import folder_strategy
 
-    if not (folder / STRATEGY_FILE).exists():
-        raise UserError(f"{folder} is not a llamafarm model folder (no {STRATEGY_FILE}); give a job id or its final/ folder")
-    strategy, _ = load_job_strategy(folder)
+    strategy, _ = folder_strategy(folder)  # a llamafarm folder, or any Hugging Face causal-LM folder
     spec = strategy.cfg.export
     fmt = fmt or spec.format
     if fmt not in FORMATS:

