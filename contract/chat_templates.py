@@ -136,6 +136,37 @@ _CHATML_DEFAULT_SYSTEM = (
     "{% endif %}" + _CHATML
 )
 
+# Mistral v0.3 (v3 tokenizer): [INST]/[/INST] are control tokens, no space before [/INST], one before
+# the answer. Mistral puts the system prompt in the last user turn, which would change earlier text as
+# a conversation grows; here it goes in the first, so every prefix of a conversation renders the same.
+_MISTRAL_V3 = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{{ bos_token }}{% for m in msgs %}"
+    "{% if m['role'] == 'user' %}[INST] {% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Gemma: roles user and model; no system role, so a system prompt opens the first user turn.
+_GEMMA = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\\n\\n' %}{% set msgs = messages[1:] %}"
+    "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{{ bos_token }}{% for m in msgs %}"
+    "{% if m['role'] == 'user' %}<start_of_turn>user\n{% if loop.first %}{{ sys }}{% endif %}{{ m['content'] }}<end_of_turn>\n"
+    "{% elif m['role'] == 'assistant' %}<start_of_turn>model\n{{ m['content'] }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Phi-3: <|role|> blocks closed by <|end|> (Phi-3's own template also appends EOS after a finished
+# conversation, which no prompt prefix has; left out so training and inference render alike).
+_PHI3 = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 # The Ollama forms. Go's text/template keeps every character outside {{ }}, so these are written
 # without trim markers; $prev / $first carry what the Jinja reads from the previous message.
 _ALPACA_GO = (
@@ -189,6 +220,22 @@ _MISTRAL_GO = (
     '{{ $first = false }}{{ else if eq .Role "assistant" }}{{ .Content }}{EOS}{{ end }}{{ end }}'
 )
 
+_MISTRAL_V3_GO = (
+    '{{ $sys := "" }}{{ $first := true }}{{ range .Messages }}'
+    '{{ if eq .Role "system" }}{{ $sys = .Content }}'
+    '{{ else if eq .Role "user" }}[INST] {{ if and $first $sys }}{{ $sys }}\n\n{{ end }}{{ .Content }}[/INST]'
+    '{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }}{EOS}{{ end }}{{ end }}'
+)
+_GEMMA_GO = (
+    '{{ $sys := "" }}{{ $first := true }}{{ range .Messages }}'
+    '{{ if eq .Role "system" }}{{ $sys = .Content }}'
+    '{{ else if eq .Role "user" }}<start_of_turn>user\n{{ if and $first $sys }}{{ $sys }}\n\n{{ end }}{{ .Content }}'
+    '<end_of_turn>\n{{ $first = false }}'
+    '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}'
+    '<start_of_turn>model\n'
+)
+_PHI3_GO = "{{ range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"
+
 TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
@@ -199,6 +246,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>", _LLAMA3_GO),
         ChatTemplate("llama2", _LLAMA2, ("[INST]",), "Llama 2 chat [INST] blocks with <<SYS>>", _LLAMA2_GO),
         ChatTemplate("mistral", _MISTRAL, ("[INST]",), "Mistral instruct [INST] blocks", _MISTRAL_GO),
+        ChatTemplate("mistral-v3", _MISTRAL_V3, ("[INST]",), "Mistral v0.3 [INST]...[/INST] with control tokens", _MISTRAL_V3_GO),
+        ChatTemplate("gemma", _GEMMA, ("<end_of_turn>",), "Gemma <start_of_turn>user/model turns", _GEMMA_GO),
+        ChatTemplate("phi3", _PHI3, ("<|end|>",), "Phi-3 <|user|>/<|assistant|> blocks closed by <|end|>", _PHI3_GO),
     )
 }
 

@@ -96,8 +96,9 @@ class MethodSpec(_Strict):
     r: int = Field(default=8, gt=0, le=_MAX_COUNT, description="LoRA rank; higher trains more parameters.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha/r.")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Module names that get LoRA adapters."
+    target_modules: list[str] | Literal["auto"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+        description="Module names that get LoRA adapters, or auto: every linear layer of the model but the output layer.",
     )
     fallback_to_lora: bool = Field(
         default=False, description="qlora only: train plain LoRA where CUDA or bitsandbytes is missing, instead of failing."

@@ -115,6 +115,17 @@ def _reference_model(model, stage: str, method: str, device: str, decisions: dic
     return ref
 
 
+def _check_architecture(model_path: str, spec) -> None:
+    """Refuse, before any weights load, a model family that export could not write and verify."""
+    from transformers import AutoConfig
+
+    from trainer.export.architectures import architecture_of
+
+    config = AutoConfig.from_pretrained(model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    name, arch = architecture_of(config.to_dict())
+    print(f"architecture: {name} (family {arch.family}; GGUF architecture {arch.name})", flush=True)
+
+
 def _train(folder: Path, stop_flag: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +158,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
           f"({source.check_available(cfg.base_model)})", flush=True)
     with world.local_first():
         model_path = source.resolve(cfg.base_model)
+    _check_architecture(model_path, cfg.base_model)
     if cfg.base_model.trust_remote_code:
         print("trust_remote_code: on (set in the strategy): the model repo's own code will run", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(
@@ -197,7 +209,15 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    model = builder.make_trainable(model, cfg.method, resume_path if method.value != "full" else None)
+    method_spec = cfg.method
+    if method.value != "full":
+        from trainer.devices import Decision
+        from trainer.methods import resolve_targets
+
+        targets = resolve_targets(model, cfg.method)  # checked where the model is known; the schema only has names
+        decisions["target_modules"] = _say("target modules", Decision(", ".join(targets.value), targets.reason))
+        method_spec = cfg.method.model_copy(update={"target_modules": targets.value})
+    model = builder.make_trainable(model, method_spec, resume_path if method.value != "full" else None)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

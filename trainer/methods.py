@@ -21,21 +21,35 @@ class Method:
     """(model, method, adapter_from) -> trainable model; adapter_from is a checkpoint to resume."""
 
 
-def _check_targets(model, method: MethodSpec) -> None:
+def linear_layers(model) -> list[str]:
+    """Names (last part) of the model's linear layers, the output layer excluded; fused ones
+    (Phi-3's qkv_proj, gate_up_proj) are single layers."""
     import torch
 
-    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+    output = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and mod is not output})
+
+
+def resolve_targets(model, method: MethodSpec) -> Decision:
+    """The LoRA target modules: the strategy's list, checked against the model, or auto's every linear layer."""
+    linear = linear_layers(model)
+    if method.target_modules == "auto":
+        return Decision(linear, f"auto: every linear layer of {type(model).__name__} but the output layer")
     missing = [t for t in method.target_modules if t not in linear]
     if missing:
         raise UserError(
-            f"method.target_modules {missing} do not exist in this model; its linear layers are: {', '.join(linear)}"
+            f"method.target_modules {missing} do not exist in this model ({type(model).__name__}); "
+            f"its linear layers are: {', '.join(linear)} (or use target_modules: auto)"
         )
+    return Decision(list(method.target_modules), "set in the strategy")
 
 
 def _lora(model, method: MethodSpec, adapter_from=None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    _check_targets(model, method)
+    if method.target_modules == "auto":  # the entrypoint passes them resolved; other callers may not
+        method = method.model_copy(update={"target_modules": resolve_targets(model, method).value})
     if adapter_from:
         return PeftModel.from_pretrained(model, adapter_from, is_trainable=True)
     config = LoraConfig(

@@ -60,6 +60,8 @@ def choose_attention(device: str, packed: bool, config, batch_size: int, max_len
         return Decision(impl, "the model's own (the matmul attention is for packed batches on CPU)")
     if impl not in ("sdpa", "eager"):
         return Decision(impl, "the model's own")
+    if getattr(config, "attn_logit_softcapping", None):
+        return Decision(impl, "the model's own: the matmul attention has no logit soft-capping (Gemma 2)")
     mb = attention_probs_mb(config, batch_size, max_len, dtype)
     if mb > ATTENTION_PROBS_LIMIT_MB:
         return Decision(impl, f"the model's own: matmul attention would keep {mb:,.0f} MB of probabilities for "

@@ -75,7 +75,8 @@ def _trainable(shape: ModelShape, strategy: Strategy) -> int:
     if method.type == "full":
         return shape.params
     shapes = shape.linear_shapes()
-    return shape.num_layers * sum(method.r * (a + b) for name, (a, b) in shapes.items() if name in method.target_modules)
+    targets = shapes if method.target_modules == "auto" else method.target_modules
+    return shape.num_layers * sum(method.r * (a + b) for name, (a, b) in shapes.items() if name in targets)
 
 
 def compute_precision(device: str, requested: str) -> str:

@@ -79,7 +79,8 @@ def _method(cfg, device: str) -> dict:
         "lora_rank": method.r,
         "lora_alpha": method.alpha,
         "lora_dropout": method.dropout,
-        "lora_target": ",".join(method.target_modules),
+        # LlamaFactory's "all" is every linear layer but the output one, as our auto.
+        "lora_target": "all" if method.target_modules == "auto" else ",".join(method.target_modules),
     }
     if method.type == "qlora" and device == "cuda":
         out["quantization_bit"] = 4  # our QLoRA is 4-bit NF4 through bitsandbytes, as is LlamaFactory's

@@ -1,14 +1,13 @@
-"""A Hugging Face Llama or Qwen2 checkpoint as a GGUF file, streamed one tensor at a time.
+"""A Hugging Face checkpoint of a supported family as a GGUF file, streamed one tensor at a time.
 
 Runs without torch: weights come from safetensors memory maps (trainer/export/safetensors_io.py),
 a LoRA adapter is merged into each weight as it passes (weights.py), and each tensor is converted,
 quantized and written before the next is read. The header (metadata and every tensor's type and
 size) is written first, which is why each tensor's output type is decided up front.
 
-Facts this relies on (llama.cpp's loader, see docs/EXPORT.md): llama.cpp rotates a different pairing
-of q/k values than Hugging Face, so for the `llama` architecture the rows of q_proj and k_proj (and
-their biases) are re-ordered per head; `qwen2` needs no re-order. A tied lm_head is left out (llama.cpp
-reuses token_embd). 1-D tensors stay F32.
+Tensor names and keys come from gguf-py; each family's special cases (q/k re-order, norm offsets,
+extra keys, sliding windows) live in architectures.py. A tied lm_head is left out (llama.cpp reuses
+token_embd). 1-D tensors stay F32.
 """
 
 from __future__ import annotations
@@ -24,14 +23,13 @@ import gguf
 import numpy as np
 
 from contract.errors import UserError
+from trainer.export.architectures import ARCHITECTURES, Architecture, architecture_of, sliding_window
 from trainer.export.gguf_vocab import add_vocab, read_vocab
 from trainer.export.weights import ModelWeights
 
 Q = gguf.GGMLQuantizationType
 # The training template's stop strings (JSON list), for `generate` on the GGUF.
 STOP_STRINGS_KEY = "llamafarm.stop_strings"
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-_GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 
 # In-process types (numpy, gguf.quants) and the GGUF file type each stands for.
 IN_PROCESS = {
@@ -59,26 +57,21 @@ class Shape:
     vocab_size: int
     tied: bool
     config: dict = field(repr=False)
+    spec: Architecture = field(repr=False, default=ARCHITECTURES["LlamaForCausalLM"])
 
     @classmethod
     def from_config(cls, config: dict) -> "Shape":
-        archs = config.get("architectures") or []
-        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-        if arch is None:
-            raise UserError(
-                f"model architecture {archs or config.get('model_type')} cannot be exported to GGUF here; "
-                f"supported: {', '.join(ARCHITECTURES)}"
-            )
+        _, spec = architecture_of(config)
         heads = config["num_attention_heads"]
-        return cls(arch, config["num_hidden_layers"], config["hidden_size"], heads,
+        return cls(spec.name, config["num_hidden_layers"], config["hidden_size"], heads,
                    config.get("num_key_value_heads") or heads,
                    config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
-                   bool(config.get("tie_word_embeddings", False)), config)
+                   bool(config.get("tie_word_embeddings", False)), config, spec)
 
     @cached_property
     def _names(self):
         # gguf-py's own Hugging Face -> GGUF tensor name table for the architecture.
-        return gguf.get_tensor_name_map(_GGUF_ARCH[self.arch], self.n_layers)
+        return gguf.get_tensor_name_map(self.spec.gguf_arch, self.n_layers)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF tensor name of a Hugging Face tensor (None: not exported, e.g. rotary caches)."""
@@ -97,12 +90,28 @@ class Shape:
         return params
 
     def transform(self, hf_name: str, w: np.ndarray) -> np.ndarray:
-        if self.arch == "llama":
+        if self.spec.reorder_qk:
             if ".self_attn.q_proj." in hf_name:
                 return permute_qk(w, self.n_heads)
             if ".self_attn.k_proj." in hf_name:
                 return permute_qk(w, self.n_kv_heads)
+        if self.spec.norm_offset and w.ndim == 1 and hf_name.endswith("norm.weight"):
+            return w + np.float32(self.spec.norm_offset)
         return w
+
+    def context_length(self, max_len: int) -> int:
+        """The context llama.cpp may use: inside the sliding window where llama.cpp's graph has none."""
+        trained = self.config.get("max_position_embeddings", max_len)
+        window = sliding_window(self.config)
+        if not (self.spec.ignores_sliding_window and window):
+            return trained
+        if max_len > window:
+            raise UserError(
+                f"{self.spec.family} trained with a sliding attention window of {window} tokens, which llama.cpp's "
+                f"{self.arch} graph does not have; the export's context ({max_len}, training_args.max_seq_length) "
+                "must fit inside the window, or the GGUF would attend differently"
+            )
+        return min(trained, window)
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -120,8 +129,8 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 def add_metadata(writer: gguf.GGUFWriter, shape: Shape, name: str, file_type: int, max_len: int) -> np.ndarray | None:
     c = shape.config
-    writer.add_name(name)
-    writer.add_context_length(c.get("max_position_embeddings", max_len))
+    writer.add_name(shape.spec.gguf_name(name))
+    writer.add_context_length(shape.context_length(max_len))
     writer.add_embedding_length(shape.hidden)
     writer.add_block_count(shape.n_layers)
     writer.add_feed_forward_length(c["intermediate_size"])
@@ -129,13 +138,14 @@ def add_metadata(writer: gguf.GGUFWriter, shape: Shape, name: str, file_type: in
     writer.add_head_count_kv(shape.n_kv_heads)
     writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(shape.vocab_size)
-    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_dimension_count(int(shape.head_dim * c.get("partial_rotary_factor", 1.0)))
     if shape.head_dim != shape.hidden // shape.n_heads:
         writer.add_key_length(shape.head_dim)
         writer.add_value_length(shape.head_dim)
     rope = shape.rope()
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_file_type(file_type)
+    shape.spec.keys(writer, c)
     kind = rope["rope_type"]
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -33,6 +33,8 @@ class Vocab:
     special_ids: dict[str, int]
     add_bos: bool
     add_eos: bool
+    add_space_prefix: bool = False
+    """SentencePiece kinds: a "▁" is put before the text (Llama, Mistral, Phi-3), or not (Gemma)."""
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -100,6 +102,17 @@ def _special_ids(folder: Path, tok_json: dict) -> tuple[dict[str, int], bool, bo
     return ids, add_bos, add_eos
 
 
+def _adds_space_prefix(tok_json: dict) -> bool:
+    """Whether the tokenizer puts a "▁" before the text: a Metaspace that prepends, or a Prepend normalizer."""
+    def steps(node: dict | None, key: str) -> list[dict]:
+        return (node.get(key) or [node]) if node else []
+
+    pre = steps(tok_json.get("pre_tokenizer"), "pretokenizers")
+    norm = steps(tok_json.get("normalizer"), "normalizers")
+    return (any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in pre)
+            or any(n.get("type") == "Prepend" for n in norm))
+
+
 def read_vocab(folder: Path, vocab_size: int) -> Vocab:
     path = folder / "tokenizer.json"
     if not path.exists():
@@ -139,7 +152,8 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
             if i is not None and i not in ranked:
                 scores[i] = -float(rank + 1)
                 ranked.add(i)
-        return Vocab("llama", "default", tokens, scores, [int(t) for t in types], [], special_ids, add_bos, add_eos)
+        return Vocab("llama", "default", tokens, scores, [int(t) for t in types], [], special_ids, add_bos, add_eos,
+                     _adds_space_prefix(tok_json))
     if (tok_json.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"{path}: a BPE tokenizer without byte fallback must be byte-level (decoder ByteLevel)")
     pre = _pre_tokenizer_name(tok_json.get("pre_tokenizer"))
@@ -159,6 +173,6 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab, chat_template: str | None) 
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.model == "llama":
-        writer.add_add_space_prefix(True)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     if chat_template:
         writer.add_chat_template(chat_template)

@@ -29,9 +29,10 @@ ROUNDED = {"f16": "float16", "bf16": "bfloat16"}
 MIN_TOP1_AGREEMENT = 0.95  # quantized types
 GREEDY_TOKENS = 24
 # Plain text with digits, punctuation, unicode and runs of spaces: where tokenizers disagree first.
-# None starts with a space: llama.cpp's SentencePiece path always prepends one, while Hugging Face's
-# Metaspace(prepend_scheme="first") does not when the text already starts with a space (docs/EXPORT.md).
-TOKENIZER_PROBES = ["Hello world! 123 4567 tokens.", "two  spaces,   tabs\tand\nnewlines  ", "Café naïve — 東京 🙂"]
+# One starts with spaces: llama.cpp's SentencePiece path always prepends a "▁", which a tokenizer whose
+# Metaspace skips it before a leading space does not reproduce (docs/EXPORT.md, Known limits).
+TOKENIZER_PROBES = ["Hello world! 123 4567 tokens.", "two  spaces,   tabs\tand\nnewlines  ", "Café naïve — 東京 🙂",
+                    "  leading spaces"]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from trainer.models.wheel import build as build_from_wheel
 PREFIX = "builtin:"
 CORPUS = Path(__file__).with_name("corpus.txt")
 # Bump when the recipe below changes, so cached copies are rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 # The Llama 3 pre-tokenizer: contractions, letter runs, 1-3 digit groups, punctuation, newlines.
 _LLAMA3_SPLIT = (
@@ -145,11 +145,12 @@ def _corpus_lines() -> list[str]:
     return [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _trained_bpe(pre_tokenizer, vocab_size: int, alphabet: list[str]):
+def _trained_bpe(pre_tokenizer, vocab_size: int, alphabet: list[str], normalizer=None):
     """Train a BPE on the corpus and return (vocab, merges) in training order."""
     from tokenizers import Tokenizer, models, trainers
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
@@ -161,22 +162,33 @@ def _trained_bpe(pre_tokenizer, vocab_size: int, alphabet: list[str]):
     return [t for t, _ in vocab], merges
 
 
+def spm_text_steps(prepend: bool):
+    """(normalizer, pre-tokenizer) of a SentencePiece-style tokenizer: spaces become "▁", words split
+    before each "▁" (SentencePiece's default), and with `prepend` a "▁" put before every text segment.
+
+    The "▁" is prepended by a normalizer, as in Llama 2's own tokenizer.json, not by Metaspace: Metaspace
+    skips it when the text already starts with a space, while llama.cpp (and SentencePiece) always add
+    it, so " hi" would tokenize differently in the GGUF. Every segment, also one right after a special
+    token such as </s>, gets it, which is what llama.cpp does (docs/EXPORT.md)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    steps = ([normalizers.Prepend("▁")] if prepend else []) + [normalizers.Replace(" ", "▁")]
+    return normalizers.Sequence(steps), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+
+
 def _spm_tokenizer(spec: BuiltinSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, processors
 
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    # Words are split at spaces (SentencePiece's default), each piece starting with "▁".
-    # "always": every text segment, also one that follows a special token such as </s>, starts with ▁,
-    # as in Llama 2's (legacy) tokenizer, which llama.cpp reproduces; "first" would differ from it in
-    # every multi-turn prompt exported to GGUF (docs/EXPORT.md).
-    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    normalizer, pre = spm_text_steps(prepend=True)
     learned, merges = _trained_bpe(
-        pre, spec.vocab_size - len(specials) - len(byte_tokens), alphabet=[]
+        pre, spec.vocab_size - len(specials) - len(byte_tokens), alphabet=[], normalizer=normalizer
     )
     tokens = specials + byte_tokens + [t for t in learned if t not in specials and t not in byte_tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
