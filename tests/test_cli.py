@@ -17,7 +17,8 @@ def test_strategies_list_and_json(run_cli):
     result = run_cli("finetune", "strategies", "list")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines()]
-    assert names == ["cpu_fine_tuning", "cuda_fine_tuning", "llamafactory_advanced", "m1_fine_tuning", "tiny_demo"]
+    assert names == ["cpu_fine_tuning", "cuda_fine_tuning", "llamafactory_advanced", "m1_fine_tuning", "smollm2_medical", "tiny_demo",
+                     "tiny_dpo"]
     rows = json.loads(run_cli("finetune", "strategies", "list", "--json").output)
     tiny = next(r for r in rows if r["name"] == "tiny_demo")
     assert (tiny["base_model"], tiny["method"], tiny["device"]) == ("builtin:tiny-llama-bpe", "full", "auto")
@@ -48,12 +49,12 @@ def test_strategies_show_fills_defaults(run_cli):
     shown = yaml.safe_load(result.output)["m1_fine_tuning"]["fine_tuner"]["config"]
     assert shown["training_args"]["seed"] == 42 and shown["training_args"]["learning_rate"] == 3e-4
     data = json.loads(run_cli("finetune", "strategies", "show", "tiny_demo", "--json").output)
-    assert data["strategy"]["fine_tuner"]["config"]["method"] == {"type": "full"}
+    assert data["strategy"]["fine_tuner"]["config"]["method"] == {"type": "full", "stage": "sft"}
 
 
 def test_strategies_validate(run_cli, tmp_path):
     ok = run_cli("finetune", "strategies", "validate", ROOT / "strategies")
-    assert ok.exit_code == 0 and ok.output.count("ok ") == 5
+    assert ok.exit_code == 0 and ok.output.count("ok ") == 7
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"broken": {"fine_tuner": {"config": {"base_model": {"name": "x"}, "method": {"r": 0}}}}}))
     result = run_cli("finetune", "strategies", "validate", bad)
@@ -66,7 +67,7 @@ def test_strategies_validate(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--strategy", "tiny_dem"], "unknown strategy 'tiny_dem'; did you mean tiny_demo?"),
+        (["--strategy", "tiny_dem"], "unknown strategy 'tiny_dem'; did you mean tiny_demo, tiny_dpo?"),
         (["--strategy", "tiny_demo", "--dataset", "missing.jsonl"], "dataset missing.jsonl does not exist"),
         (["--strategy", "tiny_demo", "--set", "training_args.learning_rat=1"], "has no key 'learning_rat'"),
         (["--strategy", "tiny_demo", "--set", "training_args.learning_rate=-1"],

@@ -89,7 +89,7 @@ def test_jobs_event_stream_sends_the_list_when_it_changes(server):
 
 def test_actions_run_the_cli_and_return_its_error_message(server):
     status, body = request(server, "/api/jobs", {"strategy": "tiny_dem", "dataset": str(DATASETS / "medical_qa.jsonl")})
-    assert status == 400 and body["error"].startswith("unknown strategy 'tiny_dem'; did you mean tiny_demo?")
+    assert status == 400 and body["error"].startswith("unknown strategy 'tiny_dem'; did you mean tiny_demo, tiny_dpo?")
     status, body = request(server, "/api/jobs", {"strategy": "tiny_demo", "dataset": "missing.jsonl"})
     assert status == 400 and "dataset missing.jsonl does not exist" in body["error"]
     status, body = request(server, "/api/jobs", {"strategy": "tiny_demo", "dataset": str(DATASETS / "medical_qa.jsonl"),
