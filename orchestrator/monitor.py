@@ -68,7 +68,9 @@ def render(s: dict) -> str:
     if s.get("reward_accuracy") is not None:
         parts.append(f"pairs ranked right {s['reward_accuracy']:.2f}")
     if s.get("eval_reward_accuracy") is not None:
-        parts.append(f"(eval {s['eval_reward_accuracy']:.2f}, margin {s['eval_reward_margin']:.2f})")
+        # KTO scores single answers, not pairs, so its evaluation has an accuracy but no margin.
+        margin = s.get("eval_reward_margin")
+        parts.append(f"(eval {s['eval_reward_accuracy']:.2f}" + (f", margin {margin:.2f})" if margin is not None else ")"))
     if s["tokens_per_second"]:
         parts.append(f"{s['tokens_per_second']:.0f} tok/s")
     parts.append(f"elapsed {format_duration(s['elapsed'])}")

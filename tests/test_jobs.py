@@ -151,3 +151,16 @@ def test_qlora_is_refused_or_falls_back_off_cuda():
     fell = choose_method(MethodSpec(type="qlora", fallback_to_lora=True), "cpu")
     assert fell.value == "lora" and "fallback_to_lora is on" in fell.reason
     assert json.dumps(fell.__dict__)
+
+
+@pytest.mark.parametrize("eval_row, shown", [
+    ({"eval_loss": 0.6, "eval_reward_accuracy": 0.75, "eval_reward_margin": 0.5}, "(eval 0.75, margin 0.50)"),
+    # KTO judges single answers: an accuracy without a margin (this crashed `start --foreground`).
+    ({"eval_loss": 0.6, "eval_reward_accuracy": 0.75}, "(eval 0.75)"),
+])
+def test_monitor_shows_preference_evaluation_with_or_without_a_margin(eval_row, shown):
+    from orchestrator.monitor import render, summary
+
+    job = {"job_id": "j", "status": "completed", "total_steps": 4}
+    train = {"step": 4, "loss": 0.5, "elapsed": 2.0, "reward_accuracy": 0.5}
+    assert shown in render(summary(job, [train, {"step": 4, **eval_row}]))

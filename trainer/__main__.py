@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args.job_dir)
     if args.command == "calibrate":
-        from trainer.devices import matmul_gflops
+        from trainer.devices import matmul_rate
 
-        print(json.dumps({"gflops": round(matmul_gflops(args.device, args.dtype), 1)}), flush=True)
+        print(json.dumps(matmul_rate(args.device, args.dtype)), flush=True)
         return 0
     try:
         if args.command == "generate" and args.folder.suffix == ".gguf":

@@ -111,8 +111,23 @@ def probe_precision(device: str, precision: str) -> tuple[bool, str]:
     return True, f"gradients within {error:.2%} of fp32"
 
 
-def matmul_gflops(device: str, dtype: str, seconds: float = 1.5) -> float:
-    """Sustained matmul rate on `device`: square products sized like a small model's layers."""
+def _scheduler_times() -> tuple[int, int] | None:
+    """Nanoseconds this process's threads have run and waited for a core (Linux's schedstat), or None."""
+    ran = waited = 0
+    try:
+        for stat in Path("/proc/self/task").glob("*/schedstat"):
+            fields = stat.read_text().split()
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (ran, waited) if ran else None
+
+
+def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10) -> dict:
+    """Sustained matmul rate on `device` (square products sized like a small model's layers), as the best
+    of short windows so that a moment of someone else's work does not count; and, on Linux, the share of
+    the probe's time its threads spent waiting for a core another program held (`contention`): high
+    contention means the rate says more about that program than about this machine."""
     import time
 
     import torch
@@ -122,10 +137,18 @@ def matmul_gflops(device: str, dtype: str, seconds: float = 1.5) -> float:
     b = torch.randn(1024, 1024, dtype=torch_dtype, device=device)
     for _ in range(3):
         a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
+    before, best, probe_start = _scheduler_times(), 0.0, time.perf_counter()
+    while time.perf_counter() - probe_start < seconds:  # slow kernels (bf16 on old CPUs) get fewer windows
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows:
+            a @ b
+            count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9)
+    after = _scheduler_times()
+    contention = None
+    if device == "cpu" and before and after:
+        ran, waited = after[0] - before[0], after[1] - before[1]
+        contention = round(waited / max(ran + waited, 1), 2)
+    return {"gflops": round(best, 1), "contention": contention}

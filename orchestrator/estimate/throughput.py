@@ -1,7 +1,8 @@
 """How fast and how big this machine's devices are, without importing torch here.
 
 The matmul rate is measured once per machine, device and dtype by a short trainer subprocess (about
-2 s) and cached in $LLAMAFARM_CACHE/throughput.json; a device this machine lacks gets a documented
+2 s) and cached in $LLAMAFARM_CACHE/throughput.json unless another program was using the cores
+throughout the probe (then it is used once and measured again next time); a device this machine lacks gets a documented
 table value (an A100 for cuda, an M2 Pro for mps), which the estimate says.
 """
 
@@ -30,27 +31,39 @@ def _present(device: str) -> bool:
     return available_devices()[device]
 
 
+# Above this share of the probe's time spent waiting for a core, another program was using the cores
+# (trainer.devices.matmul_rate); an idle machine measures about 0.
+BUSY_CONTENTION = 0.2
+
+
 def matmul_gflops(device: str, dtype: str) -> float:
     if not _present(device):
         return TABLE[(device, dtype)]
     key = f"{device}-{dtype}-{os.cpu_count()}"
     path = _cache_file()
     cached = json.loads(path.read_text()) if path.exists() else {}
-    if key not in cached:
-        cached[key] = measure(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=2))
-        tmp.replace(path)
+    if key in cached:
+        return cached[key]
+    rate = measure(device, dtype)
+    if rate["contention"] is not None and rate["contention"] > BUSY_CONTENTION:
+        # A rate taken on a busy machine would make every later estimate too long: use it once, keep none.
+        print(f"this machine is busy (the probe waited {rate['contention']:.0%} of its time for a core): the time estimate "
+              "assumes it stays this busy; the rate is measured again next time", file=sys.stderr)
+        return rate["gflops"]
+    cached[key] = rate["gflops"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(cached, indent=2))
+    tmp.replace(path)
     return cached[key]
 
 
-def measure(device: str, dtype: str) -> float:
+def measure(device: str, dtype: str) -> dict:
     from orchestrator.runners.local import run_trainer
 
     print(f"measuring this machine's {device} {dtype} matmul rate once for estimates (about 2 s)", file=sys.stderr)
     out = run_trainer("calibrate", "--device", device, "--dtype", dtype)
-    return float(json.loads(out.strip().splitlines()[-1])["gflops"])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def device_memory_gb(device: str) -> float | None:
