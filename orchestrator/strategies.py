@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -188,6 +189,11 @@ def _check_schema_path(model, parts: list[str], item: str) -> None:
             )
         annotation = fields[key].annotation
         is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if i < len(parts) - 1 and typing.get_origin(annotation) is dict:
+            # A mapping's keys are the user's (dataset.replace.name); the schema checks the value.
+            if i == len(parts) - 2:
+                return
+            raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 2])} is a value, not a section")
         if i < len(parts) - 1:
             if not is_model:
                 raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")

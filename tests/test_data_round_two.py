@@ -275,3 +275,43 @@ GOLDEN: dict = {
         288, 13, 2,
     ],
 }
+
+
+def _registry_of_llamafactory_shapes(tmp_path) -> Path:
+    """A dataset_info.json as LlamaFactory users have it, with a few rows in each demo file's shape."""
+    alpaca = [{"instruction": f"Name a colour, number {i}.", "input": "", "output": f"Colour {i} is blue."} for i in range(8)]
+    chinese = [{"instruction": f"说出一种颜色，第{i}个。", "input": "", "output": f"第{i}种颜色是蓝色。"} for i in range(8)]
+    identity = [{"instruction": f"Who are you? ({i})", "input": "", "output": "I am {{name}}, made by {{author}}."}
+                for i in range(8)]
+    c4 = [{"text": " ".join(f"word{j % 97}" for j in range(400 + 50 * i))} for i in range(4)]
+    return _registry(tmp_path, {
+        "alpaca_en_demo": {"file_name": "alpaca_en_demo.jsonl"},
+        "alpaca_zh_demo": {"file_name": "alpaca_zh_demo.jsonl"},
+        "identity": {"file_name": "identity.jsonl"},
+        "glaive_toolcall_en_demo": {"file_name": "glaive.jsonl", "formatting": "sharegpt",
+                                    "columns": {"messages": "conversations", "tools": "tools"}},
+        "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
+    }, {"alpaca_en_demo.jsonl": alpaca, "alpaca_zh_demo.jsonl": chinese, "identity.jsonl": identity,
+        "glaive.jsonl": [SHAREGPT_TOOLS] * 8, "c4_demo.jsonl": c4})
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("alpaca_en_demo", []), ("alpaca_zh_demo", []),
+    ("identity", ["dataset.replace.name=FarmBot", "dataset.replace.author=LlamaFarm"]),
+    ("glaive_toolcall_en_demo", []), ("c4_demo", []),
+])
+def test_llamafactory_demo_shapes_train_with_tiny_demo(run_cli, tmp_path, name, settings):
+    from contract.job_folder import read_job, read_metrics
+
+    registry = _registry_of_llamafactory_shapes(tmp_path)
+    overrides = [arg for s in ["training_args.max_steps=2", *settings] for arg in ("--set", s)]
+    result = run_cli("run", "--strategy", "tiny_demo", "--dataset", f"{registry}:{name}", *overrides,
+                     "--foreground", "--json")
+    assert result.exit_code == 0, result.output
+    job_dir = Path(json.loads(result.stdout[result.stdout.index("{"):result.stdout.index("}") + 1])["job_dir"])
+    assert read_job(job_dir)["status"] == "completed"
+    assert [m["step"] for m in read_metrics(job_dir) if "loss" in m][-1] == 2
+    log = (job_dir / "train.log").read_text()
+    assert "unfilled placeholder" not in log, "identity's {{name}} and {{author}} are filled from --set"
+    if name == "c4_demo":
+        assert "tokens trained (100%)" in log, "long documents train as full blocks, nothing cut away"

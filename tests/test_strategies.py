@@ -120,6 +120,8 @@ def test_overrides_apply_and_are_recorded():
     assert raw == SHIPPED["m1_fine_tuning"], "the loaded strategy itself is untouched"
     top, _ = strat.apply_overrides(raw, ("description=hello",))
     assert top["description"] == "hello"
+    filled, _ = strat.apply_overrides(raw, ("dataset.replace.name=FarmBot",))
+    assert filled["fine_tuner"]["config"]["dataset"]["replace"] == {"name": "FarmBot"}, "a mapping's keys are free"
 
 
 @pytest.mark.parametrize(
@@ -129,6 +131,7 @@ def test_overrides_apply_and_are_recorded():
         ("learning_rate=1e-4", "fine_tuner.config has no key 'learning_rate'"),
         ("training_args=3", "fine_tuner.config.training_args is a section; set one of its keys instead"),
         ("device.type=cpu", "fine_tuner.config.device is a value, not a section"),
+        ("dataset.replace.name.first=Bo", "fine_tuner.config.dataset.replace.name is a value, not a section"),
         ("training_args.seed", "expected PATH=VALUE"),
         ("training_args..seed=1", "empty key in path"),
     ],
