@@ -18,13 +18,14 @@ it, and carried unless --no-bitsandbytes (it adds about one bundle, so one more 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from trainer.models.cache import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -62,14 +63,6 @@ def _norm(name: str) -> str:
 
 def _project(wheel: Path) -> str:
     return _norm(wheel.name.split("-")[0])
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download(requirements: list[str], dest: Path, deps: bool) -> None:
@@ -129,7 +122,7 @@ def write_bundles(out: Path, wheels: list[Path], model: Path | None, extra: dict
                 files.append((f, kind))
                 continue
             parts = split(f, bundle_bytes, Path(tmp))
-            joined[f.name] = {"kind": kind, "sha256": sha256(f), "bytes": f.stat().st_size, "parts": [q.name for q in parts]}
+            joined[f.name] = {"kind": kind, "sha256": file_sha256(f), "bytes": f.stat().st_size, "parts": [q.name for q in parts]}
             files += [(q, kind) for q in parts]
         kind_of = {f: kind for f, kind in files}
         bundles = pack([f for f, _ in files], bundle_bytes)

@@ -17,11 +17,9 @@ Writes gpu_check.json and gpu_check.txt (and each command's log) into --out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +27,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.gpu_carry import MANIFEST, PLATFORM, sha256
+from bench.gpu_carry import MANIFEST, PLATFORM
+from trainer.models.cache import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ROOT / "bench" / "gpu_check.yaml"
@@ -137,7 +136,7 @@ def _join(carry: Path, name: str, spec: dict, dest: Path) -> Path:
     with (dest / name).open("wb") as out:
         for part in parts:
             out.write(part.read_bytes())
-    if sha256(dest / name) != spec["sha256"]:
+    if file_sha256(dest / name) != spec["sha256"]:
         raise StepFailed(f"{name} joined from its parts does not match its sha256: a part was damaged in transit")
     return dest / name
 

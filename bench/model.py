@@ -12,14 +12,13 @@ import json
 import random
 from pathlib import Path
 
+from trainer.models.wheel import SMOLLM2_135M
+
+# SmolLM2-135M's shape (the same numbers the real model's wheel spec pins), with its Llama settings.
 SHAPE = dict(
-    hidden_size=576,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    intermediate_size=1536,
-    vocab_size=49152,
-    tie_word_embeddings=True,
+    **{key: getattr(SMOLLM2_135M, key) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "intermediate_size", "vocab_size",
+                                                   "tie_word_embeddings")},
     max_position_embeddings=2048,
     rms_norm_eps=1e-5,
     rope_theta=100000.0,

@@ -54,7 +54,7 @@ def test_bad_rows_are_reported_with_file_and_line(tmp_path):
 
 def test_sft_rows_are_not_preference_data(tmp_path):
     path = _write(tmp_path, [{"instruction": "q", "output": "a"}])
-    with pytest.raises(DatasetError, match=r"d.jsonl:1: not preference data \(keys \['instruction', 'output'\]\)"):
+    with pytest.raises(DatasetError, match=r"d.jsonl:1: not preference data with keys \['instruction', 'output'\]"):
         read_preference_dataset(path)
 
 

@@ -12,13 +12,13 @@ Pairs also train stage kto: each pair gives a good and a bad answer.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from contract.errors import DatasetError, UserError
-from trainer.data.records import _MAX_REPORTED, ROLES, SHAREGPT_ROLES, _raw_rows
+from trainer.data.records import ROLES, SHAREGPT_ROLES, _raw_rows, parse_row, raise_row_problems
+from trainer.data.prepare import split_eval
 from trainer.data.tokenize import IGNORE_INDEX, ConversationEncoder, EncodeStats
 
 
@@ -141,30 +141,20 @@ def read_preference_dataset(path: str | Path, fmt: str = "auto", columns: dict[s
         raise DatasetError(f"dataset {path} does not exist")
     rename = {source: canonical for canonical, source in (columns or {}).items()}
     problems: list[str] = []
-    out, seen = [], set()
+    out, first_of_format = [], {}
     for where, row in _raw_rows(path, problems):
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object, got {type(row).__name__}")
             continue
         row = {rename.get(k, k): v for k, v in row.items()}
-        row_format = fmt if fmt != "auto" else detect_preference_format(row)
-        if row_format is None:
-            problems.append(f"{where}: not preference data (keys {sorted(row)}); expected one of the formats "
-                            f"{', '.join(PREFERENCE_READERS)}, or map your columns with dataset.columns")
-            continue
         try:
-            item = PREFERENCE_READERS[row_format](row)
+            row_format, item = parse_row(row, fmt, detect_preference_format, PREFERENCE_READERS, "not preference data")
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        seen.add(row_format)
+        first_of_format.setdefault(row_format, where)
         out.append(type(item)(**{**item.__dict__, "where": where}))
-    if len(seen) > 1:
-        problems.append(f"{path}: mixes formats ({', '.join(sorted(seen))}); use one format per file")
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
-        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
-        raise DatasetError(f"dataset {path} has {len(problems)} bad row(s):\n{shown}{more}")
+    raise_row_problems(path, problems, first_of_format)
     if not out:
         raise DatasetError(f"dataset {path} has no rows; add rows in one of the formats {', '.join(PREFERENCE_READERS)}")
     return out
@@ -260,14 +250,7 @@ def prepare_preference(dataset: Path, cfg, tokenizer, template, eval_file: Path 
     if eval_file:
         eval_items = as_stage_items(read_preference_dataset(eval_file, d.format, d.columns), stage, str(eval_file))
     elif d.eval_fraction:
-        order = list(range(len(items)))
-        random.Random(args.seed).shuffle(order)
-        n_eval = max(1, round(len(items) * d.eval_fraction))
-        if n_eval >= len(items):
-            raise UserError(f"dataset.eval_fraction {d.eval_fraction} leaves no training rows out of {len(items)}")
-        held = set(order[:n_eval])
-        eval_items = [items[i] for i in sorted(held)]
-        items = [x for i, x in enumerate(items) if i not in held]
+        items, eval_items = split_eval(items, d.eval_fraction, args.seed)
     train, stats = encode_items(encoder, items)
     evaluation = encode_items(encoder, eval_items)[0] if eval_items else []
     return PreparedPreference(train, evaluation, stats)

@@ -107,6 +107,17 @@ def _load(path: Path, key: str) -> Prepared:
         return Prepared(rows("train"), rows("eval"), stats, True, key)
 
 
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded share of the items held out for evaluation, in their order: (train, eval)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(items) * fraction))
+    if n_eval >= len(items):
+        raise UserError(f"dataset.eval_fraction {fraction} leaves no training rows out of {len(items)}")
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def prepare(dataset: Path, cfg: FineTunerConfig, tokenizer, template: ChatTemplate, eval_file: Path | None = None) -> Prepared:
     key = cache_key(dataset, eval_file, tokenizer, template, cfg)
     path = llamafarm_home() / "cache" / "tokenized" / f"{key}.npz"
@@ -123,14 +134,7 @@ def prepare(dataset: Path, cfg: FineTunerConfig, tokenizer, template: ChatTempla
     if eval_file:
         eval_rows, _ = encoder.encode_all(read_dataset(eval_file, d.format, d.columns, d.replace))
     elif d.eval_fraction:
-        order = list(range(len(rows)))
-        random.Random(args.seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * d.eval_fraction))
-        if n_eval >= len(rows):
-            raise UserError(f"dataset.eval_fraction {d.eval_fraction} leaves no training rows out of {len(rows)}")
-        held = set(order[:n_eval])
-        eval_rows = [rows[i] for i in sorted(held)]
-        rows = [r for i, r in enumerate(rows) if i not in held]
+        rows, eval_rows = split_eval(rows, d.eval_fraction, args.seed)
     else:
         eval_rows = []
     prepared = Prepared(rows, eval_rows, stats, False, key)

@@ -306,6 +306,29 @@ def _raw_rows(path: Path, problems: list[str]):
     raise DatasetError(f"dataset {path}: unknown file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
+def parse_row(row: dict, fmt: str, detect: Callable[[dict], str | None], readers: dict, unknown: str):
+    """(format, parsed row) by the named format's reader, or the detected one for `auto`; ValueError
+    saying what is wrong with the row otherwise."""
+    row_format = fmt if fmt != "auto" else detect(row)
+    if row_format is None:
+        raise ValueError(f"{unknown} with keys {sorted(row)}; expected one of the formats {', '.join(readers)}, "
+                         "or map your columns with dataset.columns")
+    return row_format, readers[row_format](row)
+
+
+def raise_row_problems(path: Path, problems: list[str], first_of_format: dict[str, str]) -> None:
+    """One DatasetError naming the first bad rows (file:line) and, for a file that mixes formats, the
+    first row of the second format; nothing when every row was good."""
+    if len(first_of_format) > 1:
+        (main, main_where), (other, other_where) = list(first_of_format.items())[:2]
+        problems.append(f"{other_where}: mixes formats ({', '.join(sorted(first_of_format))}): this is the first "
+                        f"{other} row, after {main} rows from {main_where}; use one format per file")
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
+        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
+        raise DatasetError(f"dataset {path} has {len(problems)} bad row(s):\n{shown}{more}")
+
+
 def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
                  replace: dict[str, str] | None = None) -> list[Conversation]:
     """Read a dataset; raise DatasetError naming file:line for each bad row (the first ten shown).
@@ -350,15 +373,8 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
             except ValueError as exc:
                 problems.append(f"{where}: {exc}")
                 continue
-        row_format = fmt if fmt != "auto" else detect_format(row)
-        if row_format is None:
-            problems.append(
-                f"{where}: unrecognised row with keys {sorted(row)}; expected one of the formats "
-                f"{', '.join(FORMATS)}, or map your columns with dataset.columns"
-            )
-            continue
         try:
-            parsed = FORMATS[row_format](row)
+            row_format, parsed = parse_row(row, fmt, detect_format, FORMATS, "unrecognised row")
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
@@ -369,14 +385,7 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
             conversations.append(Conversation(tuple(parsed[0]), where, row_format, tools=tuple(parsed[1])))
         else:
             conversations.append(Conversation(tuple(parsed), where, row_format))
-    if len(first_of_format) > 1:
-        (main, main_where), (other, other_where) = list(first_of_format.items())[:2]
-        problems.append(f"{other_where}: mixes formats ({', '.join(sorted(first_of_format))}): this is the first "
-                        f"{other} row, after {main} rows from {main_where}; use one format per file")
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:_MAX_REPORTED])
-        more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
-        raise DatasetError(f"dataset {path} has {len(problems)} bad row(s):\n{shown}{more}")
+    raise_row_problems(path, problems, first_of_format)
     if not conversations:
         raise DatasetError(f"dataset {path} has no rows; add rows in one of the formats {', '.join(FORMATS)}")
     return conversations

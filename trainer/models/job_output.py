@@ -13,13 +13,11 @@ The tokenizer carries the stage's chat template, so `template: auto` keeps the p
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from contract.errors import UserError
 from contract.job_folder import FINAL_DIR, JOB_FILE, STRATEGY_FILE, jobs_root, read_job
+from trainer.models.cache import build_once
 
 PREFIX = "job:"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,18 +71,12 @@ def _merge(final: Path, target: Path) -> None:
     quiet_libraries()
     strategy, _ = load_job_strategy(final)
     model = PeftModel.from_pretrained(load_base(strategy.cfg), final).merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+
+    def save(tmp: Path) -> None:
         model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(final).save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise  # otherwise another process merged the same adapter first; theirs is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(target, "config.json", save)
 
 
 def base_folder(model_id: str, echo=print) -> Path | None:

