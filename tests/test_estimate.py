@@ -5,6 +5,7 @@ Also the progress pictures: the PNG plot, the sparkline and TensorBoard event fi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,14 @@ def test_plot_sparkline_and_tensorboard(run_cli, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("eval/eval_loss")] == [2, 4]
 
+
+
+def test_estimate_says_when_the_machine_is_busy(run_cli, monkeypatch):
+    from orchestrator.estimate.throughput import busy_note
+
+    assert busy_note("cpu", load=0.3, cores=2) is None
+    assert busy_note("cuda", load=9.0, cores=2) is None, "a GPU run does not share the CPU's cores"
+    assert "busy (load average 4.0 on 2 cores)" in busy_note("cpu", load=4.0, cores=2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    out = run_cli("finetune", "estimate", "--strategy", "tiny_demo").output
+    assert "note: this machine is busy (load average 64.0" in out and "longer than this estimate" in out

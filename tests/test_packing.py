@@ -77,13 +77,20 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
     model = AutoModelForCausalLM.from_pretrained(
         builtin_path("builtin:tiny-llama-bpe"), attn_implementation=attention, dtype=torch.float32
     ).eval()
-    # Sharpen attention so a leak across rows would move the loss (small random-ish weights hide it).
+    # Make every attention uniform over the tokens it may see (zero queries give equal scores) and
+    # weigh it up in the residual stream; the first row below is one token repeated. A row that could
+    # see it would average mostly that token's values in: a large change by construction, whatever the
+    # builtin's weights are on this machine (a sharpened trained attention leaked only 0.004 on one
+    # build). The block mask must still make packed and alone agree exactly.
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.o_proj.weight.mul_(8)
     template, _ = choose_template("auto", tok)
     enc = ConversationEncoder(tok, template, 256, False, "truncate")
-    rows, _ = enc.encode_all(read_dataset(DATASETS / "medical_qa.jsonl")[:5])
+    rows, _ = enc.encode_all(read_dataset(DATASETS / "medical_qa.jsonl")[:4])
+    repeated = [tok.convert_tokens_to_ids(tok.tokenize(" the"))[0]] * 200
+    rows = [(repeated, repeated), *rows]
     pad = tok.pad_token_id
     with torch.no_grad():
         alone = [
@@ -96,7 +103,7 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
         leaky = collate([[rows[0], rows[1], rows[2]]], pad, packed=False)  # one row, no block mask
         leaked = _per_example_losses(model, leaky, [[len(rows[i][0]) for i in (0, 1, 2)]])
     assert together == pytest.approx(alone, abs=1e-5)
-    assert abs(leaked[1] - alone[1]) > 1e-2, "without the block mask the second row sees the first"
+    assert abs(leaked[1] - alone[1]) > 0.1, "without the block mask the second row sees the first"
     assert packed_batch.attention_mask.shape[1] == 1 and packed_batch.attention_mask.dim() == 4
 
 

@@ -81,6 +81,8 @@ def _print_estimate(name: str, est, warn_hours: float | None = None) -> None:
         click.echo("verdict: does NOT fit; to make it fit:")
         for tip in est.advice:
             click.echo(f"  - {tip}")
+    if est.busy:
+        click.echo(f"note: {est.busy}")
     warning = time_warning(est, warn_hours) if warn_hours else None
     if warning:
         click.echo(warning)

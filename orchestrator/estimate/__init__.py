@@ -21,7 +21,7 @@ from pathlib import Path
 
 from contract.strategy import Strategy
 from orchestrator.estimate.shapes import ModelShape, shape_for
-from orchestrator.estimate.throughput import device_memory_gb, matmul_gflops
+from orchestrator.estimate.throughput import busy_note, device_memory_gb, matmul_gflops
 from trainer.performance import chunk_rows
 
 MB = 1024 * 1024
@@ -66,6 +66,8 @@ class Estimate:
     fits: bool | None = True
     """None: the device is not on this machine, so its memory is unknown."""
     advice: list[str] = field(default_factory=list)
+    busy: str | None = None
+    """Set when other programs are using this machine's cores now: the time will be longer."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,6 +190,7 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     backward = 2 if cfg.method.type == "full" else 1
     est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
     est.device_gflops = matmul_gflops(device, "bf16" if compute_precision(device, args.precision) == "bf16" else "fp32")
+    est.busy = busy_note(device)
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
     est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)

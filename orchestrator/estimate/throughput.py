@@ -34,6 +34,8 @@ def _present(device: str) -> bool:
 # Above this share of the probe's time spent waiting for a core, another program was using the cores
 # (trainer.devices.matmul_rate); an idle machine measures about 0.
 BUSY_CONTENTION = 0.2
+# A one-minute load average of a runnable program per core or more: other programs hold the cores now.
+BUSY_LOAD_SHARE = 1.0
 
 
 def matmul_gflops(device: str, dtype: str) -> float:
@@ -56,6 +58,22 @@ def matmul_gflops(device: str, dtype: str) -> float:
     tmp.write_text(json.dumps(cached, indent=2))
     tmp.replace(path)
     return cached[key]
+
+
+def busy_note(device: str, load: float | None = None, cores: int | None = None) -> str | None:
+    """A sentence when other programs keep this machine's cores busy now (the one-minute load average
+    at one per core or more): a CPU run shares them, so it takes longer than its estimate."""
+    if device != "cpu":
+        return None
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load < BUSY_LOAD_SHARE * cores:
+        return None
+    return (f"this machine is busy (load average {load:.1f} on {cores} cores): training shares the cores and "
+            "will take longer than this estimate; the ETA in `monitor` follows the measured rate")
 
 
 def measure(device: str, dtype: str) -> dict:
