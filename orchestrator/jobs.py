@@ -85,12 +85,15 @@ def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, 
 
 
 def refresh(folder: Path) -> dict:
-    """The job's state; a running job whose process is gone is marked failed, not left running."""
+    """The job's state; a running job whose process is gone is marked failed, not left running. A
+    container job whose host-side supervisor is gone runs on while its container does."""
     job = read_job(folder)
     if job.get("status") == "running" or (job.get("status") == "pending" and job.get("pid")):
         if not pid_alive(job.get("pid")):
             time.sleep(0.2)  # it may have written its final status just now
             job = read_job(folder)
+            if job.get("status") not in FINISHED and not pid_alive(job.get("pid")) and _container_trains(folder, job):
+                return read_job(folder)
             if job.get("status") not in FINISHED and not pid_alive(job.get("pid")):
                 job = update_job(
                     folder,
@@ -100,6 +103,19 @@ def refresh(folder: Path) -> dict:
                     f"see {folder / 'train.log'}",
                 )
     return job
+
+
+def _container_trains(folder: Path, job: dict) -> bool:
+    """True, with a note in job.json, when the job's container still trains without its supervisor."""
+    from orchestrator.runners.container import container_running
+
+    if not container_running(job):
+        return False
+    note = (f"its supervisor on the host (pid {job.get('pid')}) is gone, but container {job['container']['name']} "
+            "still trains; its output reaches metrics.jsonl, not train.log; `finetune stop` stops it")
+    if job.get("note") != note:
+        update_job(folder, note=note)
+    return True
 
 
 def list_jobs() -> list[dict]:

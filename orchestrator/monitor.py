@@ -36,6 +36,7 @@ def summary(job: dict, metrics: list[dict]) -> dict:
         "eval_reward_accuracy": evals[-1].get("eval_reward_accuracy") if evals else None,
         "eval_reward_margin": evals[-1].get("eval_reward_margin") if evals else None,
         "reward_accuracy": last.get("reward_accuracy"),
+        "note": job.get("note") if job.get("status") == "running" else None,
         "loss_sparkline": sparkline([m["loss"] for m in train]),
         "learning_rate": last.get("learning_rate"),
         "tokens_per_second": last.get("tokens_per_second"),
@@ -77,6 +78,8 @@ def render(s: dict) -> str:
     if s["eta_seconds"] is not None:
         parts.append(f"eta {format_duration(s['eta_seconds'])}")
     line = "  ".join(parts)
+    if s.get("note"):
+        line += f"\n  note: {s['note']}"
     if s["error"]:
         line += f"\n  error: {s['error']}"
     return line

@@ -258,3 +258,59 @@ def test_stop_ends_the_container_with_a_checkpoint_and_resume_continues(run_cli,
     assert _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the resumed job to stop",
                  timeout=120)["status"] == "stopped"
     _removed(cpu_image, folder)
+
+
+def _container_job(run_cli, strategy_file: Path, *extra) -> Path:
+    result = run_cli("run", "--strategy", "repro", "--strategy-file", strategy_file, "--dataset", QA,
+                     "--runner", "container", "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout[result.stdout.index("{"):])["job_dir"])
+
+
+def _at_step(folder: Path, step: int):
+    return lambda j: max((m.get("step", 0) for m in read_metrics(folder) if "loss" in m), default=0) >= step
+
+
+def test_a_job_follows_its_container_when_the_supervisor_is_killed(run_cli, cpu_image, tmp_path):
+    import signal
+
+    from orchestrator import jobs
+    from test_resume import STRATEGY
+
+    strategy_file = tmp_path / "repro.yaml"
+    strategy_file.write_text(json.dumps(STRATEGY))
+    folder = _container_job(run_cli, strategy_file, "--set", "training_args.max_steps=5000")
+    _wait(folder, _at_step(folder, 2), "the first steps")
+    os.kill(read_job(folder)["pid"], signal.SIGKILL)  # the host side dies; the container trains on
+    job = jobs.refresh(folder)
+    assert job["status"] == "running" and f"container llamafarm-{folder.name} still trains" in job["note"], job
+    refused = run_cli("finetune", "resume", "--job-id", folder.name)
+    assert refused.exit_code != 0 and "still trains" in refused.output and "finetune stop" in refused.output
+    assert "still trains" in run_cli("finetune", "monitor", "--job-id", folder.name).output
+    assert run_cli("finetune", "stop", "--job-id", folder.name).exit_code == 0  # through the engine
+    job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the container to stop", timeout=120)
+    assert job["status"] == "stopped", job
+    # With no supervisor to remove the ended container, the next resume's supervisor does; here the test does.
+    cpu_image.containers.get(f"llamafarm-{folder.name}").remove(force=True)
+
+
+def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cpu_image, tmp_path):
+    import random
+
+    from test_resume import STRATEGY, _weights_digest
+
+    strategy_file = tmp_path / "repro.yaml"
+    strategy_file.write_text(json.dumps(STRATEGY))
+    reference = _container_job(run_cli, strategy_file, "--foreground")
+    assert read_job(reference)["status"] == "completed"
+
+    folder = _container_job(run_cli, strategy_file)
+    _wait(folder, _at_step(folder, random.Random().randint(3, 7)), "the step to kill the trainer at")
+    cpu_image.containers.get(f"llamafarm-{folder.name}").kill(signal="SIGKILL")
+    job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to fail")
+    assert job["status"] == "failed" and "exited with code 137" in job["error"], job
+    _removed(cpu_image, folder)
+    resumed = run_cli("finetune", "resume", "--job-id", folder.name, "--foreground")
+    assert resumed.exit_code == 0, (folder / "train.log").read_text()[-3000:]
+    assert _weights_digest(folder / "final") == _weights_digest(reference / "final"), "resumed in a new container"
+    _removed(cpu_image, folder)

@@ -242,7 +242,9 @@ def resume(job_id, foreground):
 
     folder, job = jobs.get(job_id)
     if job["status"] in ("pending", "running"):
-        raise UserError(f"job {job_id} is {job['status']}; only a stopped or failed job can be resumed")
+        note = f" ({job['note']})" if job.get("note") else ""
+        raise UserError(f"job {job_id} is {job['status']}{note}; only a stopped or failed job can be resumed; "
+                        f"`llamafarm finetune stop --job-id {job_id}` stops it with a checkpoint")
     if job["status"] == "completed":
         raise UserError(f"job {job_id} already completed; start a new job to train further")
     checkpoints = complete_checkpoints(folder)
@@ -256,7 +258,7 @@ def resume(job_id, foreground):
 
     runner.preflight(load_job_strategy(folder)[0].cfg)  # the engine, image or venv may be gone since start
     latest = checkpoints[-1]
-    update_job(folder, status="pending", pid=None, error=None, finished_at=None,
+    update_job(folder, status="pending", pid=None, error=None, note=None, finished_at=None,
                resume_from=str(latest.relative_to(folder)), resumes=job.get("resumes", 0) + 1)
     pid = runner.start(runner.launch_spec(folder))
     update_job(folder, pid=pid)

@@ -104,6 +104,20 @@ class ContainerSpec:
         return kwargs
 
 
+def container_running(job: dict) -> bool:
+    """Whether the job's container still runs in its engine (asked only when its supervisor is gone:
+    killing the supervisor on the host does not stop a container, so the job goes on training)."""
+    if not job.get("container"):
+        return False
+    from orchestrator.runners import engine
+
+    try:
+        client, _ = engine.connect()
+        return client.containers.get(job["container"]["name"]).status in ("created", "running")
+    except Exception:  # no engine, or no such container: nothing runs there
+        return False
+
+
 def container_name(job_id: str) -> str:
     return f"llamafarm-{job_id}"  # job ids are already valid container names
 
