@@ -71,3 +71,38 @@ def test_a_strategy_resolved_before_the_defaults_still_loads():
     # strategy.yaml written by older jobs says null for these, which meant Ollama's default then too.
     old = OllamaSpec.model_validate({"temperature": None, "top_p": None, "top_k": None, "repeat_penalty": None})
     assert (old.temperature, old.top_p, old.top_k, old.repeat_penalty) == (0.8, 0.9, 40, 1.1)
+
+
+@pytest.mark.parametrize("pieces, stops, shown", [
+    (["  Hel", "lo wor", "ld <|im", "_end|> more"], ["<|im_end|>"], ["Hel", "lo wor", "ld"]),
+    (["A", " ", " B", " <", "x"], ["<|im_end|>"], ["A", "  B", " <x"]),  # a stop string's start, then not
+    (["\n", "ok\n\n"], [], ["ok"]),
+])
+def test_a_streamed_answer_reads_exactly_as_the_finished_one(pieces, stops, shown):
+    from trainer.streaming import StopAwareEmitter
+
+    out: list[str] = []
+    emitter = StopAwareEmitter(out.append, stops)
+    for piece in pieces:
+        emitter.feed(piece)
+    assert emitter.finish() == "".join(out) and out == shown
+
+
+def test_generation_streams_the_same_answer_token_by_token():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from contract.chat_templates import get_template
+    from trainer.data.tokenize import ConversationEncoder
+    from trainer.generate import complete
+    from trainer.models.builtin import builtin_path
+
+    folder = builtin_path("builtin:tiny-llama-bpe")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    encoder = ConversationEncoder(tok, get_template("llama3"), 128, False, "truncate")
+    messages = [{"role": "user", "content": "What is a fever?"}]
+    sampling = Sampling.from_spec(OllamaSpec(), greedy=True, seed=11)
+    pieces: list[str] = []
+    streamed = complete(model, tok, encoder, messages, 24, sampling, on_text=pieces.append)
+    assert streamed == complete(model, tok, encoder, messages, 24, sampling) == "".join(pieces)
+    assert len(pieces) > 3, pieces

@@ -18,6 +18,12 @@ from pathlib import Path
 from contract.errors import UserError
 
 
+def _show(text: str) -> None:
+    """A piece of a streamed answer, on stdout at once (the terminal, or the dashboard's chat)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
             sampling = sampling_for(args.folder, args.greedy, args.seed, args.temperature)
             print(sampling.describe(), file=sys.stderr, flush=True)
-            print(generate_gguf(args.folder, args.prompt, args.max_new_tokens, sampling), flush=True)
+            generate_gguf(args.folder, args.prompt, args.max_new_tokens, sampling, on_text=_show)
+            print(flush=True)
         elif args.command == "generate":
             from trainer.generate import generate
 
-            print(generate(args.folder, args.prompt, args.max_new_tokens, args.greedy, args.seed, args.temperature),
-                  flush=True)
+            generate(args.folder, args.prompt, args.max_new_tokens, args.greedy, args.seed, args.temperature,
+                     on_text=_show)
+            print(flush=True)
         elif args.command == "export":
             from trainer.export.run import export
 

@@ -64,16 +64,45 @@ def load_for_inference(folder: Path):
     return model, tokenizer, encoder, strategy
 
 
-def complete(model, tokenizer, encoder, messages, max_new_tokens: int, sampling) -> str:
-    """The assistant's next turn for `messages`, stopping at EOS or a template stop string.
+def _streamer(tokenizer, emitter):
+    """A transformers streamer that hands each newly decoded piece of the answer to `emitter`."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):
+        def __init__(self):
+            self.ids: list[int] | None = None  # None until the prompt has gone by
+            self.shown = ""
+
+        def put(self, value):
+            if self.ids is None:
+                self.ids = []
+                return
+            self.ids.extend(value.reshape(-1).tolist())
+            text = tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(self.shown):
+                return  # half a character, or a re-spacing: wait for the next token
+            emitter.feed(text[len(self.shown):])
+            self.shown = text
+
+        def end(self):
+            pass
+
+    return Streamer()
+
+
+def complete(model, tokenizer, encoder, messages, max_new_tokens: int, sampling, on_text=None) -> str:
+    """The assistant's next turn for `messages`, stopping at EOS or a template stop string; with
+    `on_text`, each piece of it is handed over as it is generated (trainer.streaming).
 
     `sampling` (trainer.sampling.Sampling) seeds torch itself, so each answer is reproducible alone."""
     import torch
 
     from trainer.sampling import hf_generate_kwargs
+    from trainer.streaming import StopAwareEmitter
 
     ids = encoder.prompt_ids(messages)
     stop = [s for s in encoder.template.stop_strings if s and s != tokenizer.eos_token]
+    emitter = StopAwareEmitter(on_text, stop)
     torch.manual_seed(sampling.seed)
     with torch.no_grad():
         out = model.generate(
@@ -84,16 +113,15 @@ def complete(model, tokenizer, encoder, messages, max_new_tokens: int, sampling)
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             stop_strings=stop or None,
             tokenizer=tokenizer if stop else None,
+            streamer=_streamer(tokenizer, emitter) if on_text else None,
             **hf_generate_kwargs(sampling),
         )
-    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-    for s in stop:  # stop_strings end generation after the string; do not show it
-        text = text.split(s)[0]
-    return text.strip()
+    emitter.feed(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)[len(emitter.text):])
+    return emitter.finish()  # stop_strings end generation after the string; the emitter cuts it off
 
 
 def generate(folder: Path, prompt: str, max_new_tokens: int = 128, greedy: bool = False, seed: int | None = None,
-             temperature: float | None = None) -> str:
+             temperature: float | None = None, on_text=None) -> str:
     import sys
 
     from trainer.sampling import Sampling
@@ -104,4 +132,4 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 128, greedy: bool 
         spec = spec.model_copy(update={"temperature": temperature})
     sampling = Sampling.from_spec(spec, greedy, seed)
     print(sampling.describe(), file=sys.stderr, flush=True)  # stdout is the answer alone
-    return complete(model, tokenizer, encoder, [{"role": "user", "content": prompt}], max_new_tokens, sampling)
+    return complete(model, tokenizer, encoder, [{"role": "user", "content": prompt}], max_new_tokens, sampling, on_text)

@@ -47,7 +47,10 @@ def sampling_for(path: Path, greedy: bool, seed: int | None, temperature: float 
     return Sampling.from_spec(spec, greedy, seed)
 
 
-def generate_gguf(path: Path, prompt: str, max_new_tokens: int = 128, sampling=None) -> str:
+def generate_gguf(path: Path, prompt: str, max_new_tokens: int = 128, sampling=None, on_text=None) -> str:
+    """The answer, through llama.cpp; with `on_text`, each piece as it is generated (trainer.streaming)."""
+    from trainer.streaming import StopAwareEmitter
+
     if not path.is_file():
         raise UserError(f"GGUF file {path} does not exist")
     model = GgufModel(path, n_ctx=2048, last_n_tokens=sampling.repeat_last_n)
@@ -60,5 +63,8 @@ def generate_gguf(path: Path, prompt: str, max_new_tokens: int = 128, sampling=N
     text = render_prompt(jinja, [{"role": "user", "content": prompt}], bos, eos)
     ids = model.tokenize(text, bos)
     stops = [s for s in json.loads(meta.get(STOP_STRINGS_KEY, "[]")) if s]
-    out = model.llm.create_completion(ids, max_tokens=max_new_tokens, stop=stops or None, **llamacpp_kwargs(sampling))
-    return out["choices"][0]["text"].strip()
+    emitter = StopAwareEmitter(on_text, stops)
+    for chunk in model.llm.create_completion(ids, max_tokens=max_new_tokens, stop=stops or None, stream=True,
+                                             **llamacpp_kwargs(sampling)):
+        emitter.feed(chunk["choices"][0]["text"])
+    return emitter.finish()
