@@ -17,4 +17,6 @@ command -v go >/dev/null || bash scripts/apt_install.sh golang-go
 command -v g++ >/dev/null || bash scripts/apt_install.sh g++
 # The dashboard's browser tests drive Debian's headless chromium through its chromedriver.
 command -v chromedriver >/dev/null || bash scripts/apt_install.sh chromium chromium-driver
+# The linter first: errors that break code (pyproject.toml [tool.ruff]) fail the run in seconds.
+.venv/bin/ruff check --quiet .
 HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@"

@@ -56,3 +56,15 @@ def tokenizers():
         name: AutoTokenizer.from_pretrained(builtin_path(f"builtin:{name}"))
         for name in ("tiny-llama-spm", "tiny-llama-bpe")
     }
+
+
+# What a test needs beyond Python, read off the fixtures it uses, so `pytest -m "not container"` runs on
+# a machine without Podman (`.ci/run` runs everything; markers are declared in pyproject.toml).
+NEEDS = {"cpu_image": "container", "lf_python": "llamafactory", "llamafactory_ids": "llamafactory", "browser": "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)

@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
 
 def _run_demo(name: str, cwd, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

@@ -27,6 +27,8 @@ from contract.strategy import parse_strategy, resolved_dict
 from conftest import DATASETS
 from test_end_to_end import _wait as wait_for_status
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 # Tolerances for "the same run": float sums happen in another order (gradients averaged across
 # processes by all-reduce, micro-batches padded to other widths), nothing else differs.
 LOSS_RTOL = 1e-5

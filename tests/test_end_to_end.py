@@ -15,6 +15,8 @@ from contract.job_folder import read_job, read_metrics
 
 from conftest import DATASETS
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 LORA_SPM = {
     "lora_spm": {
         "description": "test: LoRA on the SentencePiece builtin",

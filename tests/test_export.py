@@ -16,6 +16,8 @@ import pytest
 from contract.chat_templates import TEMPLATES
 from contract.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "demos" / "datasets" / "medical_qa.jsonl"
 GO_RENDERER = ROOT / "tests" / "ollama_template"

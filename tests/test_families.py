@@ -11,12 +11,13 @@ from pathlib import Path
 import gguf
 import pytest
 
-from contract.job_folder import read_job
 from contract.strategy import parse_strategy
 from trainer.models.families import FAMILIES
 
 from conftest import DATASETS
 from test_export import CONVERSATION, _go_render, _modelfile_template
+
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
 # GGUF architecture and tokenizer kind each family must come out as.
 EXPECTED = {

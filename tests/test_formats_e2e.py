@@ -16,6 +16,8 @@ from trainer.data.records import read_dataset
 
 from conftest import DATASETS
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 QA = [json.loads(line) for line in (DATASETS / "medical_qa.jsonl").read_text().splitlines()[:12]]
 
 

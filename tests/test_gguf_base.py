@@ -17,6 +17,8 @@ from contract.strategy import BaseModelSpec
 from trainer.export.verify import TOKENIZER_PROBES
 from trainer.models import builtin, gguf_base, source, wheel
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 SPEC = wheel.SMOLLM2_135M
 
 

@@ -10,6 +10,8 @@ from contract.errors import UserError
 from contract.job_folder import FINAL_DIR, write_json_atomic
 from trainer.models.job_output import base_folder, final_folder
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 STRATEGY = {"fine_tuner": {"config": {
     "base_model": {"name": "bpe", "huggingface_id": "builtin:tiny-llama-bpe"},
     "method": {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import DATASETS
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_chunked_cross_entropy_equals_plain(monkeypatch, weight_grad):

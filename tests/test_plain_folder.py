@@ -13,6 +13,8 @@ from orchestrator import jobs
 from trainer.models.builtin import builtin_path
 from trainer.models.plain_folder import folder_strategy
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 
 @pytest.fixture
 def plain(tmp_path):

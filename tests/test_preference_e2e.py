@@ -13,6 +13,8 @@ from contract.job_folder import read_job, read_metrics
 
 from conftest import DATASETS
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 PAIRS, HELD_OUT = DATASETS / "arithmetic_preference.jsonl", DATASETS / "arithmetic_preference_eval.jsonl"
 
 

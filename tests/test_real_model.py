@@ -11,6 +11,8 @@ import pytest
 from contract.errors import UserError
 from trainer.models import builtin, wheel
 
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
+
 REAL = "builtin:smollm2-135m-instruct"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

@@ -11,12 +11,15 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from contract.job_folder import complete_checkpoints, read_job, read_metrics
 from orchestrator import jobs
 
 from conftest import DATASETS
+
+pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
 STRATEGY = {
     "repro": {

@@ -113,6 +113,9 @@ def test_a_job_from_start_to_chat_in_the_browser(browser, run_cli):
         for name, value in (("training_args.max_steps", str(MAX_STEPS)), ("training_args.logging_steps", "1"),
                             ("training_args.save_steps", "1000")):
             _set_value(browser, name, value)
+        _click(browser, "#estimate")  # the same estimate `start` makes, before anything starts
+        _wait(browser, lambda d: f"for {MAX_STEPS} steps" in _text(d, "#action-result"), "the estimate")
+        assert "peak about" in _text(browser, "#action-result")
         _screenshot(browser, "ui-new-job.png")
         _click(browser, "#start")
         _wait(browser, lambda d: "#/job/" in d.current_url, "the new job's page")
@@ -155,10 +158,33 @@ def test_a_job_from_start_to_chat_in_the_browser(browser, run_cli):
         assert "error" not in reply.get_attribute("class") and "[error]" not in reply.text, reply.text
         _screenshot(browser, "ui-chat.png")
 
+        # A job started from the CLI beside the page's: the page shows both the same way.
+        cli = run_cli("run", "--strategy", "tiny_demo", "--dataset", DATASETS / "medical_qa.jsonl", "--set",
+                      "training_args.max_steps=4", "--set", "training_args.logging_steps=1", "--foreground", "--json")
+        assert cli.exit_code == 0, cli.output
+        cli_id = json.loads(cli.stdout[cli.stdout.index("{"):cli.stdout.index("}") + 1])["job_id"]
         browser.get(guard.url() + "#/")
-        _wait(browser, lambda d: d.find_elements("css selector", f'#jobs tr[data-job="{job_id}"] svg.spark path'), "the job in the list with its sparkline")
-        assert "completed" in _text(browser, f'#jobs tr[data-job="{job_id}"]')
+        for shown in (job_id, cli_id):
+            _wait(browser, lambda d: d.find_elements("css selector", f'#jobs tr[data-job="{shown}"] svg.spark path'),
+                  f"job {shown} in the list with its sparkline")
+        rows = {j: browser.execute_script(
+            "return [...document.querySelectorAll(`#jobs tr[data-job='${arguments[0]}'] td`)].map(c => c.textContent)", j)
+            for j in (job_id, cli_id)}
+        for cells in rows.values():
+            assert cells[1:4] == ["completed", "tiny_demo", "local"], rows
+        assert rows[cli_id][4].strip() == "4/4", rows
         _screenshot(browser, "ui-jobs.png")
+        browser.get(guard.url() + f"#/job/{cli_id}")
+        _wait(browser, lambda d: _loss_points(d) == 4 and _status(d) == "completed", "the CLI job's page")
+        assert "device" in _text(browser, "#details") and "Estimate and measured" in _text(browser, "#details")
+
+        browser.get(guard.url() + "#/compare")
+        _wait(browser, lambda d: len(d.find_elements("css selector", "#compare-jobs input")) == 2, "both jobs to compare")
+        for box in browser.find_elements("css selector", "#compare-jobs input"):
+            box.click()
+        _wait(browser, lambda d: len(d.find_elements("css selector", "#compare-chart path.line")) == 2,
+              "two loss curves overlaid")
+        _screenshot(browser, "ui-compare.png")
 
 
 def test_beyond_localhost_the_browser_needs_the_token(browser):
