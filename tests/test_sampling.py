@@ -48,19 +48,26 @@ def test_an_ollama_folder_answers_with_its_modelfile_settings(tmp_path):
     assert sampling_for(bare, False, 4, None).temperature == 0.8  # no Modelfile: the schema's defaults
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_generation_on_a_tiny_builtin_is_reproducible_with_a_seed(greedy):
+@pytest.fixture(scope="module")
+def tiny_chat():
+    """(model, tokenizer, encoder) of the bpe builtin with the llama3 template, loaded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from contract.chat_templates import get_template
     from trainer.data.tokenize import ConversationEncoder
-    from trainer.generate import complete
     from trainer.models.builtin import builtin_path
 
     folder = builtin_path("builtin:tiny-llama-bpe")
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    encoder = ConversationEncoder(tok, get_template("llama3"), 128, False, "truncate")
+    return (AutoModelForCausalLM.from_pretrained(folder).eval(), tok,
+            ConversationEncoder(tok, get_template("llama3"), 128, False, "truncate"))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_on_a_tiny_builtin_is_reproducible_with_a_seed(tiny_chat, greedy):
+    from trainer.generate import complete
+
+    model, tok, encoder = tiny_chat
     messages = [{"role": "user", "content": "What is a fever?"}]
     sampling = Sampling.from_spec(OllamaSpec(), greedy=greedy, seed=11)
     first = complete(model, tok, encoder, messages, 12, sampling)
@@ -88,18 +95,10 @@ def test_a_streamed_answer_reads_exactly_as_the_finished_one(pieces, stops, show
     assert emitter.finish() == "".join(out) and out == shown
 
 
-def test_generation_streams_the_same_answer_token_by_token():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from contract.chat_templates import get_template
-    from trainer.data.tokenize import ConversationEncoder
+def test_generation_streams_the_same_answer_token_by_token(tiny_chat):
     from trainer.generate import complete
-    from trainer.models.builtin import builtin_path
 
-    folder = builtin_path("builtin:tiny-llama-bpe")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    encoder = ConversationEncoder(tok, get_template("llama3"), 128, False, "truncate")
+    model, tok, encoder = tiny_chat
     messages = [{"role": "user", "content": "What is a fever?"}]
     sampling = Sampling.from_spec(OllamaSpec(), greedy=True, seed=11)
     pieces: list[str] = []
