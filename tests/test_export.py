@@ -288,3 +288,35 @@ def test_k_quants_without_llama_cpp_say_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     with pytest.raises(UserError, match="needs llama-cpp-python, which is not installed; install it"):
         llamacpp.llama_cpp_module("quantization q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    """The real SmolLM2-135M-Instruct folder (builtin, cached per machine), exported as any Hugging Face
+    folder is: its own ChatML template with the default system prompt, the real 49k vocabulary."""
+    from trainer.models.builtin import builtin_path
+
+    return builtin_path("builtin:smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("quantization", ["q8_0", "q4_k_m"])
+def test_real_model_exports_verified_and_its_modelfile_renders_the_training_tokens(real_model, quantization, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+    from trainer.export.llamacpp import GgufModel
+
+    report = _export(real_model, "ollama", quantization, tmp_path)  # raises unless verification passed
+    assert report["verification"]["tokenization_equal"] and report["ollama_template"] == "chatml-smollm2"
+    out = Path(report["output"])
+    modelfile = (out / "Modelfile").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    template, _ = choose_template("auto", tokenizer)
+    encoder = ConversationEncoder(tokenizer, template, 512, False, "truncate")
+    gg = GgufModel(out / "model.gguf")
+    # No system message: Ollama's TEMPLATE adds SmolLM2's default one, exactly as training's template did.
+    for conversation in (CONVERSATION[1:], CONVERSATION):
+        rendered = _go_render(_modelfile_template(modelfile), conversation)
+        ollama_ids = ([gg.bos] if gg.add_bos else []) + gg.llm.tokenize(rendered.encode(), add_bos=False, special=True)
+        assert ollama_ids == encoder.prompt_ids(conversation)
+    assert "You are a helpful AI assistant named SmolLM" in _go_render(_modelfile_template(modelfile), CONVERSATION[1:])

@@ -114,3 +114,41 @@ def test_a_mismatch_with_llama_cpp_is_an_error(tmp_path, monkeypatch):
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="picks the same next token as llama.cpp at only"):
         gguf_base.verify_against_llamacpp(path, broken)
+
+
+def test_an_ollama_base_fine_tunes_and_exports_back_verified(tmp_path, monkeypatch):
+    """End to end on the real GGUF: `ollama:` base -> LoRA steps through the CLI -> Ollama q8_0 export whose
+    verification against PyTorch passes on the real 49k vocabulary and ChatML template."""
+    import os
+    import subprocess
+    import sys
+
+    from trainer.export.run import export
+
+    data, digest = _real_gguf()
+    store = _store(tmp_path / "store", "smollm2", "135m", data, digest)
+    (tmp_path / "s.yaml").write_text("""
+gguf_lora:
+  fine_tuner:
+    type: pytorch
+    config:
+      base_model: {name: smollm2-ollama, huggingface_id: "ollama:smollm2:135m"}
+      method: {type: lora, r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj]}
+      training_args: {max_steps: 3, per_device_train_batch_size: 1, learning_rate: 1e-4, max_seq_length: 128,
+                      logging_steps: 1, seed: 3}
+      device: cpu
+""")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LLAMAFARM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "LLAMAFARM_RUNNER": "local",
+           "OLLAMA_MODELS": str(store)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", "gguf_lora",
+         "--strategy-file", str(tmp_path / "s.yaml"), "--dataset", str(root / "demos/datasets/medical_qa.jsonl"),
+         "--foreground", "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    started, _ = json.JSONDecoder().raw_decode(proc.stdout)
+    final = Path(started["job_dir"]) / "final"
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    report = export(final, "ollama", "q8_0", tmp_path / "out", None)  # raises unless verification passed
+    assert report["verification"]["passed"] and report["verification"]["tokenization_equal"]
+    assert report["ollama_template"] == "chatml-smollm2" and (Path(report["output"]) / "Modelfile").exists()

