@@ -51,14 +51,16 @@ def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: st
     return r
 
 
-def run_project(work: Path, model: Path, data: Path, evals: Path, env: dict, sets: tuple[str, ...] = ()) -> dict:
-    """`sets`: more --set PATH=VALUE for the strategy (the GPU mode sets device and precision)."""
+def run_project(work: Path, model: Path, data: Path, evals: Path | None, env: dict, sets: tuple[str, ...] = (),
+                strategy: str = "bench_cpu_lora") -> dict:
+    """`sets`: more --set PATH=VALUE for the strategy (the GPU mode sets device and precision).
+    `evals`: None for no held-out set (eval_loss None)."""
     home = work / "home"
     env = {**env, "LLAMAFARM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     log = work / "project.log"
-    _run([sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", "bench_cpu_lora",
+    _run([sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", strategy,
           "--strategy-file", str(ROOT / "bench" / "strategy.yaml"), "--dataset", str(data),
-          "--set", f"base_model.huggingface_id={model}", "--set", f"dataset.eval_file={evals}",
+          "--set", f"base_model.huggingface_id={model}", *(["--set", f"dataset.eval_file={evals}"] if evals else []),
           *(arg for s in sets for arg in ("--set", s)),
           "--runner", "local", "--foreground", "--ignore-estimate"], env=env, log=log)
     job_dir = max((home / "jobs").iterdir(), key=lambda p: p.stat().st_mtime)
@@ -83,7 +85,7 @@ def run_project(work: Path, model: Path, data: Path, evals: Path, env: dict, set
         "timed_seconds": timed_seconds,
         "tokens": job["data"]["tokens"],
         "peak_rss_mb": job["measured"]["peak_rss_mb"],
-        "eval_loss": [m["eval_loss"] for m in metrics if "eval_loss" in m][-1],
+        "eval_loss": [m["eval_loss"] for m in metrics if "eval_loss" in m][-1] if evals else None,
     }
 
 

@@ -43,22 +43,29 @@ def test_demo3_quick_training(tmp_path, _isolated_home):
     assert "=== 9. generate from the exported GGUF ===" in out and out.rstrip().endswith("demo finished: every step passed")
 
 
-def test_demo4_advanced_two_stages(tmp_path, _isolated_home):
+def test_demo4_advanced_two_sft_stages_then_dpo(tmp_path, _isolated_home):
     proc = _run_demo("demo4_advanced_finetuning.py", tmp_path, "--steps", "2")
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
     jobs = _jobs(_isolated_home)
-    stage1, stage2 = (next(j for j in jobs.values() if j["strategy"] == s)
-                      for s in ("demo4_stage1_general", "demo4_stage2_code"))
-    assert stage1["status"] == stage2["status"] == "completed"
-    assert stage2["overrides"]["fine_tuner.config.base_model.huggingface_id"] == f"job:{stage1['job_id']}"
-    used = yaml.safe_load((_isolated_home / "jobs" / stage2["job_id"] / "strategy.yaml").read_text())
-    base = used["fine_tuner"]["config"]["base_model"]["huggingface_id"]
-    assert f"/merged/{stage1['job_id']}-" in base, "stage 1's LoRA output, merged, is stage 2's base"
+    stage1, stage2, stage3 = (next(j for j in jobs.values() if j["strategy"] == s)
+                              for s in ("demo4_stage1_general", "demo4_stage2_code", "demo4_stage3_dpo"))
+    assert stage1["status"] == stage2["status"] == stage3["status"] == "completed"
+    for earlier, later in ((stage1, stage2), (stage2, stage3)):
+        assert later["overrides"]["fine_tuner.config.base_model.huggingface_id"] == f"job:{earlier['job_id']}"
+        used = yaml.safe_load((_isolated_home / "jobs" / later["job_id"] / "strategy.yaml").read_text())
+        base = used["fine_tuner"]["config"]["base_model"]["huggingface_id"]
+        assert f"/merged/{earlier['job_id']}-" in base, "the earlier stage's LoRA output, merged, is the next base"
     assert "8 held-out prompts: loss" in out and "(stage 1) ->" in out
-    exports = _isolated_home / "jobs" / stage2["job_id"] / "exports"
+    # Stage 3 (DPO on an SFT job) is evaluated against stage 2 on held-out pairs, then exported and verified.
+    evaluation = json.loads((_isolated_home / "jobs" / stage3["job_id"] / "evaluation.json").read_text())
+    assert evaluation["data"] == "pairs" and evaluation["rows"] == 40 and evaluation["preference"]["stage"] == "dpo"
+    assert f"40 held-out pairs: chosen answer more likely in {evaluation['base']['preference_accuracy']:.0%} (stage 2)" in out
+    exports = _isolated_home / "jobs" / stage3["job_id"] / "exports"
     assert sorted(p.name for p in exports.iterdir()) == ["gguf-q8_0", "ollama-q8_0"]
-    assert "=== 6. generate from the GGUF ===" in out and out.rstrip().endswith("demo finished: every step passed")
+    for export in exports.iterdir():
+        assert json.loads((export / "export_report.json").read_text())["verification"]["passed"]
+    assert "=== 8. generate from the GGUF ===" in out and out.rstrip().endswith("demo finished: every step passed")
 
 
 def test_a_failed_step_stops_the_demo_with_exit_1(tmp_path):

@@ -41,7 +41,7 @@ def _run(run_cli, path: Path) -> tuple[dict, list[dict], str]:
     return read_job(folder), read_metrics(folder), (folder / "train.log").read_text()
 
 
-def test_dpo_raises_held_out_preference_accuracy(run_cli, tmp_path):
+def test_dpo_raises_held_out_preference_accuracy(run_cli, tmp_path, write_jsonl):
     job, metrics, log = _run(run_cli, _strategy(tmp_path, "dpo"))
     assert job["status"] == "completed", log
     assert "reference model: base with the adapter off (lora: no copy)" in log
@@ -53,6 +53,29 @@ def test_dpo_raises_held_out_preference_accuracy(run_cli, tmp_path):
     # Measured after 4 steps: accuracy 1.0, margin ~4.5, eval loss ~0.01 (log 2 = 0.69 at the start).
     assert final["eval_reward_accuracy"] >= 0.8
     assert final["eval_reward_margin"] > 1.0 and final["eval_loss"] < 0.4
+
+    # `evaluate` on the same held-out pairs: the job's DPO metrics against its base are training's last eval
+    # (same pairs, same reference, fp32), and the job finds the chosen answers likelier than its base does.
+    out = run_cli("finetune", "evaluate", "--model", job["job_id"], "--dataset", str(HELD_OUT), "--samples", "1",
+                  "--max-new-tokens", "4", "--json")
+    assert out.exit_code == 0, out.output
+    ev = json.loads(out.stdout[out.stdout.index("{"):])
+    assert ev["data"] == "pairs" and ev["rows"] == 40 and ev["preference"]["stage"] == "dpo"
+    for name in ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected"):
+        assert ev["preference"][name] == pytest.approx(final[f"eval_{name}"], abs=1e-3), name
+    # Measured: the base ranks 0 of the 40 pairs right (its rejected answers are shorter), the job ~0.3-0.5;
+    # the mean log-prob margin rises from about -27 to about -2.
+    base, tuned = ev["base"], ev["fine_tuned"]
+    assert tuned["preference_margin"] > base["preference_margin"] + 5
+    assert tuned["preference_accuracy"] > base["preference_accuracy"]
+    shown = run_cli("finetune", "evaluate", "--model", job["job_id"], "--dataset", str(HELD_OUT), "--samples", "0")
+    assert shown.exit_code == 0 and "dpo objective (base as reference): loss" in shown.output, shown.output
+
+    # KTO's single labelled answers cannot score a DPO job: one clear line before any model loads.
+    kto = write_jsonl([{"prompt": "What is 2 plus 2?", "completion": "4", "label": True}])
+    refused = run_cli("finetune", "evaluate", "--model", job["job_id"], "--dataset", str(kto))
+    assert refused.exit_code == 1 and "score a kto job only, and this model is method.stage dpo" in refused.output
+    assert "Traceback" not in refused.output
 
 
 @pytest.mark.parametrize("stage", ["orpo", "kto"])

@@ -1,13 +1,21 @@
 """Evaluation of a trained model against its base on a dataset: loss, perplexity, sample answers.
 
     python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N] [--greedy] [--seed N]
+
+On preference data (pairs, or KTO's labelled answers) the loss is on the preferred answers, and each
+model also gets its preference accuracy (the share of pairs whose chosen answer it finds more likely
+than the rejected one) and margin (mean log p(chosen) - log p(rejected), nats). A dpo/orpo/kto job
+gets its own stage's held-out metrics too (`preference`: loss, reward accuracy, reward margin), with
+its base as the reference model, as training's eval_* metrics.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+_BATCH = 4
 
 
 @contextmanager
@@ -24,42 +32,97 @@ def _base_view(model, cfg):
         yield base
 
 
+def _loss_scores(loss: float) -> dict:
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4)}
+
+
 def _scores(model, rows, pad_id: int) -> dict:
     from trainer.loop import evaluate_loss
 
-    loss = evaluate_loss(model, rows, 4, pad_id, model.device.type, "fp32")
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4)}
+    return _loss_scores(evaluate_loss(model, rows, _BATCH, pad_id, model.device.type, "fp32"))
+
+
+def _pair_scores(model, pairs, pad_id: int) -> dict:
+    """Loss and perplexity on the chosen answers; preference accuracy and margin over the pairs."""
+    import torch
+
+    from trainer.data.batching import collate
+    from trainer.preference import sequence_logps
+
+    chosen, rejected, tokens = [], [], []
+    with torch.no_grad():
+        for k in range(0, len(pairs), _BATCH):
+            part = pairs[k : k + _BATCH]
+            batch = collate([[p.chosen] for p in part] + [[p.rejected] for p in part], pad_id, packed=False)
+            logps, counts = sequence_logps(model, batch, model.device.type, nullcontext())
+            chosen += logps[: len(part)].tolist()
+            rejected += logps[len(part) :].tolist()
+            tokens += counts[: len(part)].tolist()
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {
+        **_loss_scores(-sum(chosen) / max(sum(tokens), 1)),
+        "preference_accuracy": round(sum(m > 0 for m in margins) / len(margins), 6),
+        "preference_margin": round(sum(margins) / len(margins), 6),
+    }
+
+
+def _stage_metrics(model, cfg, items, encoder, pad_id: int, ref_model) -> dict:
+    """The job's own objective on held-out items, its base as the reference: training's eval_* metrics."""
+    from trainer.data.preference import as_stage_items, encode_items
+    from trainer.preference import PreferenceObjective
+
+    encoded, _ = encode_items(encoder, as_stage_items(items, cfg.method.stage, "evaluate"))
+    objective = PreferenceObjective(cfg.method.stage, cfg.method, pad_id, model.device.type, nullcontext, ref_model)
+    metrics = objective.evaluate(model, encoded, _BATCH)
+    return {"stage": cfg.method.stage, **{k.removeprefix("eval_"): v for k, v in metrics.items()}}
 
 
 def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int = 64, greedy: bool = False,
              seed: int | None = None) -> dict:
-    from trainer.data.records import read_dataset
+    from trainer.data.preference import Pair, encode_items, read_eval_data
+    from trainer.data.records import Conversation
     from trainer.generate import complete, load_for_inference
     from trainer.sampling import Sampling
 
     model, tokenizer, encoder, strategy = load_for_inference(Path(folder))
     cfg = strategy.cfg
-    if cfg.method.stage == "sft":
-        conversations = read_dataset(dataset, cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
-    else:  # a preference job is scored on its data's preferred answers (the chosen ones, or KTO's own)
-        from trainer.data.preference import read_for_stage
-
-        conversations = read_for_stage(dataset, cfg)[::2]
-    rows, stats = encoder.encode_all(conversations)
+    kind, items = read_eval_data(dataset, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if kind == "sft":
+        conversations = items
+        rows, stats = encoder.encode_all(conversations)
+        count, truncated = len(rows), stats.truncated
+
+        def score(m):
+            return _scores(m, rows, pad)
+    else:  # the preferred answers are the references: the chosen ones, or KTO's good ones
+        good = [it for it in items if isinstance(it, Pair) or it.desirable]
+        conversations = [Conversation((*it.prompt, {"role": "assistant", "content": it.chosen if kind == "pairs"
+                                                    else it.completion}), it.where, kind) for it in good]
+        if kind == "pairs":
+            pairs, stats = encode_items(encoder, items)
+        else:
+            rows, stats = encoder.encode_all(conversations)
+        count, truncated = len(pairs) if kind == "pairs" else len(rows), stats.truncated
+
+        def score(m):
+            return _pair_scores(m, pairs, pad) if kind == "pairs" else _scores(m, rows, pad)
     chats = [c for c in conversations if c.text is None][:samples]
     # Both models answer with the Modelfile's sampling and the same seed, as Ollama would.
     sampling = Sampling.from_spec(cfg.export.ollama, greedy, seed)
-    tuned = _scores(model, rows, pad)
+    tuned = score(model)
     tuned_answers = [complete(model, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens, sampling) for c in chats]
     with _base_view(model, cfg) as base:
-        base_scores = _scores(base, rows, pad)
+        base_scores = score(base)
         base_answers = [complete(base, tokenizer, encoder, list(c.messages[:-1]), max_new_tokens, sampling) for c in chats]
-    return {
+        ref = None if base is model else base  # LoRA: the objective switches the adapter off itself
+    stage = _stage_metrics(model, cfg, items, encoder, pad, ref) if kind != "sft" and cfg.method.stage != "sft" else None
+    result = {
         "model": str(folder),
         "dataset": str(dataset),
-        "rows": len(rows),
-        "truncated": stats.truncated,
+        "data": kind,
+        "rows": count,
+        "truncated": truncated,
         "sampling": sampling.describe(),
         "fine_tuned": tuned,
         "base": base_scores,
@@ -68,3 +131,6 @@ def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int 
             for c, b, t in zip(chats, base_answers, tuned_answers)
         ],
     }
+    if stage is not None:
+        result["preference"] = stage
+    return result

@@ -76,7 +76,8 @@ def _trainer_json(args: list[str], stdin: str | None = None) -> dict:
 
 @finetune.command("evaluate")
 @click.option("--model", required=True, help="A job id, a job folder, or a final/ folder.")
-@click.option("--dataset", required=True, type=click.Path(), help="Held-out data in any supported format.")
+@click.option("--dataset", required=True, type=click.Path(),
+              help="Held-out data in any supported format, preference pairs and KTO rows included.")
 @click.option("--samples", default=3, show_default=True, type=click.IntRange(0, 100), help="Prompts to answer side by side.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--output", type=click.Path(), default=None, help="Where to write the JSON (default: evaluation.json in the job).")
@@ -86,16 +87,23 @@ def _trainer_json(args: list[str], stdin: str | None = None) -> dict:
 def evaluate_cmd(model, dataset, samples, max_new_tokens, output, greedy, seed, as_json):
     """Eval loss and perplexity of the fine-tuned model and its base, and their answers side by side.
 
+    On preference pairs, also each model's preference accuracy (share of pairs whose chosen answer it
+    finds more likely) and margin; a dpo/orpo/kto job adds its own stage's loss and reward metrics,
+    with its base as the reference model.
+
     \b
-    Example:
+    Examples:
       llamafarm finetune evaluate --model tiny_demo-20260101-120000-ab12 --dataset demos/datasets/medical_qa_eval.jsonl
+      llamafarm finetune evaluate --model tiny_dpo-20260101-120000-ab12 --dataset demos/datasets/arithmetic_preference_eval.jsonl
     """
     from orchestrator import jobs
     from orchestrator.runners.local import run_trainer
-    from trainer.data.records import read_dataset
+    from trainer.data.preference import read_eval_data
+    from trainer.models.plain_folder import folder_strategy
 
     folder = jobs.model_folder(model)
-    read_dataset(dataset)  # a bad file is reported here, with file:line, before any model loads
+    # A bad file, or data this model cannot be scored on, is reported here (file:line) before any model loads.
+    read_eval_data(dataset, folder_strategy(folder)[0].cfg)
     out = Path(output) if output else folder.parent / "evaluation.json"
     if output is None and not (folder.parent / "job.json").exists():
         out = folder / "evaluation.json"
@@ -108,9 +116,17 @@ def evaluate_cmd(model, dataset, samples, max_new_tokens, output, greedy, seed, 
         return
     ft, base = result["fine_tuned"], result["base"]
     click.echo(f"{result['dataset']}: {result['rows']} rows; answers by {result['sampling']}")
-    click.echo(f"{'':<12}{'loss':>10}{'perplexity':>14}")
-    click.echo(f"{'base':<12}{base['loss']:>10.4f}{base['perplexity']:>14.2f}")
-    click.echo(f"{'fine-tuned':<12}{ft['loss']:>10.4f}{ft['perplexity']:>14.2f}")
+    paired = "preference_accuracy" in ft
+    extra = f"{'pref. accuracy':>16}{'margin':>10}" if paired else ""
+    click.echo(f"{'':<12}{'loss':>10}{'perplexity':>14}{extra}")
+    for label, s in (("base", base), ("fine-tuned", ft)):
+        extra = f"{s['preference_accuracy']:>16.3f}{s['preference_margin']:>10.3f}" if paired else ""
+        click.echo(f"{label:<12}{s['loss']:>10.4f}{s['perplexity']:>14.2f}{extra}")
+    if "preference" in result:
+        p = result["preference"]
+        margin = f", reward margin {p['reward_margin']:.4f}" if "reward_margin" in p else ""
+        click.echo(f"{p['stage']} objective (base as reference): loss {p['loss']:.4f}, "
+                   f"reward accuracy {p['reward_accuracy']:.3f}{margin}")
     for i, sample in enumerate(result["samples"], 1):
         click.echo(f"\n[{i}] {sample['prompt']}")
         click.echo(f"  reference : {sample['reference']}")

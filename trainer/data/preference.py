@@ -276,3 +276,40 @@ def read_for_stage(path: str | Path, cfg) -> list:
         return [conv(it, a) for k, it in enumerate(items)
                 for a in (it.completion, items[(k + 1) % len(items)].completion)]
     return [conv(it, a) for it in items for a in (it.chosen, it.rejected)]
+
+
+def first_row(path: Path):
+    from trainer.data.llamafactory_info import is_entry
+
+    if is_entry(path) or not Path(path).exists():
+        return None
+    for _, row in _raw_rows(Path(path), []):
+        return row if isinstance(row, dict) else None
+    return None
+
+
+def read_eval_data(path: str | Path, cfg) -> tuple[str, list]:
+    """What `evaluate` scores a model on, by the file's own rows (so an SFT job can be scored on pairs
+    and a preference job on conversations): ("sft", conversations), ("pairs", [Pair]) or
+    ("kto", [Unpaired]). The job's format and columns apply when the file holds the same kind of data."""
+    from contract.strategy import PREFERENCE_FORMATS
+    from trainer.data.records import read_dataset
+
+    d, stage = cfg.dataset, cfg.method.stage
+    first = first_row(path) or {}
+    if d.format in PREFERENCE_FORMATS and d.columns:
+        first = {{source: canonical for canonical, source in d.columns.items()}.get(k, k): v for k, v in first.items()}
+    detected = detect_preference_format(first)
+    if detected is None:
+        sft_format = d.format not in PREFERENCE_FORMATS
+        return "sft", read_dataset(path, d.format if sft_format else "auto", d.columns if sft_format else None,
+                                   d.replace)
+    own = d.format in ("auto", detected)  # another preference format than the job's: read by its own keys
+    items = read_preference_dataset(path, d.format if own else "auto", d.columns if own else None)
+    if isinstance(items[0], Pair):
+        return "pairs", items
+    if stage != "kto":
+        raise UserError(f"{path} holds single answers with a label (format kto): they score a kto job only, and this "
+                        f"model is method.stage {stage}; evaluate it on chosen/rejected pairs (format preference or "
+                        "sharegpt_preference) or on conversations")
+    return "kto", items

@@ -13,12 +13,34 @@ from trainer.data.placeholders import unfilled
 from trainer.data.records import Conversation, read_dataset
 
 
+def _preference_conversations(path: Path, fmt: str, columns: dict | None) -> list[tuple[str, Conversation]] | None:
+    """Preference rows as conversations with their first answer, by a key of the whole row (for
+    duplicates), or None when the file holds no preference data."""
+    from contract.strategy import PREFERENCE_FORMATS
+    from trainer.data.preference import Pair, detect_preference_format, first_row, read_preference_dataset
+
+    row = first_row(path) if fmt == "auto" else None
+    row_format = fmt if fmt in PREFERENCE_FORMATS else (detect_preference_format(row) if row else None)
+    if row_format is None:
+        return None
+    out = []
+    for it in read_preference_dataset(path, fmt, columns):
+        answers = (it.chosen, it.rejected) if isinstance(it, Pair) else (it.completion, it.desirable)
+        conv = Conversation((*it.prompt, {"role": "assistant", "content": answers[0]}), it.where, row_format)
+        out.append((json.dumps([it.prompt, *answers], sort_keys=True), conv))
+    return out
+
+
 def describe(path: Path, fmt: str = "auto", columns: dict | None = None, replace: dict | None = None) -> dict:
-    conversations = read_dataset(path, fmt, columns, replace)
+    """Counts with no tokenizer; preference rows count once each (a pair is one row)."""
+    keyed = _preference_conversations(path, fmt, columns)
+    if keyed is None:
+        keyed = [(c.text if c.text is not None else json.dumps(c.messages, sort_keys=True), c)
+                 for c in read_dataset(path, fmt, columns, replace)]
+    conversations = [conv for _, conv in keyed]
     seen: dict[str, str] = {}
     duplicates = []
-    for conv in conversations:
-        key = conv.text if conv.text is not None else json.dumps(conv.messages, sort_keys=True)
+    for key, conv in keyed:
         if key in seen:
             duplicates.append(f"{conv.where} repeats {seen[key]}")
         else:
