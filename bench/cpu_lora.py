@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from contract.plan import all_decisions
 from pathlib import Path
 
 from bench import measure
@@ -72,11 +73,11 @@ def run_project(work: Path, model: Path, data: Path, evals: Path | None, env: di
     tokens = [round(m["tokens_per_second"] * s) for m, s in zip(steps, seconds)]
     tps, timed_tokens, timed_seconds = measure.after_warmup(seconds, tokens)
     return {
-        "name": "llamafarm (" + ", ".join(f"{k} {v['value']}" for k, v in job["decisions"].items()
+        "name": "llamafarm (" + ", ".join(f"{k} {v['value']}" for k, v in all_decisions(job).items()
                                           if k in ("precision", "packing", "base_weights", "chunked_loss", "attention",
                                                    "adapter_inputs", "compile", "threads")) + ")",
         "job_dir": str(job_dir),
-        "decisions": job["decisions"],
+        "decisions": all_decisions(job),
         "step_seconds": seconds,
         "step_tokens": tokens,
         "step_losses": [m["loss"] for m in steps],

@@ -32,7 +32,7 @@ PAIRS_PER_STEP = 4
 
 def make_pairs(count: int, seed: int) -> list[dict]:
     """Prompts of 16-40 corpus words, answers of 24-80: rows of roughly 60-200 tokens after the template."""
-    from trainer.models.builtin import CORPUS
+    from inputs.models.builtin import CORPUS
 
     words = CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(seed)

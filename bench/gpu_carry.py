@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.models.cache import file_sha256
+from inputs.models.cache import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"

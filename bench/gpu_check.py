@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.gpu_carry import MANIFEST, PLATFORM
-from trainer.models.cache import file_sha256
+from contract.plan import all_decisions
+from inputs.models.cache import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ROOT / "bench" / "gpu_check.yaml"
@@ -170,7 +171,7 @@ def step_install(check: Check) -> dict:
 
 
 def _cache_root(check: Check) -> Path:
-    code = "import json; from trainer.models.builtin import cache_root; print(json.dumps(str(cache_root())))"
+    code = "import json; from contract.paths import cache_root; print(json.dumps(str(cache_root())))"
     return Path(check.python("cache-root", code))
 
 
@@ -219,14 +220,15 @@ def _job(check: Check, step: str, strategy: str, dataset: Path, sets: list[str],
     check.jobs[step] = new[-1]
     if error:
         raise StepFailed(f"{error}\njob.json error: {job.get('error')}")
-    device = job["decisions"]["device"]["value"]
+    decided = all_decisions(job)
+    device = decided["device"]["value"]
     if device != check.mode.device:  # tiny_demo falls back to cpu: on the GPU machine that is a finding
-        raise StepFailed(f"the job trained on {device}, not {check.mode.device}: {job['decisions']['device']['reason']}")
+        raise StepFailed(f"the job trained on {device}, not {check.mode.device}: {decided['device']['reason']}")
     metrics = [json.loads(x) for x in (new[-1] / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     # "job_status", not "status": the step's own status (ok, failed, skipped) is a different thing.
     return {"job_dir": str(new[-1]), "job_status": job["status"],
-            "decisions": {k: v["value"] for k, v in job["decisions"].items()},
+            "decisions": {k: v["value"] for k, v in decided.items()},
             "first_loss": losses[0] if losses else None, "final_loss": job.get("final_loss"),
             "tokens_per_second": job.get("tokens_per_second"), "measured": job.get("measured")}
 
@@ -301,12 +303,12 @@ def step_export(check: Check) -> dict:
 
 def unverified_gguf(folder: str, out: str) -> dict:
     """The q8_0 GGUF written the way `finetune export` writes it, without the llama.cpp comparison."""
-    from trainer.entrypoint import load_job_strategy
+    from contract.job_folder import read_job_strategy
     from trainer.export.run import _weights, write_gguf
     from trainer.generate import load_for_inference
 
     folder_path, out_path = Path(folder), Path(out)
-    strategy, _ = load_job_strategy(folder_path)
+    strategy, _ = read_job_strategy(folder_path)
     _, _, encoder, _ = load_for_inference(folder_path)
     out_path.mkdir(parents=True, exist_ok=True)
     is_adapter = (folder_path / "adapter_config.json").exists()

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     from trainer import attention
     from trainer.data.batching import collate
     from trainer.loop import _forward
-    from trainer.devices import Decision
+    from contract.decisions import Decision
     from trainer.performance import choose_threads, use_compile
 
     choose_threads()

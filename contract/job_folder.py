@@ -127,6 +127,17 @@ def append_metrics(folder: Path, record: dict) -> None:
         f.flush()
 
 
+def cut_metrics(folder: Path, step: int) -> None:
+    """A resumed run's records follow on from its checkpoint's step: later ones are dropped."""
+    path = Path(folder) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(folder) if r.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    tmp.replace(path)
+
+
 def read_metrics(folder: Path) -> list[dict]:
     path = Path(folder) / METRICS_FILE
     if not path.exists():
@@ -175,3 +186,15 @@ def complete_checkpoints(folder: Path) -> list[Path]:
         if name == "checkpoint" and step.isdigit() and (path / TRAINER_STATE_FILE).is_file():
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
+
+
+def read_job_strategy(folder: Path):
+    """(Strategy, its YAML text) of a job folder, or of any folder saved with its strategy.yaml (final/,
+    best/, a checkpoint): the one reader of that file."""
+    import yaml
+
+    from contract.strategy import parse_strategy
+
+    path = Path(folder) / STRATEGY_FILE
+    text = path.read_text()
+    return parse_strategy(str(path), yaml.safe_load(text)), text

@@ -178,7 +178,7 @@ class TrainingArgs(_Strict):
     )
 
 
-# The fields of every row format (trainer/data/records.py), the names dataset.columns may map to.
+# The fields of every row format (inputs/data/records.py), the names dataset.columns may map to.
 DATASET_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages", "conversations",
                   "tools", "text")
 LLAMAFACTORY_COLUMNS = {"query": "input", "response": "output", "history": "earlier turns (write sharegpt rows instead)"}

@@ -18,7 +18,7 @@ BACKENDS: dict[str, Backend] = {
     "llamafactory": Backend(
         True,
         "LlamaFactory's own trainer (`llamafactory-cli train`) in a managed environment of its own "
-        "(orchestrator/llamafactory/)",
+        "(trainer/llamafactory/)",
         runner="llamafactory",
     ),
 }

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import UserError
+from contract.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

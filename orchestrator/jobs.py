@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from contract.errors import UserError
+from contract.plan import PLAN_KEY, JobPlan
 from contract.job_folder import (
     FINAL_DIR,
     FINISHED,
@@ -38,8 +39,8 @@ def new_job_id(strategy_name: str) -> str:
 
 
 def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, eval_dataset: Path | None,
-           overrides: dict, runner: str, estimate: dict | None = None) -> Path:
-    """Make the folder of a new pending job; ids never collide (mkdir is the arbiter)."""
+           overrides: dict, plan: JobPlan) -> Path:
+    """Make the folder of a new pending job with its plan; ids never collide (mkdir is the arbiter)."""
     from contract.strategy import resolved_dict
 
     root = jobs_root()
@@ -71,8 +72,7 @@ def create(strategy_name: str, strategy: Strategy, source: Path, dataset: Path, 
                 "overrides": overrides,
                 "dataset": str(dataset.resolve()),
                 "eval_dataset": str(eval_dataset.resolve()) if eval_dataset else None,
-                "runner": runner,
-                "estimate": estimate,
+                PLAN_KEY: plan.to_json(),
                 "status": "pending",
                 "pid": None,
                 "created_at": now_iso(),
@@ -156,7 +156,7 @@ def model_folder(model: str) -> Path:
             return path / FINAL_DIR
         if (path / STRATEGY_FILE).exists() and not (path / JOB_FILE).exists():
             return path
-        from trainer.models.plain_folder import is_causal_lm_folder  # torch-free
+        from inputs.models.plain_folder import is_causal_lm_folder  # torch-free
 
         if is_causal_lm_folder(path):  # a merged export or a downloaded Hugging Face model
             return path

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from contract.errors import StrategyError, UserError
+from contract.paths import PROJECT_ROOT
 
 if TYPE_CHECKING:
     from contract.strategy import Strategy
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 # contract.strategy (pydantic) is imported where a strategy is validated, not at module import:
 # `strategies list` and `jobs` only read files and must answer at once.
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STRATEGIES = PROJECT_ROOT / "strategies" / "default_strategies.yaml"
 ENV_VAR = "LLAMAFARM_STRATEGIES"
 
@@ -88,7 +88,7 @@ def registry_problems(strategy: Strategy) -> list[str]:
     if cfg.runner != "auto" and cfg.runner not in RUNNERS:
         problems.append(f"fine_tuner.config.runner: unknown runner {cfg.runner!r}; valid: auto, {', '.join(RUNNERS)}")
     if strategy.fine_tuner.type == "llamafactory":
-        from orchestrator.llamafactory.translate import problems as llamafactory_problems
+        from contract.llamafactory import problems as llamafactory_problems
 
         problems.extend(llamafactory_problems(strategy))
     elif cfg.runner == "llamafactory":

@@ -8,7 +8,7 @@ bash scripts/install.sh
 # Test-only dependencies (TRL, for the preference loss checks).
 .venv/bin/pip install --quiet --disable-pip-version-check -r requirements/test.txt
 # LlamaFactory's own venv for the llamafactory backend's tests: built once per machine (about 2 min), then reused.
-.venv/bin/python -m orchestrator.llamafactory.env
+.venv/bin/python -m trainer.llamafactory.env
 # The container runner's tests need a Docker-API engine and the CPU image (README, Runners).
 if [ "$(uname -s)" = Linux ]; then bash scripts/container_setup.sh; fi
 # The export tests render Ollama TEMPLATEs with Go's own text/template (tests/ollama_template/).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from contract.job_folder import update_job
 from contract.strategy import parse_strategy
 from orchestrator import jobs
 from orchestrator.runners import RUNNERS
+from orchestrator.plan import make_plan
 
 from conftest import DATASETS
 
@@ -62,11 +64,13 @@ def world(tmp_path):
     made = {}
     for name, status, pid in (("pending", "pending", None), ("completed", "completed", 1), ("failed", "failed", 1),
                               ("stopped", "stopped", 1)):
-        folder = jobs.create(name, parse_strategy("t", _strategy()), Path("t.yaml"), Path(QA), None, {}, "local")
+        strategy = parse_strategy("t", _strategy())
+        folder = jobs.create(name, strategy, Path("t.yaml"), Path(QA), None, {}, make_plan(strategy, "local"))
         update_job(folder, status=status, pid=pid, error="boom" if status == "failed" else None)
         made[name] = folder.name
     (jobs.job_dir(made["completed"]) / "final").mkdir()
-    (jobs.job_dir(made["completed"]) / "final" / "strategy.yaml").write_text("x")
+    # What the trainer saves beside final weights (the job's own strategy.yaml; no weights needed here).
+    shutil.copy(jobs.job_dir(made["completed"]) / "strategy.yaml", jobs.job_dir(made["completed"]) / "final")
 
     return {
         "files": files,

@@ -17,7 +17,9 @@ from contract.job_folder import pid_alive, read_job, read_metrics
 from orchestrator import strategies
 from orchestrator.images import IMAGES, version
 from orchestrator.runners import RUNNERS, choose_runner, engine
-from orchestrator.runners.container import ContainerRunner, ContainerSpec, HostFacts, container_spec
+from orchestrator.runners.container import ContainerRunner, ContainerSpec, HostFacts, container_spec, image_for
+from contract.decisions import Decision
+from contract.plan import JobPlan, runner_of
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = ROOT / "demos" / "datasets" / "medical_qa.jsonl"
@@ -111,31 +113,37 @@ def _fake_engine(monkeypatch, image=_FakeImage(), gpu=None):
     monkeypatch.setattr(engine, "gpu_runtime", lambda client: gpu)
 
 
+def _plan(cfg, device: str) -> JobPlan:
+    """The plan `start` makes for a container job on `device`."""
+    image = Decision(image_for(cfg, device)[0], "test")
+    return JobPlan(device=Decision(device, "test"), method=Decision("lora", "test"),
+                   runner=Decision("container", "test"), image=image)
+
+
 def test_preflight_refusals(monkeypatch):
     runner = ContainerRunner()
     cfg = _cfg("tiny_demo")
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(UserError, match=r"no container engine answers at unix:///nonexistent/docker.sock .*"
                                         r"scripts/container_setup.sh.*--runner local"):
-        runner.preflight(cfg)
+        runner.preflight(cfg, _plan(cfg, "cpu"))
 
     _fake_engine(monkeypatch, image=None)
     with pytest.raises(UserError, match=rf"image llamafarm-cpu:{version()} is not in the container engine at "
                                         r"unix:///fake.sock; build it with `llamafarm images build cpu`"):
-        runner.preflight(cfg)
+        runner.preflight(cfg, _plan(cfg, "cpu"))
 
     _fake_engine(monkeypatch, gpu=None)
-    monkeypatch.setattr("orchestrator.runners.container.host_device", lambda cfg: "cuda")
+    cuda = _cfg("cuda_fine_tuning")
     with pytest.raises(UserError, match="trains on cuda but the container engine at unix:///fake.sock has no NVIDIA GPU runtime; "
                                         "install the NVIDIA Container Toolkit"):
-        runner.preflight(_cfg("cuda_fine_tuning"))
+        runner.preflight(cuda, _plan(cuda, "cuda"))
     _fake_engine(monkeypatch, gpu="the nvidia runtime")
-    assert runner.preflight(_cfg("cuda_fine_tuning")) == (
+    assert runner.preflight(cuda, _plan(cuda, "cuda")) == (
         f"image llamafarm-cuda:{version()} (commit abc123) on the container engine at unix:///fake.sock")
 
-    monkeypatch.setattr("orchestrator.runners.container.host_device", lambda cfg: "mps")
     with pytest.raises(UserError, match="MPS device cannot be used from a container.*--runner native"):
-        runner.preflight(cfg)
+        runner.preflight(cfg, _plan(cfg, "mps"))
 
 
 def test_auto_rules(monkeypatch):
@@ -220,7 +228,7 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     _wait(folder, lambda j: not pid_alive(j["pid"]), "the supervisor to finish train.log")
     log = (folder / "train.log").read_text()
     assert job["status"] == "completed", log[-3000:]
-    assert job["runner"] == "container" and job["container"]["image"] == IMAGES["cpu"].tag
+    assert runner_of(job) == "container" and job["container"]["image"] == IMAGES["cpu"].tag
     assert f"container runner: container llamafarm-{folder.name}" in log and "status: completed" in log
     assert "device: cpu" in log  # the trainer's own decisions, printed inside the container, reach train.log
     for name in ("final/model.safetensors", "final/strategy.yaml", "final/tokenizer.json", "metrics.jsonl"):

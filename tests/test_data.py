@@ -6,7 +6,7 @@ import pytest
 
 from contract.chat_templates import TEMPLATES, get_template
 from contract.errors import DatasetError, UserError
-from trainer.data.records import read_dataset
+from inputs.data.records import read_dataset
 from trainer.data.tokenize import IGNORE_INDEX, ConversationEncoder, choose_template
 
 from conftest import DATASETS
@@ -138,7 +138,7 @@ def test_train_on_inputs_and_eos_is_appended_when_the_template_has_none(tokenize
 
 
 def test_truncation_and_dropping_are_counted(tokenizers):
-    from trainer.data.records import Conversation
+    from inputs.data.records import Conversation
 
     tok = tokenizers["tiny-llama-spm"]
     long = Conversation(({"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "fine " * 40}), "f:1", "chat")

@@ -16,7 +16,7 @@ import pytest
 from contract.chat_templates import get_template
 from contract.errors import DatasetError, StrategyError
 from contract.strategy import parse_strategy
-from trainer.data.records import read_dataset
+from inputs.data.records import read_dataset
 from trainer.data.tokenize import IGNORE_INDEX, ConversationEncoder
 
 GO_RENDERER = Path(__file__).resolve().parent / "ollama_template"
@@ -141,7 +141,7 @@ def test_a_template_without_tools_refuses_tool_rows(tokenizers, write_jsonl):
 
 
 def test_placeholders_are_filled_and_the_unfilled_counted(write_jsonl):
-    from trainer.data.placeholders import unfilled_warning
+    from inputs.data.placeholders import unfilled_warning
 
     rows = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."},
             {"instruction": "Hi", "output": "Hello, I am {{name}}."}]
@@ -206,7 +206,7 @@ def test_llamafactory_column_names_are_strategy_errors():
 
 
 def test_long_text_trains_every_token_as_blocks(tokenizers):
-    from trainer.data.records import Conversation
+    from inputs.data.records import Conversation
 
     tok = tokenizers["tiny-llama-spm"]
     docs = [Conversation((), f"f:{i}", "text", text="word " * (30 + 20 * i)) for i in range(4)]

@@ -218,7 +218,7 @@ def test_two_ddp_processes_follow_the_single_process_run(run_cli, tmp_path):
                                     distributed={"mode": "ddp", "nproc_per_node": 2}), "--foreground")
     _completed(single)
     job = _completed(ddp)
-    assert job["decisions"]["distributed"]["value"] == "ddp"
+    assert job["plan"]["distributed"]["value"]["mode"] == "ddp"
     _assert_same_run(single, ddp)
     log = (ddp / "train.log").read_text()
     assert log.count("status: completed") == 1 and log.count("final weights:") == 1  # rank 0 alone writes
@@ -283,7 +283,7 @@ def test_two_machines_meet_at_a_c10d_rendezvous_on_localhost(run_cli, tmp_path):
 
     a, b = _weights(first), _weights(second)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert "2 processes (2 machines x 1)" in read_job(first)["decisions"]["distributed"]["reason"]
+    assert "2 processes (2 machines x 1)" in read_job(first)["plan"]["distributed"]["reason"]
 
 
 def test_one_ranks_failure_fails_the_job_with_that_ranks_error(run_cli, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     job = read_job(folder)
     log = (folder / "train.log").read_text()
     assert job["status"] == "completed", log
-    assert job["decisions"]["device"]["value"] == "cpu" and job["decisions"]["method"]["value"] == "lora"
+    assert job["plan"]["device"]["value"] == "cpu" and job["plan"]["method"]["value"] == "lora"
     assert job["decisions"]["template"]["value"] == "alpaca", "the spm builtin has no chat template of its own"
     assert job["data"] == {"rows": 200, "train": 180, "eval": 20, "truncated": 0, "dropped": 0, "tokens": 24056,
                            "sequences": 91, "padding_fraction": 0.0109, "cache_hit": False}

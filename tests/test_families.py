@@ -12,6 +12,7 @@ import gguf
 import pytest
 
 from contract.strategy import parse_strategy
+from orchestrator.plan import make_plan
 from trainer.models.families import FAMILIES
 
 from conftest import DATASETS
@@ -54,7 +55,9 @@ def train(family: str, root: Path, method: dict) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMAFARM_HOME", str(root / "home"))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        folder = jobs.create(family, _strategy(base, method), Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {}, "local")
+        strategy = _strategy(base, method)
+        folder = jobs.create(family, strategy, Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {},
+                             make_plan(strategy, "local"))
         assert run(folder) == 0, (folder / "train.log").read_text()
     return folder
 

@@ -10,6 +10,7 @@ import pytest
 
 from contract.errors import UserError
 from contract.strategy import parse_strategy
+from orchestrator.plan import make_plan
 
 # Every linear layer but the output layer, per family, as target_modules: auto resolves it.
 AUTO_TARGETS = {
@@ -68,7 +69,7 @@ def test_unsupported_architecture_is_refused_before_training(tmp_path):
     strategy = parse_strategy("t", {"fine_tuner": {"config": {
         "base_model": {"name": "gpt2", "huggingface_id": str(model)}, "device": "cpu"}}})
     folder = jobs.create("t", strategy, Path("t.yaml"), Path(__file__).parent.parent / "demos/datasets/medical_qa.jsonl",
-                         None, {}, "local")
+                         None, {}, make_plan(strategy, "local"))
     assert run(folder) != 0
     error = read_job(folder)["error"]
     assert "GPT2LMHeadModel is not supported" in error

@@ -12,7 +12,8 @@ from contract.errors import DatasetError
 from contract.job_folder import read_job, read_metrics
 from contract.strategy import parse_strategy
 from orchestrator import jobs
-from trainer.data.records import read_dataset
+from orchestrator.plan import make_plan
+from inputs.data.records import read_dataset
 
 from conftest import DATASETS
 
@@ -35,7 +36,8 @@ def _strategy(**dataset):
 def _train(path: Path, eval_path: Path | None = None, **dataset) -> Path:
     from trainer.entrypoint import run
 
-    folder = jobs.create("fmt", _strategy(**dataset), Path("t.yaml"), path, eval_path, {}, "local")
+    strategy = _strategy(**dataset)
+    folder = jobs.create("fmt", strategy, Path("t.yaml"), path, eval_path, {}, make_plan(strategy, "local"))
     assert run(folder) == 0, (folder / "train.log").read_text() if (folder / "train.log").exists() else read_job(folder)
     return folder
 

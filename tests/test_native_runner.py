@@ -12,6 +12,7 @@ from contract.job_folder import read_job
 from orchestrator.runners import get_runner
 from orchestrator.runners.local import PROJECT_ROOT
 from orchestrator.runners.native import LOCK, ensure_venv, venv_dir, venv_python
+from contract.plan import runner_of
 
 QA = PROJECT_ROOT / "demos" / "datasets" / "medical_qa.jsonl"
 
@@ -49,7 +50,7 @@ def test_tiny_demo_completes_in_the_native_venv(run_cli):
     assert f"runner: native (--runner flag); venv {venv_dir()}" in result.output
     job_dir = Path(json.loads(result.stdout)["job_dir"])
     job = read_job(job_dir)
-    assert (job["status"], job["runner"]) == ("completed", "native")
+    assert (job["status"], runner_of(job)) == ("completed", "native")
     assert (job_dir / "final" / "model.safetensors").is_file()
     assert "device: cpu (set in the strategy)" in (job_dir / "train.log").read_text()
 

@@ -69,7 +69,7 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
     from transformers import AutoModelForCausalLM
 
     from conftest import DATASETS
-    from trainer.data.records import read_dataset
+    from inputs.data.records import read_dataset
     from trainer.data.tokenize import ConversationEncoder, choose_template
     from trainer.models.builtin import builtin_path
 

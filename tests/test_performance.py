@@ -14,9 +14,10 @@ pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 def test_chunked_cross_entropy_equals_plain(monkeypatch, weight_grad):
     import torch
 
+    from contract import decisions
     from trainer import performance
 
-    monkeypatch.setattr(performance, "_CHUNK_ELEMENTS", 3000 * 70)  # 70-row chunks: 5 chunks, the last partial
+    monkeypatch.setattr(decisions, "_CHUNK_ELEMENTS", 3000 * 70)  # 70-row chunks: 5 chunks, the last partial
     torch.manual_seed(0)
     hidden = torch.randn(300, 48, requires_grad=True)
     weight = (0.3 * torch.randn(3000, 48)).requires_grad_(weight_grad)
@@ -51,7 +52,7 @@ def _lora_tiny(dtype=None):
 
 def _packed_medical_batch(tok, packed=True):
     from trainer.data.batching import collate
-    from trainer.data.records import read_dataset
+    from inputs.data.records import read_dataset
     from trainer.data.tokenize import ConversationEncoder, choose_template
 
     template, _ = choose_template("auto", tok)
@@ -104,7 +105,7 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
     import torch
 
     from trainer import attention
-    from trainer.devices import Decision
+    from contract.decisions import Decision
     from trainer.loop import _forward
     from trainer.performance import use_attention
 
@@ -130,7 +131,7 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
 def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
     import torch
 
-    from trainer.devices import Decision
+    from contract.decisions import Decision
     from trainer.loop import _forward
     from trainer.performance import use_attention
 
@@ -170,8 +171,8 @@ def test_chunked_loss_with_bf16_logits_and_gradients():
 def test_lever_decisions():
     from types import SimpleNamespace
 
-    from trainer.performance import (choose_adapter_inputs, choose_attention, choose_base_dtype,
-                                     choose_chunked_loss)
+    from contract.decisions import choose_base_dtype
+    from trainer.performance import choose_adapter_inputs, choose_attention, choose_chunked_loss
 
     bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9)
     decision = choose_attention("cpu", True, bench, 5, 256, "bf16")
@@ -205,7 +206,7 @@ def test_benchmark_feeds_both_sides_the_same_token_ids():
 
     from bench.model import MAX_TOKENS, MIN_TOKENS, make_rows
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from trainer.models.builtin import get_spec, raw_tokenizer
+    from inputs.models.builtin import get_spec, raw_tokenizer
 
     raw, names, chat = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, **names)
@@ -264,7 +265,7 @@ def test_compiled_layers_train_like_eager(tokenizers):
     import torch
     from torch._dynamo.utils import counters
 
-    from trainer.devices import Decision
+    from contract.decisions import Decision
     from trainer.loop import _forward
     from trainer.performance import eager, use_attention, use_compile
 

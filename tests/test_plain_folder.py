@@ -11,7 +11,7 @@ import pytest
 from contract.errors import UserError
 from orchestrator import jobs
 from trainer.models.builtin import builtin_path
-from trainer.models.plain_folder import folder_strategy
+from inputs.models.plain_folder import folder_strategy
 
 pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from contract.errors import DatasetError, UserError
-from trainer.data.preference import Pair, Unpaired, as_stage_items, read_preference_dataset
+from inputs.data.preference import Pair, Unpaired, as_stage_items, read_preference_dataset
 
 
 def _write(tmp_path, rows, name="d.jsonl"):

@@ -9,7 +9,9 @@ import json
 import pytest
 
 from contract.errors import UserError
-from trainer.models import builtin, wheel
+from inputs.models import builtin as registry
+from inputs.models import wheel
+from trainer.models import builtin
 
 pytestmark = pytest.mark.slow  # trains, exports or evaluates real jobs
 
@@ -23,9 +25,9 @@ def real_folder():
 
 
 def test_one_registry_lists_the_real_model_with_the_tiny_ones():
-    assert isinstance(builtin.get_spec(REAL), wheel.WheelSpec)
+    assert isinstance(registry.get_spec(REAL), wheel.WheelSpec)
     with pytest.raises(UserError) as err:
-        builtin.get_spec("builtin:nope")
+        registry.get_spec("builtin:nope")
     assert f"{REAL}" in str(err.value) and "builtin:tiny-llama-bpe" in str(err.value)
 
 

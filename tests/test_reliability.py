@@ -13,6 +13,7 @@ from pathlib import Path
 from contract.job_folder import complete_checkpoints, read_job
 from contract.strategy import parse_strategy
 from orchestrator import jobs
+from orchestrator.plan import make_plan
 
 from conftest import DATASETS, ROOT
 
@@ -42,7 +43,8 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_keeps_earlier_ones(monk
         real(model, tokenizer, text, tmp)
 
     monkeypatch.setattr(saving, "_write_weights", fill_disk)
-    folder = jobs.create("full", _strategy(), Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {}, "local")
+    strategy = _strategy()
+    folder = jobs.create("full", strategy, Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {}, make_plan(strategy, "local"))
     assert run(folder) == 1
     job = read_job(folder)
     assert job["status"] == "failed"
@@ -95,6 +97,6 @@ def test_trust_remote_code_is_off_by_default_and_said_when_on(capsys):
     strategy = parse_strategy("t", {"fine_tuner": {"config": {
         "base_model": {"name": "spm", "huggingface_id": "builtin:tiny-llama-spm", "trust_remote_code": True},
         "training_args": {"max_steps": 1, "max_seq_length": 64}, "device": "cpu"}}})
-    folder = jobs.create("trc", strategy, Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {}, "local")
+    folder = jobs.create("trc", strategy, Path("t.yaml"), DATASETS / "medical_qa.jsonl", None, {}, make_plan(strategy, "local"))
     assert run(folder) == 0
     assert "trust_remote_code: on (set in the strategy): the model repo's own code will run" in capsys.readouterr().out

@@ -19,7 +19,7 @@ def _fake_job(job_id: str, status: str = "running", losses=(2.0, 1.5)) -> None:
     folder = job_dir(job_id)
     folder.mkdir(parents=True)
     write_json_atomic(folder / "job.json", {"job_id": job_id, "status": status, "strategy": "tiny_demo",
-                                            "runner": "local", "pid": None, "created_at": "2026-01-01T00:00:00+00:00"})
+                                            "plan": {"runner": {"value": "local", "reason": "test"}}, "pid": None, "created_at": "2026-01-01T00:00:00+00:00"})
     for step, loss in enumerate(losses, 1):
         append_metrics(folder, {"step": step, "total_steps": 4, "loss": loss, "learning_rate": 1e-3,
                                 "elapsed": float(step), "epoch": step / 4})

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     stats = sub.add_parser("dataset-stats", help="token lengths of a dataset under the strategy read from stdin")
     stats.add_argument("dataset", type=Path)
+    merge = sub.add_parser("merge-base", help="fold a LoRA job output into its base: a plain model folder at TARGET")
+    merge.add_argument("final", type=Path)
+    merge.add_argument("target", type=Path)
     exp = sub.add_parser("export", help="merged weights, GGUF, GGUF LoRA or an Ollama folder, verified")
     exp.add_argument("folder", type=Path)
     exp.add_argument("--format", dest="fmt")
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
             report = export(args.folder, args.fmt, args.quantization, args.output, args.name, args.force)
             print(json.dumps(report) if args.json else f"exported: {report['output']}", flush=True)
+        elif args.command == "merge-base":
+            from trainer.models.job_output import merge
+
+            merge(args.final, args.target)
         elif args.command == "evaluate":
             from trainer.evaluate import evaluate
 
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             from contract.strategy import parse_strategy
-            from trainer.data.preference import read_for_stage
+            from inputs.data.preference import read_for_stage
             from trainer.data.report import token_stats
 
             cfg = parse_strategy("stdin", yaml.safe_load(sys.stdin.read())).cfg

@@ -1,20 +1,15 @@
-"""Device and precision decisions, each returned with the reason that gets printed."""
+"""What only the training process can know: the devices torch sees, a device's precision support, its matmul rate."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from contract.decisions import Decision, choose_cpu_precision
 from contract.errors import UserError
 
 
-@dataclass(frozen=True)
-class Decision:
-    value: str
-    reason: str
-
-
-def _available() -> dict[str, bool]:
+def available() -> dict[str, bool]:
+    """The devices torch sees in this process (the host asks the OS instead: contract/platform.py)."""
     import torch
 
     return {
@@ -24,30 +19,14 @@ def _available() -> dict[str, bool]:
     }
 
 
-def choose_device(requested: str, fallback: str | None, available: dict[str, bool] | None = None) -> Decision:
-    available = available if available is not None else _available()
-    if requested == "auto":
-        for name in ("cuda", "mps"):
-            if available[name]:
-                return Decision(name, f"{name} is available; auto picks cuda, then mps, then cpu")
-        return Decision("cpu", "no CUDA and no MPS device found; auto picks cuda, then mps, then cpu")
-    if available[requested]:
-        return Decision(requested, "set in the strategy")
-    if fallback:
-        return Decision(fallback, f"{requested} was asked for but is not available; strategy falls back to {fallback}")
-    raise UserError(
-        f"device {requested!r} is not available on this machine; set fine_tuner.config.device to auto or cpu, "
-        "or set fallback_device: cpu"
-    )
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on a CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+def confirm_device(planned: Decision) -> Decision:
+    """The plan's device, checked against what torch sees in this process (a container without the
+    GPU passed through, a CPU-only torch wheel): a mismatch is an error, not a silent second choice."""
+    if available()[planned.value]:
+        return planned
+    raise UserError(f"the job's plan trains on {planned.value} ({planned.reason}), but this process's torch sees "
+                    f"no {planned.value} device; install a torch build for {planned.value}, or set "
+                    "fine_tuner.config.device: cpu and start the job again")
 
 
 def choose_precision(requested: str, device: str) -> Decision:
@@ -72,14 +51,7 @@ def choose_precision(requested: str, device: str) -> Decision:
         if requested == "auto":
             return Decision("fp32", "MPS autocast is not reliable for training; fp32 is the safe default")
         return Decision(requested, "set in the strategy")
-    # cpu
-    if requested == "fp16":
-        raise UserError("precision fp16 is not supported for CPU training; use bf16, fp32 or auto")
-    if requested == "auto":
-        if cpu_has_bf16():
-            return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
-        return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
-    return Decision(requested, "set in the strategy")
+    return choose_cpu_precision(requested)
 
 
 def probe_precision(device: str, precision: str) -> tuple[bool, str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from contract.errors import UserError
 from contract.strategy import DistributedSpec
-from trainer.devices import Decision
+from contract.decisions import Decision
 
 # The chunked loss calls the model's inner modules directly, which would bypass the DDP/FSDP wrapper's
 # forward (and so its gradient synchronisation).
@@ -184,22 +184,14 @@ class NullSink:
         pass
 
 
-def choose_backend(requested: str, device: str) -> Decision:
-    if requested == "auto":
-        return Decision("nccl", "auto; CUDA") if device == "cuda" else Decision("gloo", f"auto; {device}")
-    if requested == "nccl" and device != "cuda":
-        raise UserError(f"distributed.backend nccl needs CUDA but training runs on {device}; use backend gloo or auto")
-    return Decision(requested, "set in the strategy")
-
-
-def join(spec: DistributedSpec, device: str) -> tuple[World, Decision | None]:
-    """Join the other processes of this job (or check that there are none) and say how."""
+def join(spec: DistributedSpec, device: str, planned: Decision | None) -> World:
+    """Join the other processes of this job (or check that there are none) the way the plan says."""
     role = Role.from_env()
     if spec.mode == "none":
         if role.launched and role.size > 1:
             raise UserError(f"this process was started as one of {role.size} by a distributed launcher, but the "
                             "strategy's distributed.mode is none; set distributed.mode ddp or fsdp, or start one process")
-        return World(), None
+        return World()
     if not role.launched:
         raise UserError(f"distributed.mode {spec.mode} needs PyTorch's launcher: start the job with "
                         "`llamafarm finetune start` (its runner wraps the trainer in torch.distributed.run)")
@@ -207,7 +199,7 @@ def join(spec: DistributedSpec, device: str) -> tuple[World, Decision | None]:
     if role.size != expected:
         raise UserError(f"the launcher started {role.size} processes, but distributed.nproc_per_node x nnodes "
                         f"= {spec.nproc_per_node} x {spec.nnodes} = {expected}")
-    backend = choose_backend(spec.backend, device)
+    backend = planned.value["backend"]
     import torch
     import torch.distributed as dist
 
@@ -217,13 +209,11 @@ def join(spec: DistributedSpec, device: str) -> tuple[World, Decision | None]:
             raise UserError(f"distributed.nproc_per_node is {spec.nproc_per_node} but this machine has "
                             f"{torch.cuda.device_count()} GPUs; use one process per GPU")
         torch.cuda.set_device(role.local_rank)  # "cuda" in the rest of the trainer means this GPU
-        comm_device = "cuda" if backend.value == "nccl" else "cpu"
-    dist.init_process_group(backend=backend.value)
+        comm_device = "cuda" if backend == "nccl" else "cpu"
+    dist.init_process_group(backend=backend)
     world = World(spec.mode, role.rank, role.local_rank, role.size, comm_device)
-    how = Decision(spec.mode, f"{role.size} processes ({spec.nnodes} machine{'s' if spec.nnodes > 1 else ''} x "
-                              f"{spec.nproc_per_node}), backend {backend.value} ({backend.reason}); this is rank "
-                              f"{role.rank}, local rank {role.local_rank}")
-    return world, how
+    print(f"distributed: this is rank {role.rank} of {role.size}, local rank {role.local_rank}", flush=True)
+    return world
 
 
 def quiet_unless_writer(role: Role) -> None:

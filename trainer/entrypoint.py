@@ -8,32 +8,20 @@ its reason, trains, and writes status, metrics, checkpoints and final weights ba
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
-import sys
-import traceback
 from pathlib import Path
 
-import yaml
-
+from contract.decisions import Decision, choose_base_dtype
 from contract.errors import UserError
 from contract.job_folder import (
-    METRICS_FILE,
-    STRATEGY_FILE,
     complete_checkpoints,
-    now_iso,
+    cut_metrics,
     read_job,
-    read_metrics,
+    read_job_strategy,
     update_job,
 )
-from contract.strategy import Strategy, parse_strategy
-
-
-def load_job_strategy(folder: Path) -> tuple[Strategy, str]:
-    text = (folder / STRATEGY_FILE).read_text()
-    return parse_strategy(str(folder / STRATEGY_FILE), yaml.safe_load(text)), text
+from contract.plan import estimate_of, plan_of
+from trainer.lifecycle import run_job
 
 
 def _seed_everything(seed: int) -> None:
@@ -70,20 +58,14 @@ def _resume_point(folder: Path, job: dict, world=None):
         else:
             print(f"resume: the checkpoint holds RNG states of {len(by_rank) or 1} processes, this job runs "
                   f"{world.size}; every process continues from the saved rank-0 streams", flush=True)
-    metrics = folder / METRICS_FILE
-    if metrics.exists() and (world is None or world.writes):
-        kept = [r for r in read_metrics(folder) if r.get("step", 0) <= state.step]
-        tmp = metrics.with_name(f".{metrics.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        tmp.replace(metrics)
+    if world is None or world.writes:
+        cut_metrics(folder, state.step)
     print(f"resume: from {path.name}", flush=True)
     return path, state, extra
 
 
 def choose_packing(setting, model, stage: str = "sft"):
     """Packing needs attention that honours a 4-D mask; FlashAttention-style kernels do not."""
-    from trainer.devices import Decision
-
     if stage != "sft":  # the schema refuses packing: true here
         return Decision("off", f"method.stage {stage}: a chosen and a rejected answer never share a sequence")
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -100,8 +82,6 @@ def choose_packing(setting, model, stage: str = "sft"):
 def _reference_model(model, stage: str, method: str, device: str, decisions: dict):
     """DPO and KTO compare with the base: with LoRA the adapter is switched off (no copy); full
     fine-tuning keeps a frozen copy, which `estimate` counts. ORPO and SFT need none."""
-    from trainer.devices import Decision
-
     if stage not in ("dpo", "kto"):
         return None
     if method != "full":
@@ -126,36 +106,36 @@ def _check_architecture(model_path: str, spec) -> None:
     print(f"architecture: {name} (family {arch.family}; GGUF architecture {arch.name})", flush=True)
 
 
-def _train(folder: Path, stop_flag: dict) -> None:
+def _train(folder: Path, stop_flag) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import distributed, loop, performance, saving
     from trainer.data.prepare import prepare
     from trainer.data.tokenize import choose_template
-    from trainer.devices import choose_device, choose_precision
-    from trainer.methods import METHODS, choose_method
+    from trainer.devices import choose_precision, confirm_device
+    from trainer.methods import METHODS
     from trainer.reporting import MetricsSink
+    from inputs.models.source import check_available
     from trainer.models import source
 
-    strategy, strategy_text = load_job_strategy(folder)
+    strategy, strategy_text = read_job_strategy(folder)
     cfg = strategy.cfg
     job = read_job(folder)
     args = cfg.training_args
 
-    device = choose_device(cfg.device, cfg.fallback_device)
+    plan = plan_of(job)  # device, method and layout as `start` decided them
+    for line in plan.lines():
+        print(f"plan: {line}", flush=True)
+    device, method = confirm_device(plan.device), plan.method
     precision = choose_precision(args.precision, device.value)
-    method = choose_method(cfg.method, device.value)
-    decisions = {"device": _say("device", device), "precision": _say("precision", precision)}
-    decisions["method"] = _say("method", method)
-    world, how = distributed.join(cfg.distributed, device.value)
-    if how:
-        decisions["distributed"] = _say("distributed", how)
+    decisions = {"precision": _say("precision", precision)}
+    world = distributed.join(cfg.distributed, device.value, plan.distributed)
     record = update_job if world.writes else (lambda *a, **k: None)  # one writer per job folder
 
     _seed_everything(args.seed)
     print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
-          f"({source.check_available(cfg.base_model)})", flush=True)
+          f"({check_available(cfg.base_model)})", flush=True)
     with world.local_first():
         model_path = source.resolve(cfg.base_model)
     _check_architecture(model_path, cfg.base_model)
@@ -191,7 +171,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
         flush=True,
     )
 
-    base_dtype = performance.choose_base_dtype(method.value, precision.value)
+    base_dtype = choose_base_dtype(method.value, precision.value)
     decisions["base_weights"] = _say("base weights", base_dtype)
     load_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype.value]
     builder = METHODS[method.value]
@@ -211,7 +191,6 @@ def _train(folder: Path, stop_flag: dict) -> None:
         model.config.use_cache = False
     method_spec = cfg.method
     if method.value != "full":
-        from trainer.devices import Decision
         from trainer.methods import resolve_targets
 
         targets = resolve_targets(model, cfg.method)  # checked where the model is known; the schema only has names
@@ -240,7 +219,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
     decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
-    estimate = job.get("estimate") or {}
+    estimate = estimate_of(job)
     compiled = performance.use_compile(model, performance.choose_compile(
         args.torch_compile, device.value, estimate.get("seconds") if estimate.get("device") == device.value else None,
         world.active, args.gradient_checkpointing))
@@ -295,7 +274,7 @@ def _train(folder: Path, stop_flag: dict) -> None:
                 trained, sequences, data.eval, args, device=device.value, precision=precision.value,
                 packed=packing.value == "on",
                 pad_id=pad_id, objective=objective,
-                job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: stop_flag["stop"]), sink=sink,
+                job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink=sink,
                 resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
             )
     finally:
@@ -324,55 +303,4 @@ def _train(folder: Path, stop_flag: dict) -> None:
 
 def run(folder: Path) -> int:
     """Run the job in `folder`; the exit code is 0 only when it completed."""
-    from trainer.distributed import Role, quiet_unless_writer
-    from trainer.loop import StopRequested
-
-    folder = Path(folder).resolve()
-    role = Role.from_env()  # one process of a distributed job, or the only one
-    quiet_unless_writer(role)
-    stop_flag = {"stop": False}
-
-    def _on_term(signum, frame):
-        stop_flag["stop"] = True
-        print("stop requested: saving a checkpoint, then stopping", flush=True)
-
-    signal.signal(signal.SIGTERM, _on_term)
-    # In a container our pid means nothing to the host: the container runner's supervisor holds it.
-    # Under the distributed launcher the job's pid is the launcher's, which the runner recorded.
-    own_pid = {} if (os.environ.get("LLAMAFARM_SUPERVISED") or role.launched) else {"pid": os.getpid()}
-    if role.writes:
-        update_job(folder, status="running", started_at=now_iso(), **own_pid)
-    try:
-        _train(folder, stop_flag)
-    except StopRequested:
-        if role.writes:
-            update_job(folder, status="stopped", finished_at=now_iso())
-        print("status: stopped", flush=True)
-        return 3
-    except UserError as exc:
-        _record_failure(folder, role, str(exc), exc)
-        print(f"error: {exc}", flush=True)
-        return 1
-    except BaseException as exc:  # a crash: keep the traceback in train.log, the message in job.json
-        traceback.print_exc()
-        _record_failure(folder, role, f"{type(exc).__name__}: {exc}", exc)
-        return 1
-    if role.writes:
-        update_job(folder, status="completed", finished_at=now_iso())
-    print("status: completed", flush=True)
-    return 0
-
-
-def _record_failure(folder: Path, role, error: str, exc: BaseException) -> None:
-    """Any process's failure fails the job. In a distributed job the first failure recorded stays:
-    the others usually follow from it (a collective whose peer is gone)."""
-    if role.launched:
-        error = f"rank {role.rank}: {error}"
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        # The launcher's end-of-run summary names the first failed rank; this gives it the error too.
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(exc)
-        if read_job(folder).get("status") == "failed":
-            return
-    update_job(folder, status="failed", finished_at=now_iso(), error=error)
+    return run_job(folder, _train, "stop requested: saving a checkpoint, then stopping")

@@ -68,7 +68,8 @@ def _pair_scores(model, pairs, pad_id: int) -> dict:
 
 def _stage_metrics(model, cfg, items, encoder, pad_id: int, ref_model) -> dict:
     """The job's own objective on held-out items, its base as the reference: training's eval_* metrics."""
-    from trainer.data.preference import as_stage_items, encode_items
+    from inputs.data.preference import as_stage_items
+    from trainer.data.preference import encode_items
     from trainer.preference import PreferenceObjective
 
     encoded, _ = encode_items(encoder, as_stage_items(items, cfg.method.stage, "evaluate"))
@@ -79,8 +80,9 @@ def _stage_metrics(model, cfg, items, encoder, pad_id: int, ref_model) -> dict:
 
 def evaluate(folder: Path, dataset: Path, samples: int = 3, max_new_tokens: int = 64, greedy: bool = False,
              seed: int | None = None) -> dict:
-    from trainer.data.preference import Pair, encode_items, read_eval_data
-    from trainer.data.records import Conversation
+    from inputs.data.preference import Pair, read_eval_data
+    from trainer.data.preference import encode_items
+    from inputs.data.records import Conversation
     from trainer.generate import complete, load_for_inference
     from trainer.sampling import Sampling
 

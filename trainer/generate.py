@@ -4,7 +4,7 @@
 
 <folder> is a job's final/ or checkpoints/checkpoint-N/ folder: it holds the adapter (or full
 weights), the tokenizer carrying the training chat template, and the strategy that made it. Any
-Hugging Face causal-LM folder works too (trainer/models/plain_folder.py).
+Hugging Face causal-LM folder works too (inputs/models/plain_folder.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def load_for_inference(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from trainer.models.plain_folder import folder_strategy
+    from inputs.models.plain_folder import folder_strategy
 
     quiet_libraries()
     strategy, _ = folder_strategy(folder)
@@ -56,9 +56,10 @@ def load_for_inference(folder: Path):
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     # Inference uses the best device present (cuda, then mps, then cpu), wherever training ran.
-    from trainer.devices import choose_device
+    from contract.decisions import choose_device
+    from trainer.devices import available
 
-    model.to(choose_device("auto", None).value)
+    model.to(choose_device("auto", None, available()).value)
     model.eval()
     encoder = ConversationEncoder(tokenizer, template, cfg.training_args.max_seq_length, False, "truncate")
     return model, tokenizer, encoder, strategy

@@ -15,10 +15,11 @@ from contract.strategy import TrainingArgs
 from trainer import performance
 from trainer.data.batching import collate, pack, sequence_length
 from trainer.distributed import World
+from trainer.lifecycle import Stopped
 from trainer.saving import TrainState, restore_rng
 
 
-class StopRequested(Exception):
+class StopRequested(Stopped):
     """SIGTERM or `llamafarm finetune stop` arrived; the loop saved a checkpoint first."""
 
 

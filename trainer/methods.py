@@ -5,13 +5,12 @@ Each method says how to load the base model (e.g. 4-bit for QLoRA) and how to ma
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 from contract.errors import UserError
 from contract.strategy import MethodSpec
-from trainer.devices import Decision
+from contract.decisions import Decision
 
 
 @dataclass(frozen=True)
@@ -95,22 +94,3 @@ METHODS: dict[str, Method] = {
     "qlora": Method(_qlora_load, _qlora),
     "full": Method(lambda m, d: {}, _full),
 }
-
-
-def choose_method(method: MethodSpec, device: str) -> Decision:
-    """QLoRA needs CUDA and bitsandbytes; elsewhere fall back to LoRA only when the strategy allows."""
-    if method.type != "qlora":
-        return Decision(method.type, "set in the strategy")
-    missing = []
-    if device != "cuda":
-        missing.append(f"a CUDA device (training on {device})")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package")
-    if not missing:
-        return Decision("qlora", "CUDA and bitsandbytes are present")
-    if method.fallback_to_lora:
-        return Decision("lora", f"qlora needs {' and '.join(missing)}; method.fallback_to_lora is on, so plain LoRA")
-    raise UserError(
-        f"method qlora needs {' and '.join(missing)}; use method.type: lora, "
-        "or set method.fallback_to_lora: true to train LoRA instead"
-    )

@@ -25,13 +25,11 @@ import shutil
 from types import SimpleNamespace
 
 from contract.errors import UserError
-from trainer.devices import Decision
+from contract.decisions import Decision, chunk_rows
 
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
 # (no logit soft-capping or scaling); the chunked loss is verified against their own loss.
 _PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# Rows of logits per chunk: bounds the chunk's float32 logits to ~64 MB whatever the vocabulary.
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
 # The matmul attention keeps (batch x heads x L^2) probabilities per layer; above this, the model's own.
 ATTENTION_PROBS_LIMIT_MB = 512
 # torch.compile of the decoder layers, measured on bench/'s SmolLM2-135M-shaped LoRA run, 2 cores
@@ -40,16 +38,6 @@ ATTENTION_PROBS_LIMIT_MB = 512
 # training time times the gain repays the first-time cost.
 COMPILE_GAIN = 0.08
 COMPILE_SECONDS = 30
-
-
-def choose_base_dtype(method: str, precision: str) -> Decision:
-    """The dtype the base model is loaded in."""
-    if method == "full":
-        return Decision("fp32", "full fine-tuning trains every weight, so all stay fp32")
-    if precision in ("bf16", "fp16"):
-        return Decision(precision, f"frozen base weights stored in the {precision} compute dtype (half the memory, "
-                                   "no re-cast per step); LoRA weights stay fp32")
-    return Decision("fp32", "fp32 compute")
 
 
 def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
@@ -240,10 +228,6 @@ def _probe_seconds(threads: int) -> float:
 def _causal_lm(model):
     """The transformers *ForCausalLM under any PEFT wrapper (LoRA layers live inside it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def chunk_rows(vocab: int) -> int:
-    return max(16, _CHUNK_ELEMENTS // vocab)
 
 
 def forward_loss(model, input_ids, attention_mask, position_ids, labels):

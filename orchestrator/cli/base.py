@@ -94,10 +94,13 @@ def load_strategy(name: str, assignments: tuple[str, ...], strategy_files: tuple
     raw, overrides = strat.apply_overrides(entry.raw, assignments)
     strategy = strat.validate(name, raw, str(entry.source) + (" with --set" if overrides else ""))
     base = strategy.cfg.base_model
-    from trainer.models.job_output import base_folder
+    from inputs.models.job_output import base_folder
+    from orchestrator.runners.local import run_trainer
 
-    # A previous job's output (job:<id> or its folder) becomes a plain model folder (LoRA merged in).
-    job_base = base_folder(base.huggingface_id, echo=lambda m: click.echo(m, err=True))
+    # A previous job's output (job:<id> or its folder) becomes a plain model folder (LoRA merged in by
+    # the trainer's process: torch never loads in the CLI).
+    job_base = base_folder(base.huggingface_id, lambda final, target: run_trainer("merge-base", str(final), str(target)),
+                           echo=lambda m: click.echo(m, err=True))
     if job_base:
         base.huggingface_id = str(job_base)
     elif Path(base.huggingface_id).expanduser().exists():

@@ -36,7 +36,7 @@ def dataset_validate(path, strategy_name, as_json, strategy_files):
     import yaml
 
     from contract.strategy import resolved_dict
-    from trainer.data.report import describe
+    from inputs.data.report import describe
 
     strategy = load_strategy(strategy_name, (), strategy_files)[1] if strategy_name else None
     d = strategy.cfg.dataset if strategy else None
@@ -92,14 +92,14 @@ def evaluate_cmd(model, dataset, samples, max_new_tokens, output, greedy, seed, 
     with its base as the reference model.
 
     \b
-    Examples:
+    Example:
       llamafarm finetune evaluate --model tiny_demo-20260101-120000-ab12 --dataset demos/datasets/medical_qa_eval.jsonl
       llamafarm finetune evaluate --model tiny_dpo-20260101-120000-ab12 --dataset demos/datasets/arithmetic_preference_eval.jsonl
     """
     from orchestrator import jobs
     from orchestrator.runners.local import run_trainer
-    from trainer.data.preference import read_eval_data
-    from trainer.models.plain_folder import folder_strategy
+    from inputs.data.preference import read_eval_data
+    from inputs.models.plain_folder import folder_strategy
 
     folder = jobs.model_folder(model)
     # A bad file, or data this model cannot be scored on, is reported here (file:line) before any model loads.

@@ -36,14 +36,13 @@ def estimate_cmd(strategy_name, dataset, device, assignments, as_json, strategy_
 
 
 def _estimate_device(strategy, flag: str) -> str:
-    from orchestrator.platform import available_devices
-    from trainer.devices import choose_device
+    from orchestrator.plan import device_here
 
     if flag != "auto":
         return flag
     cfg = strategy.cfg
     try:
-        return choose_device(cfg.device, cfg.fallback_device, available_devices()).value
+        return device_here(cfg).value
     except UserError:
         return cfg.device  # judged against the device it asks for, even if absent here
 

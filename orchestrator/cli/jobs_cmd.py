@@ -34,39 +34,34 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     from orchestrator.backends import BACKENDS
     from orchestrator.estimate import estimate
     from orchestrator.monitor import format_duration
-    from orchestrator.platform import available_devices
-    from orchestrator.runners import choose_runner, get_runner
-    from trainer.data.placeholders import unfilled_warning
-    from trainer.data.preference import read_for_stage
-    from trainer.devices import choose_device
-    from trainer.methods import choose_method
-    from trainer.models.source import check_available
+    from orchestrator.plan import make_plan, with_estimate
+    from orchestrator.runners import get_runner
+    from inputs.data.placeholders import unfilled_warning
+    from inputs.data.preference import read_for_stage
+    from inputs.models.source import check_available
 
     entry, strategy, overrides = load_strategy(strategy_name, assignments, strategy_files)
     cfg = strategy.cfg
     backend = BACKENDS[strategy.fine_tuner.type]
     if not backend.available:
         raise UserError(f"strategy {strategy_name}: backend {strategy.fine_tuner.type!r}: {backend.note}")
-    device = choose_device(cfg.device, cfg.fallback_device, available_devices())
-    method = choose_method(cfg.method, device.value)  # QLoRA off CUDA: refused or LoRA, before any job exists
+    plan = make_plan(strategy, runner_flag)
     conversations = read_for_stage(dataset, cfg)
     eval_path = Path(cfg.dataset.eval_file).expanduser() if cfg.dataset.eval_file else None
     if eval_path:
         read_for_stage(eval_path, cfg)
     model_source = check_available(cfg.base_model)
-    if backend.runner:  # a backend with an environment of its own starts its own way
-        runner, runner_reason = get_runner(backend.runner), f"fine_tuner.type {strategy.fine_tuner.type}"
-    else:
-        runner, runner_reason = choose_runner(runner_flag, cfg.runner, cfg, device.value)
-    runner_note = runner.preflight(cfg)  # no engine, no image, no venv: refused before a job exists
-    est = estimate(strategy, Path(dataset), device.value, conversations)
+    runner = get_runner(plan.runner.value)
+    runner_note = runner.preflight(cfg, plan)  # no engine, no image, no venv: refused before a job exists
+    est = estimate(strategy, Path(dataset), plan.device.value, conversations)
     if est.fits is False and not ignore_estimate:
         tips = "\n".join(f"  - {t}" for t in est.advice)
         raise UserError(
-            f"strategy {strategy_name} needs about {est.peak_memory_mb:,.0f} MB on {device.value} but "
+            f"strategy {strategy_name} needs about {est.peak_memory_mb:,.0f} MB on {plan.device.value} but "
             f"{est.available_memory_mb:,.0f} MB are available (`llamafarm finetune estimate` shows the breakdown):\n"
             f"{tips}\n  - or pass --ignore-estimate to start anyway"
         )
+    plan = with_estimate(plan, est)
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     say(f"strategy: {strategy_name} ({entry.source})" + (f"; overrides {overrides}" if overrides else ""))
     say(f"dataset: {dataset} ({len({c.where for c in conversations})} rows, {conversations[0].format} format)"
@@ -75,9 +70,8 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     if placeholders:
         say(placeholders)
     say(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} ({model_source})")
-    say(f"device: {device.value} ({device.reason}; the trainer confirms it)")
-    say(f"method: {method.value} ({method.reason})")
-    say(f"runner: {runner.name} ({runner_reason})" + (f"; {runner_note}" if runner_note else ""))
+    for line in plan.lines():
+        say(line + (f"; {runner_note}" if runner_note and line.startswith("runner:") else ""))
     say(f"estimate: peak about {est.peak_memory_mb:,.0f} MB, about {format_duration(est.seconds)} for {est.steps} steps"
         + (" (does not fit; --ignore-estimate)" if est.fits is False else ""))
     from orchestrator.cli.estimate_cmd import time_warning
@@ -85,9 +79,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
     if time_warning(est, cfg.time_warning_hours):
         say(time_warning(est, cfg.time_warning_hours))
 
-    folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
-                         estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
-                                   "device": est.device})
+    folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, plan)
     try:
         pid = runner.start(runner.launch_spec(folder))
     except OSError as exc:
@@ -212,6 +204,7 @@ def stop(job_id):
       llamafarm finetune stop --job-id tiny_demo-20260101-120000-ab12
     """
     from contract.job_folder import FINISHED, now_iso, update_job
+    from contract.plan import runner_of
     from orchestrator import jobs
     from orchestrator.runners import get_runner
 
@@ -222,7 +215,7 @@ def stop(job_id):
         update_job(folder, status="stopped", finished_at=now_iso())
         click.echo(f"job {job_id} had not started; marked stopped")
         return
-    get_runner(job["runner"]).stop(job)
+    get_runner(runner_of(job)).stop(job)
     click.echo(f"stop sent to job {job_id}; it saves a checkpoint, then ends (`llamafarm finetune monitor --job-id {job_id}`)")
 
 
@@ -236,7 +229,8 @@ def resume(job_id, foreground):
     Example:
       llamafarm finetune resume --job-id tiny_demo-20260101-120000-ab12
     """
-    from contract.job_folder import complete_checkpoints, update_job
+    from contract.job_folder import complete_checkpoints, read_job_strategy, update_job
+    from contract.plan import plan_of
     from orchestrator import jobs
     from orchestrator.runners import get_runner
 
@@ -253,10 +247,9 @@ def resume(job_id, foreground):
             f"job {job_id} has no complete checkpoint to resume from (it saves every training_args.save_steps "
             "steps, and on stop); start it again with `llamafarm finetune start`"
         )
-    runner = get_runner(job["runner"])
-    from trainer.entrypoint import load_job_strategy
-
-    runner.preflight(load_job_strategy(folder)[0].cfg)  # the engine, image or venv may be gone since start
+    plan = plan_of(job)
+    runner = get_runner(plan.runner.value)
+    runner.preflight(read_job_strategy(folder)[0].cfg, plan)  # the engine, image or venv may be gone since start
     latest = checkpoints[-1]
     update_job(folder, status="pending", pid=None, error=None, note=None, finished_at=None,
                resume_from=str(latest.relative_to(folder)), resumes=job.get("resumes", 0) + 1)

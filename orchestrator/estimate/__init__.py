@@ -22,7 +22,7 @@ from pathlib import Path
 from contract.strategy import Strategy
 from orchestrator.estimate.shapes import ModelShape, shape_for
 from orchestrator.estimate.throughput import busy_note, device_memory_gb, matmul_gflops
-from trainer.performance import chunk_rows
+from contract.decisions import chunk_rows
 
 MB = 1024 * 1024
 # Host memory of a Python process with torch, transformers and peft loaded and a job running.
@@ -85,17 +85,17 @@ def _trainable(shape: ModelShape, strategy: Strategy) -> int:
 def compute_precision(device: str, requested: str) -> str:
     """The precision the trainer will pick (trainer/devices.py), decided without torch where it can be:
     on a CPU auto means bf16 exactly when the CPU has AVX512-BF16 or AMX; a GPU is taken at its best."""
-    from trainer.devices import cpu_has_bf16
+    from contract.decisions import choose_cpu_precision
 
     if requested != "auto":
         return requested
     if device == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return choose_cpu_precision(requested).value
     return "bf16" if device == "cuda" else "fp32"
 
 
 def _weight_bytes(method: str, precision: str) -> float:
-    from trainer.performance import choose_base_dtype
+    from contract.decisions import choose_base_dtype
 
     if method == "qlora":
         return 0.56  # nf4 with double-quantized constants; embeddings stay in the compute dtype (below)

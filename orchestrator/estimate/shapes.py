@@ -86,17 +86,17 @@ def _from_gguf(found) -> ModelShape:
 
 def shape_for(spec: BaseModelSpec) -> tuple[ModelShape, str]:
     """The shape and where it came from."""
-    from trainer.models import builtin
+    from inputs.models import builtin
 
     model_id = spec.huggingface_id
     if builtin.is_builtin(model_id):
         b = builtin.get_spec(model_id)
         return ModelShape(b.vocab_size, b.hidden_size, b.intermediate_size, b.num_hidden_layers,
                           b.num_attention_heads, b.num_key_value_heads, b.tie_word_embeddings), "builtin spec"
-    from trainer.models import gguf_base
+    from inputs.models import gguf
 
-    if gguf_base.is_gguf_source(model_id):
-        return _from_gguf(gguf_base.inspect(gguf_base.source_file(model_id))), "the GGUF file's metadata"
+    if gguf.is_gguf_source(model_id):
+        return _from_gguf(gguf.inspect(gguf.source_file(model_id))), "the GGUF file's metadata"
     local = Path(model_id).expanduser()
     if (local / "config.json").is_file():
         return _from_config(json.loads((local / "config.json").read_text())), f"{local / 'config.json'}"

@@ -20,13 +20,13 @@ TABLE = {("cuda", "bf16"): 312_000.0, ("cuda", "fp32"): 19_500.0, ("mps", "fp32"
 
 
 def _cache_file() -> Path:
-    from trainer.models.builtin import cache_root
+    from contract.paths import cache_root
 
     return cache_root() / "throughput.json"
 
 
 def _present(device: str) -> bool:
-    from orchestrator.platform import available_devices
+    from contract.platform import available_devices
 
     return available_devices()[device]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from contract.chat_templates import FALLBACK_TEMPLATE, get_template
 from contract.strategy import Strategy
-from trainer.data.preference import read_for_stage
+from inputs.data.preference import read_for_stage
 
 
 def _tokenizer(strategy: Strategy):
     """(tokenizers.Tokenizer, bos, eos, the model's own chat template or None, a label) or None."""
     from tokenizers import Tokenizer
 
-    from trainer.models import builtin
+    from inputs.models import builtin
 
     model_id = strategy.cfg.base_model.huggingface_id
     folder = None
@@ -35,9 +35,9 @@ def _tokenizer(strategy: Strategy):
         if folder is None:
             return None
     elif model_id.startswith("ollama:") or model_id.endswith(".gguf"):
-        from trainer.models import gguf_base
+        from inputs.models import gguf
 
-        folder = gguf_base.cached_folder(model_id)  # once dequantized; else characters are counted
+        folder = gguf.cached_folder(model_id)  # once dequantized; else characters are counted
         if folder is None:
             return None
     elif (local / "tokenizer.json").exists():

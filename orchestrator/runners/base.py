@@ -24,9 +24,9 @@ class LaunchSpec:
 class Runner(Protocol):
     name: str
 
-    def preflight(self, cfg) -> str | None:
-        """Refuse with a UserError, before any job exists, what this runner cannot start; else
-        return a line worth printing (what it will use) or None."""
+    def preflight(self, cfg, plan) -> str | None:
+        """Refuse with a UserError, before any job exists, what this runner cannot start under `plan`
+        (contract/plan.py); else return a line worth printing (what it will use) or None."""
         ...
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec: ...

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from contract.errors import UserError
-from contract.job_folder import LOG_FILE, pid_alive, read_job
+from contract.job_folder import LOG_FILE, pid_alive, read_job, read_job_strategy
+from contract.plan import plan_of
 from orchestrator.runners.base import LaunchSpec
 from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env
 
@@ -44,7 +45,7 @@ class HostFacts:
     @classmethod
     def here(cls, engine_url: str) -> "HostFacts":
         from contract.job_folder import llamafarm_home
-        from trainer.models.builtin import cache_root
+        from contract.paths import cache_root
 
         hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
         return cls(os.getuid(), os.getgid(), llamafarm_home().resolve(), cache_root(),
@@ -135,8 +136,9 @@ def _parse_ulimit(name: str, value: int | str) -> dict:
     return {"name": name, "soft": int(soft), "hard": int(hard or soft)}
 
 
-def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts) -> ContainerSpec:
-    """The container a job runs in. Pure: everything it depends on is an argument."""
+def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts, image: str | None = None) -> ContainerSpec:
+    """The container a job runs in. Pure: everything it depends on is an argument. `image`: the job
+    plan's; without it, the one `image_for` gives (what the plan holds for a job `start` made)."""
     settings = cfg.container
     job_dir = Path(job_dir).resolve()
     shared_cache = host.llamafarm_home / "cache"
@@ -160,7 +162,8 @@ def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts) 
         gpus = settings.gpus
         devices.append({"count": -1, "capabilities": [["gpu"]]} if gpus == "all"
                        else {"device_ids": [str(g) for g in gpus], "capabilities": [["gpu"]]})
-    image, kind = image_for(cfg, device)
+    kind = image_for(cfg, device)[1]
+    image = image or image_for(cfg, device)[0]
     return ContainerSpec(
         engine_url=host.engine_url,
         image=image,
@@ -190,24 +193,6 @@ def _distributed_container(dist) -> dict:
     return {"entrypoint": argv, "network_mode": "host" if dist.nnodes > 1 else None}
 
 
-def host_device(cfg) -> str:
-    """The device decision `start` printed, made again the same way on the same host."""
-    from orchestrator.platform import available_devices
-    from trainer.devices import choose_device
-
-    return choose_device(cfg.device, cfg.fallback_device, available_devices()).value
-
-
-def _load_cfg(job_dir: Path):
-    import yaml
-
-    from contract.job_folder import STRATEGY_FILE
-    from contract.strategy import parse_strategy
-
-    path = Path(job_dir) / STRATEGY_FILE
-    return parse_strategy(str(path), yaml.safe_load(path.read_text())).cfg
-
-
 class ContainerRunner:
     name = "container"
 
@@ -225,16 +210,16 @@ class ContainerRunner:
             return False, f"{where} has no NVIDIA GPU runtime"
         return True, f"{where} has {tag}"
 
-    def preflight(self, cfg) -> str:
+    def preflight(self, cfg, plan) -> str:
         """Refuse, before any job exists, what cannot start: no engine, no image, no GPU runtime."""
         from orchestrator.runners import engine
 
-        device = host_device(cfg)
+        device = plan.device.value
         if device == "mps":
             raise UserError("the MPS device cannot be used from a container (Metal is not passed through); "
                             "use --runner native, or set device: cpu")
         client, where = engine.connect()
-        tag, kind = image_for(cfg, device)
+        tag, kind = plan.image.value, image_for(cfg, device)[1]
         image = engine.find_image(client, tag)
         if image is None:
             hint = (f"build it with `llamafarm images build {kind}`" if not cfg.container.image
@@ -251,12 +236,13 @@ class ContainerRunner:
     def container_spec(self, job_dir: Path) -> ContainerSpec:
         from orchestrator.runners import engine
 
-        cfg = _load_cfg(job_dir)
+        job = read_job(job_dir)
+        plan = plan_of(job)
         url, _ = engine.engine_url()
         host = HostFacts.here(url or "")
         for folder in (host.llamafarm_cache, host.llamafarm_home / "cache"):
             folder.mkdir(parents=True, exist_ok=True)  # else the engine creates it, owned by root
-        return container_spec(job_dir, read_job(job_dir), cfg, host_device(cfg), host)
+        return container_spec(job_dir, job, read_job_strategy(job_dir)[0].cfg, plan.device.value, host, plan.image.value)
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
         spec = self.container_spec(job_dir)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from contract.job_folder import STRATEGY_FILE
-from contract.strategy import DistributedSpec, parse_strategy
+from contract.job_folder import STRATEGY_FILE, read_job_strategy
+from contract.strategy import DistributedSpec
 
 LAUNCHER_MODULE = "torch.distributed.run"
 
@@ -23,10 +21,9 @@ LAUNCHER_MODULE = "torch.distributed.run"
 def job_distributed(job_dir: Path) -> DistributedSpec:
     """The `distributed` section of a job's resolved strategy (none where the folder holds no strategy:
     the trainer itself then reports what is missing)."""
-    path = Path(job_dir) / STRATEGY_FILE
-    if not path.exists():
+    if not (Path(job_dir) / STRATEGY_FILE).exists():
         return DistributedSpec()
-    return parse_strategy(str(path), yaml.safe_load(path.read_text())).cfg.distributed
+    return read_job_strategy(job_dir)[0].cfg.distributed
 
 
 def launcher_options(dist: DistributedSpec) -> list[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 from contract.errors import UserError
 from contract.job_folder import LOG_FILE
 from orchestrator.runners.base import LaunchSpec
+from contract.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def trainer_env() -> dict[str, str]:
@@ -41,7 +41,7 @@ def run_trainer(*args: str, stdin: str | None = None) -> str:
 class LocalRunner:
     name = "local"
 
-    def preflight(self, cfg) -> None:
+    def preflight(self, cfg, plan) -> None:
         return None  # this interpreter already runs; the trainer checks the rest
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:

@@ -24,7 +24,7 @@ _COMPLETE = ".llamafarm-complete"  # written last: a venv without it is half-bui
 
 
 def venvs_root() -> Path:
-    from trainer.models.builtin import cache_root
+    from contract.paths import cache_root
 
     return cache_root() / "native-venv"
 
@@ -86,7 +86,7 @@ def _remove_others(keep: Path) -> None:
 class NativeRunner:
     name = "native"
 
-    def preflight(self, cfg) -> str:
+    def preflight(self, cfg, plan) -> str:
         venv = ensure_venv(echo=lambda msg: print(msg, file=sys.stderr, flush=True))  # stdout may be --json
         return f"venv {venv} (from {LOCK.relative_to(PROJECT_ROOT)})"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from contract.job_folder import LOG_FILE, complete_checkpoints, read_metrics
+from contract.plan import runner_of
 from orchestrator import jobs, monitor
 
 EXPORTS_DIR = "exports"
@@ -22,7 +23,7 @@ def jobs_overview() -> list[dict]:
         folder = jobs.job_dir(job["job_id"])
         metrics = read_metrics(folder)
         row = monitor.summary(job, metrics)
-        row["runner"] = job.get("runner")
+        row["runner"] = runner_of(job)
         row["created_at"] = job.get("created_at")
         row["losses"] = [[m.get("step"), m["loss"]] for m in metrics if "loss" in m]
         rows.append(row)
@@ -74,7 +75,7 @@ def log_tail(folder: Path, size: int = LOG_TAIL_BYTES) -> str:
 
 def dataset_preview(path: str, rows: int = 3) -> list[list[dict]]:
     """The first rows as the trainer reads them (messages), for the new-job form."""
-    from trainer.data.records import read_dataset
+    from inputs.data.records import read_dataset
 
     return [list(c.messages) for c in read_dataset(Path(path).expanduser())[:rows]]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from contract.chat_templates import ChatTemplate
 from contract.errors import UserError
 from contract.strategy import FineTunerConfig
-from trainer.data.placeholders import unfilled_warning
-from trainer.data.records import read_dataset
+from inputs.data.placeholders import unfilled_warning
+from inputs.data.records import read_dataset
 from trainer.data.tokenize import ConversationEncoder, EncodeStats
 from contract.job_folder import llamafarm_home
 
@@ -35,7 +35,7 @@ class Prepared:
 
 
 def _file_digest(path: Path) -> str:
-    from trainer.data.llamafactory_info import entry_file, is_entry
+    from inputs.data.llamafactory_info import entry_file, is_entry
 
     h = hashlib.sha256()
     if is_entry(path):  # a registry entry: its own text (columns, tags) and the file it names

@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from contract.errors import UserError
+from contract.export_options import IN_PROCESS_QUANTIZATIONS
 from trainer.export.architectures import ARCHITECTURES, Architecture, architecture_of, sliding_window
 from trainer.export.gguf_vocab import add_vocab, read_vocab
 from trainer.export.weights import ModelWeights
@@ -32,13 +33,8 @@ Q = gguf.GGMLQuantizationType
 STOP_STRINGS_KEY = "llamafarm.stop_strings"
 
 # In-process types (numpy, gguf.quants) and the GGUF file type each stands for.
-IN_PROCESS = {
-    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-}
+IN_PROCESS = {name: (Q[name.upper()], gguf.LlamaFileType[file_type])
+              for name, file_type in IN_PROCESS_QUANTIZATIONS.items()}
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Hugging Face's rotate-half layout to llama.cpp's interleaved pairs, per head (rows of q/k or lora_b)."""

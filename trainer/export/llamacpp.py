@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import UserError
+from contract.export_options import K_QUANTIZATIONS
 
 INSTALL_HINT = (
     "install it into the environment that runs the trainer: `.venv/bin/pip install llama-cpp-python` "
@@ -18,8 +19,6 @@ INSTALL_HINT = (
 
 GGML_F32 = 0  # ggml_type GGML_TYPE_F32
 
-# llama.cpp's file types for the K-quants we offer (llama.h, enum llama_ftype).
-K_QUANT_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 
 
 def llama_cpp_module(purpose: str):
@@ -34,7 +33,7 @@ def quantize_k(source: Path, out: Path, quantization: str) -> None:
     """Re-quantize a F32/F16 GGUF into a K-quant with llama.cpp's own quantizer."""
     llama_cpp = llama_cpp_module(f"quantization {quantization}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, K_QUANT_FTYPES[quantization])
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{K_QUANTIZATIONS[quantization]}")  # llama.h's llama_ftype
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from contract.errors import UserError
-from contract.export_options import FORMATS, GENERAL_VERIFY_PROMPTS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
+from contract.export_options import (FORMATS, GENERAL_VERIFY_PROMPTS, K_QUANTIZATIONS, MERGED_PRECISIONS, QUANTIZATIONS,
+                                     VERIFY_PROMPTS_FROM_DATA)
 from contract.job_folder import FINAL_DIR
 from trainer.export import gguf_model
-from trainer.export.llamacpp import K_QUANT_FTYPES
 REPORT_FILE = "export_report.json"
 
 
@@ -49,7 +49,7 @@ def default_output(folder: Path, fmt: str, quantization: str) -> Path:
 
 
 def _resolve(folder: Path, fmt: str | None, quantization: str | None):
-    from trainer.models.plain_folder import folder_strategy
+    from inputs.models.plain_folder import folder_strategy
 
     strategy, _ = folder_strategy(folder)  # a llamafarm folder, or any Hugging Face causal-LM folder
     spec = strategy.cfg.export
@@ -103,7 +103,7 @@ def write_gguf(weights, folder: Path, out: Path, quantization: str, name: str, t
         result = gguf_model.convert(weights, folder, out, quantization, name, template.jinja, max_len,
                                     progress=_progress(f"gguf {quantization}"), stop_strings=template.stop_strings)
         return {"seconds": round(result.seconds, 2), "tensor_types": result.tensor_types, "parameters": result.parameters}
-    if quantization not in K_QUANT_FTYPES:
+    if quantization not in K_QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
     from trainer.export.llamacpp import llama_cpp_module, quantize_k
 
@@ -223,7 +223,7 @@ def export(folder: Path, fmt: str | None, quantization: str | None, output: Path
 def _training_prompts(folder: Path, strategy) -> list[str]:
     """The first user prompts of the job's training data; general prompts when it can't be read."""
     from contract.job_folder import JOB_FILE
-    from trainer.data.preference import read_for_stage
+    from inputs.data.preference import read_for_stage
 
     job_file = folder.parent / JOB_FILE
     try:

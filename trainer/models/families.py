@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import UserError
-from trainer.models.builtin import _trained_bpe, spm_text_steps
+from inputs.models.builtin import _trained_bpe, spm_text_steps
 
 # The Qwen2 pre-tokenizer: like Llama 3's but digits one at a time.
 _QWEN2_SPLIT = (

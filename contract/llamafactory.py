@@ -1,5 +1,7 @@
-"""A strategy translated into LlamaFactory's train config and dataset_info.json. Pure: no torch, no
-files; the supervisor writes what these functions return.
+"""The LlamaFactory backend as the host and its job process both see it: where its managed environment
+lives, which strategies it can run, and a strategy translated into its train config and
+dataset_info.json. Pure: no torch, no files; trainer/llamafactory/ builds the environment and runs
+the job, writing what these functions return.
 
 Settings LlamaFactory cannot honour the way our trainer does are refused (`problems`), never quietly
 dropped or approximated. The data reaches LlamaFactory as the conversations our own reader made of it
@@ -9,12 +11,35 @@ direct column mapping would let LlamaFactory join an alpaca instruction and inpu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contract.chat_templates import TEMPLATES as CHAT_TEMPLATES
+from contract.paths import cache_root
 
 if TYPE_CHECKING:
     from contract.strategy import Strategy
+
+LLAMAFACTORY_VERSION = "0.9.5"
+TORCH_PIN = "torch==2.13.0"  # the version requirements/cpu.txt installs for llamafarm itself
+READY = ".llamafarm-ready"  # written last: a venv without it is half-built and is rebuilt
+
+
+def env_dir() -> Path:
+    return cache_root() / "envs" / f"llamafactory-{LLAMAFACTORY_VERSION}"
+
+
+def cli_path() -> Path:
+    return env_dir() / "bin" / "llamafactory-cli"
+
+
+def python_path() -> Path:
+    return env_dir() / "bin" / "python"
+
+
+def is_ready() -> bool:
+    return (env_dir() / READY).is_file() and cli_path().is_file()
+
 
 DATASET_NAME = "llamafarm_train"
 EVAL_DATASET_NAME = "llamafarm_eval"

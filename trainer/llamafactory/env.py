@@ -1,6 +1,6 @@
 """LlamaFactory's managed environment: a venv of its own, created on first use.
 
-    python -m orchestrator.llamafactory.env     # create it now (scripts/test.sh does, for CI)
+    python -m trainer.llamafactory.env     # create it now (scripts/test.sh does, for CI)
 
 LlamaFactory pins older transformers, peft, accelerate and datasets than llamafarm, so it cannot
 share our venv. Its venv lives in the machine-wide cache ($LLAMAFARM_CACHE/envs/llamafactory-<version>)
@@ -17,29 +17,7 @@ import sys
 from pathlib import Path
 
 from contract.errors import UserError
-
-LLAMAFACTORY_VERSION = "0.9.5"
-TORCH_PIN = "torch==2.13.0"  # the version requirements/cpu.txt installs for llamafarm itself
-_READY = ".llamafarm-ready"  # written last: a venv without it is half-built and is rebuilt
-
-
-def env_dir() -> Path:
-    from trainer.models.builtin import cache_root  # torch-free: the machine-wide cache folder
-
-    return cache_root() / "envs" / f"llamafactory-{LLAMAFACTORY_VERSION}"
-
-
-def cli_path() -> Path:
-    return env_dir() / "bin" / "llamafactory-cli"
-
-
-def python_path() -> Path:
-    return env_dir() / "bin" / "python"
-
-
-def is_ready() -> bool:
-    return (env_dir() / _READY).is_file() and cli_path().is_file()
-
+from contract.llamafactory import LLAMAFACTORY_VERSION, READY, TORCH_PIN, env_dir, is_ready
 
 def _fix_torch_extras(folder: Path) -> None:
     """On a CPU-only host: PyPI's torchvision and torchaudio wheels are CUDA builds that fail to load
@@ -65,7 +43,7 @@ def ensure_env(echo=print) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         echo(f"llamafactory: creating its environment in {folder} (first use: LlamaFactory {LLAMAFACTORY_VERSION} "
              f"with {TORCH_PIN}; about 2 minutes and 2 GB, later jobs reuse it)")
-        from orchestrator.platform import has_cuda
+        from contract.platform import has_cuda
 
         cuda = has_cuda()
         # On a CUDA host, bitsandbytes too: LlamaFactory's QLoRA (quantization_bit: 4) needs it.
@@ -83,7 +61,7 @@ def ensure_env(echo=print) -> Path:
                                 "check that pip can reach the package index, then start the job again")
         if not cuda:
             _fix_torch_extras(folder)
-        (folder / _READY).write_text("\n".join(packages) + "\n")
+        (folder / READY).write_text("\n".join(packages) + "\n")
         echo(f"llamafactory: environment ready ({folder})")
     return folder
 

@@ -1,7 +1,6 @@
-"""What this host offers, found without importing torch (so the CLI stays instant).
+"""What this machine offers, found without importing torch (so the CLI stays instant).
 
-The trainer makes the final device decision with torch; this only lets `start` refuse early a
-strategy that cannot run here, and lets runner choice follow the device.
+`start` decides the job's device from this (orchestrator/plan.py); the trainer confirms it with torch.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 An entry names its file (relative to the registry), its formatting (alpaca or sharegpt), its column
 names and, for sharegpt, the keys and role names of its turns (tags). The rows are rewritten into our
-alpaca, sharegpt or text shapes (trainer/data/records.py), so a user's registry works unchanged.
+alpaca, sharegpt or text shapes (inputs/data/records.py), so a user's registry works unchanged.
 LlamaFactory's pretraining entries (only a `prompt` column, like c4_demo) read as plain text.
 """
 

@@ -1,6 +1,6 @@
 """The process of a llamafactory job: what `python -m trainer train` is for the pytorch backend.
 
-    python -m orchestrator.llamafactory.supervise JOB_DIR
+    python -m trainer.llamafactory.supervise JOB_DIR
 
 It reads only the job folder, writes LlamaFactory's config and data into JOB_DIR/llamafactory/, runs
 `llamafactory-cli train` in LlamaFactory's own environment, turns each line of its trainer_log.jsonl
@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import yaml
@@ -28,15 +26,15 @@ from contract.errors import UserError
 from contract.job_folder import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
-    METRICS_FILE,
     STRATEGY_FILE,
     append_metrics,
-    now_iso,
+    cut_metrics,
     read_job,
-    read_metrics,
+    read_job_strategy,
     update_job,
 )
-from contract.strategy import parse_strategy
+from contract.plan import plan_of
+from trainer.lifecycle import Stopped, run_job
 
 WORK_DIR = "llamafactory"  # inside the job folder: train.yaml, dataset_info.json, the data as conversations
 LF_LOG = "trainer_log.jsonl"
@@ -106,8 +104,8 @@ class _LogFollower:
 
 def _write_data(job: dict, cfg, work: Path) -> tuple[str, str | None]:
     """The dataset (and eval dataset) as conversations our reader made of them, one JSON row each."""
-    from orchestrator.llamafactory.translate import messages_row
-    from trainer.data.records import read_dataset
+    from contract.llamafactory import messages_row
+    from inputs.data.records import read_dataset
 
     def write(source: str, name: str) -> str:
         rows = read_dataset(Path(source), cfg.dataset.format, cfg.dataset.columns, cfg.dataset.replace)
@@ -145,27 +143,23 @@ def _finalize(folder: Path, strategy_text: str, template, model_path: str, outpu
 
 
 def _train(folder: Path, child: dict) -> None:
-    from orchestrator.llamafactory import env, translate
-    from orchestrator.platform import available_devices
+    from contract import llamafactory as translate
+    from trainer.llamafactory import env
     from trainer.data.tokenize import choose_template
-    from trainer.devices import choose_device
-    from trainer.methods import choose_method
     from trainer.models import source
 
-    strategy_text = (folder / STRATEGY_FILE).read_text()
-    strategy = parse_strategy(str(folder / STRATEGY_FILE), yaml.safe_load(strategy_text))
+    strategy, strategy_text = read_job_strategy(folder)
     cfg = strategy.cfg
     job = read_job(folder)
     problems = translate.problems(strategy)
     if problems:
         raise UserError("the llamafactory backend cannot run this strategy: " + "; ".join(problems))
-    device = choose_device(cfg.device, cfg.fallback_device, available_devices())
-    method = choose_method(cfg.method, device.value)
-    decisions = {"backend": {"value": "llamafactory", "reason": f"fine_tuner.type; LlamaFactory {env.LLAMAFACTORY_VERSION}"},
-                 "device": {"value": device.value, "reason": device.reason},
-                 "method": {"value": method.value, "reason": method.reason}}
-    print(f"backend: llamafactory {env.LLAMAFACTORY_VERSION} (fine_tuner.type; runs `llamafactory-cli train` in its own environment)", flush=True)
-    print(f"device: {device.value} ({device.reason})\nmethod: {method.value} ({method.reason})", flush=True)
+    plan = plan_of(job)  # device and method as `start` decided them
+    device, method = plan.device, plan.method
+    decisions = {"backend": {"value": "llamafactory", "reason": f"fine_tuner.type; LlamaFactory {translate.LLAMAFACTORY_VERSION}"}}
+    print(f"backend: llamafactory {translate.LLAMAFACTORY_VERSION} (fine_tuner.type; runs `llamafactory-cli train` in its own environment)", flush=True)
+    for line in plan.lines():
+        print(f"plan: {line}", flush=True)
     env.ensure_env(echo=lambda m: print(m, flush=True))
 
     print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
@@ -202,9 +196,9 @@ def _train(folder: Path, child: dict) -> None:
         (output / LF_LOG).unlink(missing_ok=True)
     else:
         follower.offset = (output / LF_LOG).stat().st_size if (output / LF_LOG).exists() else 0
-        _cut_metrics(folder, int(Path(resume).name.rpartition("-")[2]))
-    if child.get("stop"):
-        raise _Stopped()
+        cut_metrics(folder, int(Path(resume).name.rpartition("-")[2]))
+    if child["stop"]:
+        raise Stopped()
     started = time.time()
     # Offline and quiet where the host is; LlamaFactory's own version check is what the venv pins.
     child_env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
@@ -216,8 +210,8 @@ def _train(folder: Path, child: dict) -> None:
         follower.poll()
         time.sleep(1.0)
     follower.poll()
-    if child.get("stop"):
-        raise _Stopped()
+    if child["stop"]:
+        raise Stopped()
     if proc.returncode:
         raise UserError(f"llamafactory-cli train exited with code {proc.returncode}; see {folder / 'train.log'}")
     final = _finalize(folder, strategy_text, template, model_path, output)
@@ -228,48 +222,19 @@ def _train(folder: Path, child: dict) -> None:
                tokens_per_second=last.get("tokens_per_second"))
 
 
-def _cut_metrics(folder: Path, step: int) -> None:
-    """A resumed run's records follow on from its checkpoint's step (later ones were not kept)."""
-    kept = [r for r in read_metrics(folder) if r.get("step", 0) <= step]
-    tmp = folder / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    tmp.replace(folder / METRICS_FILE)
-
-
-class _Stopped(Exception):
-    pass
-
-
 def run(folder: Path) -> int:
-    folder = Path(folder).resolve()
     child: dict = {}
 
-    def _on_term(signum, frame):
-        child["stop"] = True
-        print("stop requested: LlamaFactory ends; its newest checkpoint (save_steps) is what resume continues from",
-              flush=True)
+    def stop_child() -> None:
         if child.get("proc") and child["proc"].poll() is None:
             child["proc"].terminate()
 
-    signal.signal(signal.SIGTERM, _on_term)
-    update_job(folder, status="running", started_at=now_iso(), pid=os.getpid())
-    try:
+    def train(folder: Path, stop) -> None:
+        child["stop"] = stop
         _train(folder, child)
-    except _Stopped:
-        update_job(folder, status="stopped", finished_at=now_iso())
-        print("status: stopped", flush=True)
-        return 3
-    except UserError as exc:
-        update_job(folder, status="failed", finished_at=now_iso(), error=str(exc))
-        print(f"error: {exc}", flush=True)
-        return 1
-    except BaseException as exc:
-        traceback.print_exc()
-        update_job(folder, status="failed", finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}")
-        return 1
-    update_job(folder, status="completed", finished_at=now_iso())
-    print("status: completed", flush=True)
-    return 0
+
+    return run_job(folder, train, "stop requested: LlamaFactory ends; its newest checkpoint (save_steps) is what "
+                                  "resume continues from", on_stop=stop_child)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Formats (one registry; `dataset.format` picks one, or `auto` detects it from the
     prompt_completion  {"prompt", "completion", "system" (optional)}
     text               {"text"}: raw text, every token trained, no template
 `dataset.columns` renames a file's own column names to these (e.g. {instruction: question}); a
-LlamaFactory `dataset_info.json:NAME` gives the file, format and columns itself (trainer/data/llamafactory_info.py).
+LlamaFactory `dataset_info.json:NAME` gives the file, format and columns itself (inputs/data/llamafactory_info.py).
 Rows of kinds this version cannot train (preference pairs, multimodal) are refused by name (_UNSUPPORTED).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from contract.errors import DatasetError
-from trainer.data import tools as tool_rows
-from trainer.data.placeholders import fill_placeholders
+from inputs.data import tools as tool_rows
+from inputs.data.placeholders import fill_placeholders
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -335,7 +335,7 @@ def read_dataset(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
 
     `path` may also be a LlamaFactory registry entry, `.../dataset_info.json:NAME`. `replace` fills
     `{{name}}` placeholders in every string of every row."""
-    from trainer.data.llamafactory_info import is_entry, read_entry
+    from inputs.data.llamafactory_info import is_entry, read_entry
 
     if is_entry(path):
         path, fmt, columns, adapt = read_entry(path, fmt, columns)

@@ -1,0 +1,120 @@
+"""Decisions made without torch: each returns the value with the reason that gets printed and recorded.
+
+The host (`start`, `estimate`) and the trainer share these functions, so a choice is made by one rule.
+What can only be known inside the training process (a GPU's bf16 support, the attention kernel a
+loaded model takes) stays in trainer/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract.errors import UserError
+
+
+@dataclass(frozen=True)
+class Decision:
+    value: object
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Decision":
+        return cls(data["value"], data["reason"])
+
+
+def choose_device(requested: str, fallback: str | None, available: dict[str, bool]) -> Decision:
+    """`available` maps cuda, mps and cpu to whether this machine has them (the host asks the OS,
+    the trainer asks torch)."""
+    if requested == "auto":
+        for name in ("cuda", "mps"):
+            if available[name]:
+                return Decision(name, f"{name} is available; auto picks cuda, then mps, then cpu")
+        return Decision("cpu", "no CUDA and no MPS device found; auto picks cuda, then mps, then cpu")
+    if available[requested]:
+        return Decision(requested, "set in the strategy")
+    if fallback:
+        return Decision(fallback, f"{requested} was asked for but is not available; strategy falls back to {fallback}")
+    raise UserError(
+        f"device {requested!r} is not available on this machine; set fine_tuner.config.device to auto or cpu, "
+        "or set fallback_device: cpu"
+    )
+
+
+def choose_method(method, device: str) -> Decision:
+    """QLoRA needs CUDA and bitsandbytes; elsewhere fall back to LoRA only when the strategy allows."""
+    if method.type != "qlora":
+        return Decision(method.type, "set in the strategy")
+    missing = []
+    if device != "cuda":
+        missing.append(f"a CUDA device (training on {device})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if not missing:
+        return Decision("qlora", "CUDA and bitsandbytes are present")
+    if method.fallback_to_lora:
+        return Decision("lora", f"qlora needs {' and '.join(missing)}; method.fallback_to_lora is on, so plain LoRA")
+    raise UserError(
+        f"method qlora needs {' and '.join(missing)}; use method.type: lora, "
+        "or set method.fallback_to_lora: true to train LoRA instead"
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def choose_cpu_precision(requested: str) -> Decision:
+    """Training precision on a CPU (a GPU's is the trainer's to decide: it asks the device)."""
+    if requested == "fp16":
+        raise UserError("precision fp16 is not supported for CPU training; use bf16, fp32 or auto")
+    if requested == "auto":
+        if cpu_has_bf16():
+            return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
+        return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
+    return Decision(requested, "set in the strategy")
+
+
+def choose_base_dtype(method: str, precision: str) -> Decision:
+    """The dtype the base model is loaded in."""
+    if method == "full":
+        return Decision("fp32", "full fine-tuning trains every weight, so all stay fp32")
+    if precision in ("bf16", "fp16"):
+        return Decision(precision, f"frozen base weights stored in the {precision} compute dtype (half the memory, "
+                                   "no re-cast per step); LoRA weights stay fp32")
+    return Decision("fp32", "fp32 compute")
+
+
+def choose_distributed(spec, device: str) -> Decision | None:
+    """How the processes of a distributed job meet: None for a single process; else the mode and the
+    communication backend (nccl needs CUDA; gloo runs anywhere)."""
+    if spec.mode == "none":
+        return None
+    if spec.backend == "auto":
+        backend, why = ("nccl", "auto; CUDA") if device == "cuda" else ("gloo", f"auto; {device}")
+    elif spec.backend == "nccl" and device != "cuda":
+        raise UserError(f"distributed.backend nccl needs CUDA but training runs on {device}; use backend gloo or auto")
+    else:
+        backend, why = spec.backend, "set in the strategy"
+    machines = f"{spec.nnodes} machine{'s' if spec.nnodes > 1 else ''}"
+    return Decision({"mode": spec.mode, "backend": backend},
+                    f"{spec.nproc_per_node * spec.nnodes} processes ({machines} x {spec.nproc_per_node}), "
+                    f"backend {backend} ({why})")
+
+
+# Rows of logits per chunk of the trainer's chunked loss: bounds a chunk's float32 logits to ~64 MB
+# whatever the vocabulary; `estimate` counts the same chunk.
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(16, _CHUNK_ELEMENTS // vocab)

@@ -1,0 +1,1 @@
+"""Dataset files: formats, rows, tool calls, placeholders, LlamaFactory registries (no torch)."""
