@@ -9,6 +9,7 @@ its reason, trains, and writes status, metrics, checkpoints and final weights ba
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.decisions import Decision, choose_base_dtype
@@ -106,52 +107,101 @@ def _check_architecture(model_path: str, spec) -> None:
     print(f"architecture: {name} (family {arch.family}; GGUF architecture {arch.name})", flush=True)
 
 
-def _train(folder: Path, stop_flag) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class _Job:
+    """What the steps of one training run share: the job folder read once, the plan confirmed here,
+    and the decisions recorded so far."""
 
-    from trainer import distributed, loop, performance, saving
-    from trainer.data.prepare import prepare
-    from trainer.data.tokenize import choose_template
+    folder: Path
+    strategy_text: str
+    cfg: object
+    job: dict
+    device: Decision
+    method: Decision
+    precision: Decision
+    world: object
+    decisions: dict = field(default_factory=dict)
+
+    @property
+    def args(self):
+        return self.cfg.training_args
+
+    def decide(self, name: str, decision: Decision, label: str | None = None) -> Decision:
+        """Print a decision with its reason and keep it for job.json."""
+        self.decisions[name] = _say(label or name.replace("_", " "), decision)
+        return decision
+
+    def record(self, **fields) -> None:
+        if self.world.writes:  # one writer per job folder
+            update_job(self.folder, **fields)
+
+
+def _train(folder: Path, stop_flag) -> None:
+    """Open the job, load its tokenizer, data and model, decide the speed levers, fit, save, measure."""
+    run = _open(folder)
+    model_path, tokenizer, template = _load_tokenizer(run)
+    data = _load_data(run, tokenizer, template)
+    resume = _resume_point(folder, run.job, run.world)
+    model, ref_model = _load_model(run, model_path, resume)
+    tokenizer.chat_template = template.jinja  # every saved artifact carries the template the data was shaped with
+    levers = _decide_levers(run, model)
+    sequences = _sequences(run, data, levers.packed)
+    result = _fit(run, model, ref_model, tokenizer, data, sequences, levers, resume, stop_flag)
+    _measure(run, result)
+    run.world.close()
+
+
+def _open(folder: Path) -> _Job:
+    """The job folder read once; the plan's device confirmed in this process, the precision decided."""
+    from trainer import distributed
     from trainer.devices import choose_precision, confirm_device
-    from trainer.methods import METHODS
-    from trainer.reporting import MetricsSink
-    from inputs.models.source import check_available
-    from trainer.models import source
 
     strategy, strategy_text = read_job_strategy(folder)
-    cfg = strategy.cfg
     job = read_job(folder)
-    args = cfg.training_args
-
     plan = plan_of(job)  # device, method and layout as `start` decided them
     for line in plan.lines():
         print(f"plan: {line}", flush=True)
-    device, method = confirm_device(plan.device), plan.method
-    precision = choose_precision(args.precision, device.value)
-    decisions = {"precision": _say("precision", precision)}
+    device = confirm_device(plan.device)
+    cfg = strategy.cfg
+    precision = choose_precision(cfg.training_args.precision, device.value)
     world = distributed.join(cfg.distributed, device.value, plan.distributed)
-    record = update_job if world.writes else (lambda *a, **k: None)  # one writer per job folder
+    run = _Job(folder, strategy_text, cfg, job, device, plan.method, precision, world)
+    run.decide("precision", precision)
+    _seed_everything(cfg.training_args.seed)
+    return run
 
-    _seed_everything(args.seed)
-    print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
-          f"({check_available(cfg.base_model)})", flush=True)
-    with world.local_first():
-        model_path = source.resolve(cfg.base_model)
-    _check_architecture(model_path, cfg.base_model)
-    if cfg.base_model.trust_remote_code:
+
+def _load_tokenizer(run: _Job):
+    """(model path, tokenizer, chat template): the base model resolved (built on first use), checked
+    for an architecture export can write, and the template chosen."""
+    from transformers import AutoTokenizer
+
+    from inputs.models.source import check_available
+    from trainer.data.tokenize import choose_template
+    from trainer.models import source
+
+    base = run.cfg.base_model
+    print(f"base model: {base.name} = {base.huggingface_id} ({check_available(base)})", flush=True)
+    with run.world.local_first():
+        model_path = source.resolve(base)
+    _check_architecture(model_path, base)
+    if base.trust_remote_code:
         print("trust_remote_code: on (set in the strategy): the model repo's own code will run", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code
-    )
-    template, template_reason = choose_template(cfg.dataset.template, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=base.revision, trust_remote_code=base.trust_remote_code)
+    template, template_reason = choose_template(run.cfg.dataset.template, tokenizer)
     print(template_reason, flush=True)
-    decisions["template"] = {"value": template.name, "reason": template_reason}
+    run.decisions["template"] = {"value": template.name, "reason": template_reason}
+    return model_path, tokenizer, template
 
+
+def _load_data(run: _Job, tokenizer, template):
+    """Train and eval rows as tokens (SFT conversations or preference items), with what was dropped."""
+    from trainer.data.prepare import prepare
+
+    job, cfg, args = run.job, run.cfg, run.args
     eval_file = Path(job["eval_dataset"]) if job.get("eval_dataset") else None
-    preference = cfg.method.stage != "sft"
-    with world.local_first():
-        if preference:
+    with run.world.local_first():
+        if cfg.method.stage != "sft":
             from trainer.data.preference import prepare_preference
 
             data = prepare_preference(Path(job["dataset"]), cfg, tokenizer, template, eval_file)
@@ -170,76 +220,117 @@ def _train(folder: Path, stop_flag) -> None:
         + ("; tokenized rows from cache" if data.cache_hit else ""),
         flush=True,
     )
+    return data
 
-    base_dtype = choose_base_dtype(method.value, precision.value)
-    decisions["base_weights"] = _say("base weights", base_dtype)
+
+def _load_model(run: _Job, model_path: str, resume):
+    """(trainable model on the device, the reference model for DPO/KTO or None), resumed weights included."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.methods import METHODS
+
+    cfg, method = run.cfg, run.method.value
+    base_dtype = run.decide("base_weights", choose_base_dtype(method, run.precision.value))
     load_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[base_dtype.value]
-    builder = METHODS[method.value]
-    resume = _resume_point(folder, job, world)
+    builder = METHODS[method]
     resume_path = resume[0] if resume else None
     model = AutoModelForCausalLM.from_pretrained(
-        resume_path if (resume and method.value == "full") else model_path,
+        resume_path if (resume and method == "full") else model_path,
         revision=cfg.base_model.revision,
         trust_remote_code=cfg.base_model.trust_remote_code,
         dtype=load_dtype,
         use_safetensors=True,
         **builder.load_kwargs(cfg.method, load_dtype),
     )
-    ref_model = _reference_model(model, cfg.method.stage, method.value, device.value, decisions)
-    if args.gradient_checkpointing:
+    ref_model = _reference_model(model, cfg.method.stage, method, run.device.value, run.decisions)
+    if run.args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     method_spec = cfg.method
-    if method.value != "full":
+    if method != "full":
         from trainer.methods import resolve_targets
 
         targets = resolve_targets(model, cfg.method)  # checked where the model is known; the schema only has names
-        decisions["target_modules"] = _say("target modules", Decision(", ".join(targets.value), targets.reason))
+        run.decide("target_modules", Decision(", ".join(targets.value), targets.reason))
         method_spec = cfg.method.model_copy(update={"target_modules": targets.value})
-    model = builder.make_trainable(model, method_spec, resume_path if method.value != "full" else None)
+    model = builder.make_trainable(model, method_spec, resume_path if method != "full" else None)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if method.value != "qlora":
-        model.to(device.value)
+    if method != "qlora":
+        model.to(run.device.value)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
-    # The tokenizer saved with every artifact carries the template the data was shaped with.
-    tokenizer.chat_template = template.jinja
-    packing = choose_packing(cfg.dataset.packing, model, cfg.method.stage)
-    decisions["packing"] = _say("packing", packing)
-    attention = performance.choose_attention(device.value, packing.value == "on", model.config,
-                                             args.per_device_train_batch_size, args.max_seq_length, precision.value)
-    decisions["attention"] = _say("attention", attention)
+    run.record(trainable_parameters=trainable)
+    return model, ref_model
+
+
+@dataclass(frozen=True)
+class _Levers:
+    """The speed levers the loop itself needs (the others act on the model when decided)."""
+
+    packed: bool
+    adapter_inputs: Decision
+    chunked_loss: bool
+
+
+def _decide_levers(run: _Job, model) -> _Levers:
+    """Packing, attention kernel, adapter inputs, chunked loss, compile and threads for this model on
+    this device (trainer/performance.py)."""
+    from trainer import distributed, performance
+
+    args, device, precision = run.args, run.device.value, run.precision.value
+    packed = run.decide("packing", choose_packing(run.cfg.dataset.packing, model, run.cfg.method.stage)).value == "on"
+    attention = run.decide("attention", performance.choose_attention(
+        device, packed, model.config, args.per_device_train_batch_size, args.max_seq_length, precision))
     performance.use_attention(model, attention)
-    adapter_inputs = performance.choose_adapter_inputs(method.value, precision.value)
-    decisions["adapter_inputs"] = _say("adapter inputs", adapter_inputs)
+    adapter_inputs = run.decide("adapter_inputs", performance.choose_adapter_inputs(run.method.value, precision))
     chunked_loss = performance.choose_chunked_loss(model)
-    if world.active and chunked_loss.value == "on":
+    if run.world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
-    decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
-    estimate = estimate_of(job)
+    run.decide("chunked_loss", chunked_loss)
+    estimate = estimate_of(run.job)
     compiled = performance.use_compile(model, performance.choose_compile(
-        args.torch_compile, device.value, estimate.get("seconds") if estimate.get("device") == device.value else None,
-        world.active, args.gradient_checkpointing))
-    decisions["compile"] = _say("compile", compiled)
-    decisions["threads"] = _say("threads", performance.choose_threads())
-    if preference:  # items (pairs or KTO rows), batched as they are
-        sequences, padding = data.train, None
+        args.torch_compile, device, estimate.get("seconds") if estimate.get("device") == device else None,
+        run.world.active, args.gradient_checkpointing))
+    run.decide("compile", compiled)
+    run.decide("threads", performance.choose_threads())
+    return _Levers(packed, adapter_inputs, chunked_loss.value == "on")
+
+
+def _sequences(run: _Job, data, packed: bool) -> list:
+    """What the loop batches: SFT rows packed or one per sequence; preference items as they are."""
+    from trainer import loop
+
+    args, stats = run.args, data.stats
+    padding = None
+    if run.cfg.method.stage != "sft":
+        sequences = data.train
     else:
-        sequences = loop.make_sequences(data.train, args.max_seq_length, packing.value == "on", args.seed)
-        padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packing.value == "on")
+        sequences = loop.make_sequences(data.train, args.max_seq_length, packed, args.seed)
+        padding = loop.padding_fraction(sequences, args.per_device_train_batch_size, args.seed, packed)
         print(f"padding: {100 * padding:.1f}% of positions ({len(data.train)} rows in {len(sequences)} sequences)",
               flush=True)
-    record(
-        folder,
-        decisions=decisions,
+    run.record(
+        decisions=run.decisions,
         data={"rows": stats.rows, "train": len(data.train), "eval": len(data.eval), "truncated": stats.truncated,
               "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens,
-              "sequences": len(sequences), "padding_fraction": None if padding is None else round(padding, 4), "cache_hit": data.cache_hit},
-        trainable_parameters=trainable,
+              "sequences": len(sequences), "padding_fraction": None if padding is None else round(padding, 4),
+              "cache_hit": data.cache_hit},
     )
+    return sequences
+
+
+def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Levers, resume, stop_flag):
+    """The loop over the (wrapped) model, saving checkpoints, the best and the final weights."""
+    import torch
+
+    from trainer import distributed, loop, performance, saving
+    from trainer.reporting import MetricsSink
+
+    args, world, folder, device, precision = run.args, run.world, run.folder, run.device.value, run.precision.value
 
     def checkpoint(state, optimizer, scheduler, scaler) -> None:
         if world.mode == "fsdp":  # the schema refuses save_steps with fsdp; this is a stop
@@ -247,58 +338,62 @@ def _train(folder: Path, stop_flag) -> None:
             return
         rng_by_rank = world.gather(saving.rng_state()) if world.active else None
         if world.writes:  # DDP: every process holds the same weights and optimizer state
-            path = saving.save_checkpoint(model, tokenizer, strategy_text, folder, state, optimizer, scheduler, scaler,
-                                          args.save_total_limit, rng_by_rank)
+            path = saving.save_checkpoint(model, tokenizer, run.strategy_text, folder, state, optimizer, scheduler,
+                                          scaler, args.save_total_limit, rng_by_rank)
             print(f"checkpoint: {path}", flush=True)
 
     def best(step: int) -> None:
         weights = world.full_state_dict(model)  # FSDP gathers on every process
         if world.writes:
-            saving.save_best(model, tokenizer, strategy_text, folder, weights)
+            saving.save_best(model, tokenizer, run.strategy_text, folder, weights)
             print(f"best so far at step {step}: saved to {folder / 'best'}", flush=True)
 
-    trained = world.wrap(model, device.value)
+    trained = world.wrap(model, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    objective = None
-    if preference:
+    if run.cfg.method.stage != "sft":
         from trainer.preference import PreferenceObjective
 
-        objective = PreferenceObjective(cfg.method.stage, cfg.method, pad_id, device.value,
-                                        lambda: loop._autocast(device.value, precision.value), ref_model)
+        objective = PreferenceObjective(run.cfg.method.stage, run.cfg.method, pad_id, device,
+                                        lambda: loop._autocast(device, precision), ref_model)
+    else:
+        objective = loop.TokenObjective(pad_id, levers.packed, device, precision, levers.chunked_loss)
     if world.active:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
+    fit = loop.Fit(trained, sequences, data.eval, args, objective, device, precision, levers.packed, folder,
+                   loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink, world)
     try:
-        with performance.adapter_inputs(model, adapter_inputs):
-            result = loop.train(
-                trained, sequences, data.eval, args, device=device.value, precision=precision.value,
-                packed=packing.value == "on",
-                pad_id=pad_id, objective=objective,
-                job_dir=folder, hooks=loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink=sink,
-                resume=resume[1:] if resume else None, chunked_loss=chunked_loss.value == "on", world=world,
-            )
+        with performance.adapter_inputs(model, levers.adapter_inputs):
+            result = loop.train(fit, resume[1:] if resume else None)
     finally:
         sink.close()
     weights = world.full_state_dict(model)
     if world.writes:
-        final = saving.save_final(model, tokenizer, strategy_text, folder, weights)
+        final = saving.save_final(model, tokenizer, run.strategy_text, folder, weights)
         print(f"final weights: {final}", flush=True)
+    return result
+
+
+def _measure(run: _Job, result) -> None:
+    """Peak memory and time against the plan's estimate (the estimator checks itself after every run)."""
     import resource
 
+    import torch
+
+    device, estimate = run.device.value, estimate_of(run.job)
     measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
-    if device.value == "cuda":  # the GPU's own peak, what `estimate` predicts for cuda (RSS is only the host side)
+    if device == "cuda":  # the GPU's own peak, what `estimate` predicts for cuda (RSS is only the host side)
         measured["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    if estimate and device.value == estimate.get("device") == "cpu":
-        # The estimator checks itself after every run: its error, signed (+ means it guessed high).
+    if estimate and device == estimate.get("device") == "cpu":
+        # Signed: + means the estimate guessed high.
         measured["memory_error"] = round(estimate["peak_memory_mb"] / measured["peak_rss_mb"] - 1, 3)
         measured["time_error"] = round(estimate["seconds"] / max(measured["train_seconds"], 1e-3) - 1, 3)
         print(f"estimate vs measured: memory {estimate['peak_memory_mb']:.0f} vs {measured['peak_rss_mb']:.0f} MB "
               f"({100 * measured['memory_error']:+.0f}%), time {estimate['seconds']:.1f} vs "
               f"{measured['train_seconds']:.1f} s ({100 * measured['time_error']:+.0f}%)", flush=True)
-    record(folder, final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
-           train_seconds=round(result.elapsed, 2), measured=measured)
-    world.close()
+    run.record(final_loss=result.final_loss, tokens_per_second=round(result.tokens_per_second, 2),
+               train_seconds=round(result.elapsed, 2), measured=measured)
 
 
 def run(folder: Path) -> int:

@@ -6,7 +6,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -175,144 +175,194 @@ def _step_groups(batches: list, accum: int, world: World) -> list[tuple[list, in
     return groups
 
 
-def train(model, sequences, eval_rows, args: TrainingArgs, *, device: str, precision: str, packed: bool,
-          pad_id: int, job_dir: Path, hooks: Hooks, sink, resume: tuple[TrainState, dict] | None = None,
-          chunked_loss: bool = False, world: World | None = None, objective=None) -> LoopResult:
-    """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
-    it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position.
-    With a distributed `world`, `model` is the wrapped model and this process trains on its share.
-    `objective` gives the batches, the loss and the eval (default: next-token loss, TokenObjective)."""
-    import torch
-    from transformers import get_scheduler
+@dataclass
+class Fit:
+    """What one training run works with: the model (wrapped, in a distributed world), its data, the
+    strategy's training_args, the objective (batches, loss, eval), where it reports and saves."""
 
-    from trainer.preference import add_metrics, mean_metrics
+    model: object
+    sequences: list
+    eval_rows: list
+    args: TrainingArgs
+    objective: object
+    """TokenObjective (method.stage sft) or trainer/preference.py's PreferenceObjective."""
+    device: str
+    precision: str
+    packed: bool
+    """Sequences hold several rows (block-diagonal attention); batches are formed by length groups."""
+    job_dir: Path
+    hooks: Hooks
+    sink: object
+    world: World = field(default_factory=World)
 
-    world = world or World()
-    objective = objective or TokenObjective(pad_id, packed, device, precision, chunked_loss)
-    per_epoch, total_steps = plan_steps(len(sequences), args, world.size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=round(args.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    scaler = torch.amp.GradScaler("cuda") if (device == "cuda" and precision == "fp16") else None
-    if world.writes:
-        update_job(job_dir, total_steps=total_steps, steps_per_epoch=per_epoch)
-    print(f"training: {len(sequences)} sequences, {per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
-    def run_eval(step: int, best: float | None) -> float | None:
-        scores = objective.evaluate(model, eval_rows, args.per_device_train_batch_size)
+class _Window:
+    """Loss, target units, tokens and the objective's metrics since the last logged step."""
+
+    def __init__(self, started: float) -> None:
+        self.loss, self.units, self.tokens, self.metrics, self.started = 0.0, 0, 0, {}, started
+
+    def add(self, batch_loss: float, units: int, tokens: int, metrics: dict) -> None:
+        from trainer.preference import add_metrics
+
+        self.loss += batch_loss * units
+        self.units += units
+        self.tokens += tokens
+        add_metrics(self.metrics, metrics)
+
+
+class _Run:
+    """One run of the loop: optimizer, schedule and the step, log, eval and checkpoint around it."""
+
+    def __init__(self, fit: Fit) -> None:
+        import torch
+        from transformers import get_scheduler
+
+        self.fit, args = fit, fit.args
+        self.per_epoch, self.total_steps = plan_steps(len(fit.sequences), args, fit.world.size)
+        self.trainable = [p for p in fit.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=round(args.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        fp16_on_cuda = fit.device == "cuda" and fit.precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
+        self.state = TrainState(step=0, epoch=0, groups_done=0)
+
+    def restore(self, resume: tuple[TrainState, dict]) -> None:
+        """Continue exactly where a checkpoint was taken: optimizer, schedule, scaler and RNG."""
+        self.state, extra = resume
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+        restore_rng(extra["rng"])  # last, so nothing above consumes the restored streams
+        s = self.state
+        print(f"resumed at step {s.step} (epoch {s.epoch}, {s.groups_done} steps into it)", flush=True)
+
+    def checkpoint(self, step: int, epoch: int, groups_done: int, best: float | None) -> None:
+        self.fit.hooks.save_checkpoint(TrainState(step, epoch, groups_done, best), self.optimizer, self.scheduler,
+                                       self.scaler)
+
+    def step(self, group: list, real: int, window: _Window) -> tuple[float | None, float]:
+        """One optimizer step over this process's micro-batches; (grad norm, learning rate used)."""
+        import torch
+
+        fit, world, scaler = self.fit, self.fit.world, self.scaler
+        collated = [fit.objective.collate(b) for b in group]
+        step_units = int(world.sum(sum(fit.objective.units(c) for c in collated[:real]))[0]) or 1
+        for i, batch in enumerate(collated):
+            units = fit.objective.units(batch)
+            with world.sync_gradients(fit.model, sync=i == len(collated) - 1):
+                batch_loss, metrics = fit.objective.loss(fit.model, batch)
+                # Weight each micro-batch by its share of the step's target tokens (pairs for
+                # preference stages), so accumulation gives the same gradient as one big batch
+                # (times the processes, whose gradients DDP/FSDP average).
+                loss = batch_loss * (world.size * units / step_units if i < real else 0.0)
+                (scaler.scale(loss) if scaler else loss).backward()
+            if i < real:
+                window.add(batch_loss.item(), units, batch.real_tokens, metrics)
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        max_norm = fit.args.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item() if max_norm else None
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def log(self, step: int, window: _Window, grad_norm, lr: float, start: float) -> tuple[float, int]:
+        """Write the window's record; (its mean loss, its real tokens)."""
+        from trainer.preference import mean_metrics
+
+        now = time.perf_counter()
+        loss_sum, units, tokens = self.fit.world.sum(window.loss, window.units, window.tokens)
+        units, tokens = int(units), int(tokens)
+        mean_loss = loss_sum / max(units, 1)
+        record = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": round(step / self.per_epoch, 4),
+            "loss": round(mean_loss, 6),
+            "learning_rate": lr,
+            "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+            "tokens_per_second": round(tokens / max(now - window.started, 1e-9), 2),
+            "elapsed": round(now - start, 3),
+        }
+        # Preference stages run in one process (the schema refuses distributed), so no world.sum.
+        record.update({k: v for k, v in mean_metrics(window.metrics).items() if k != "loss"})
+        self.fit.sink.log(record)
+        print(f"step {step}/{self.total_steps} loss {mean_loss:.4f} lr {lr:.2e} "
+              f"{record['tokens_per_second']:.0f} tok/s", flush=True)
+        return mean_loss, tokens
+
+    def evaluate(self, step: int, best: float | None) -> float | None:
+        """Eval loss (and the objective's metrics) logged; a new best saved when save_best is on."""
+        fit = self.fit
+        scores = fit.objective.evaluate(fit.model, fit.eval_rows, fit.args.per_device_train_batch_size)
         loss = scores["eval_loss"]
-        record = {"step": step, "epoch": round(step / per_epoch, 4), **scores}
-        sink.log(record)
+        fit.sink.log({"step": step, "epoch": round(step / self.per_epoch, 4), **scores})
         print(f"eval at step {step}: loss {loss:.4f} " + " ".join(
             f"{k.removeprefix('eval_')} {v:.{2 if k == 'eval_perplexity' else 4}f}" for k, v in scores.items()
             if k != "eval_loss"), flush=True)
-        if best is None or loss < best:
-            if args.save_best:
-                hooks.save_best(step)
-                if world.writes:
-                    update_job(job_dir, best_eval_loss=round(loss, 6), best_step=step)
-            return loss
-        return best
+        if not (best is None or loss < best):
+            return best
+        if fit.args.save_best:
+            fit.hooks.save_best(step)
+            if fit.world.writes:
+                update_job(fit.job_dir, best_eval_loss=round(loss, 6), best_step=step)
+        return loss
 
-    state = TrainState(step=0, epoch=0, groups_done=0)
+    def eval_due(self, step: int) -> bool:
+        args = self.fit.args
+        if not self.fit.eval_rows:
+            return False
+        if args.eval_steps:
+            return step % args.eval_steps == 0 or step == self.total_steps
+        return step % self.per_epoch == 0 or step == self.total_steps
+
+
+def train(fit: Fit, resume: tuple[TrainState, dict] | None = None) -> LoopResult:
+    """Train to the planned step count. With `resume` (a checkpoint's state), continue exactly where
+    it was taken: same weights (loaded by the caller), optimizer, schedule, RNG and data position.
+    With a distributed world, `fit.model` is the wrapped model and this process trains on its share."""
+    run, args, world = _Run(fit), fit.args, fit.world
+    if world.writes:
+        update_job(fit.job_dir, total_steps=run.total_steps, steps_per_epoch=run.per_epoch)
+    print(f"training: {len(fit.sequences)} sequences, {run.per_epoch} steps/epoch, {run.total_steps} steps", flush=True)
     if resume:
-        state, extra = resume
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        if scaler and extra["scaler"]:
-            scaler.load_state_dict(extra["scaler"])
-        restore_rng(extra["rng"])  # last, so nothing above consumes the restored streams
-        print(f"resumed at step {state.step} (epoch {state.epoch}, {state.groups_done} steps into it)", flush=True)
-
-    def checkpoint(epoch: int, groups_done: int) -> None:
-        hooks.save_checkpoint(TrainState(step, epoch, groups_done, best), optimizer, scheduler, scaler)
-
-    model.train()
+        run.restore(resume)
+    fit.model.train()
     run_start = time.perf_counter()
     # Records carry the job's training time, which runs on across resumes (monitor's elapsed and ETA).
-    start = run_start - (elapsed_before(job_dir, state.step) if resume else 0.0)
-    step, best = state.step, state.best_eval_loss
-    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, run_start
-    window_metrics: dict = {}  # the objective's own metrics (e.g. preference rewards), summed
-    tokens_seen, final_loss = 0, None
-    epoch, skip = state.epoch, state.groups_done
-    while step < total_steps:
-        batches = _epoch_batches(sequences, args.per_device_train_batch_size, args.seed, epoch, packed)
-        groups = _step_groups(batches, args.gradient_accumulation_steps, world)
-        for done, (group, real) in enumerate(groups):
+    start = run_start - (elapsed_before(fit.job_dir, run.state.step) if resume else 0.0)
+    step, best, epoch, skip = run.state.step, run.state.best_eval_loss, run.state.epoch, run.state.groups_done
+    window, tokens_seen, final_loss = _Window(run_start), 0, None
+    while step < run.total_steps:
+        batches = _epoch_batches(fit.sequences, args.per_device_train_batch_size, args.seed, epoch, fit.packed)
+        for done, (group, real) in enumerate(_step_groups(batches, args.gradient_accumulation_steps, world)):
             if done < skip:
                 continue  # taken before the checkpoint we resumed from
-            if step >= total_steps:
+            if step >= run.total_steps:
                 break
-            if world.any(hooks.stop_requested()):  # every process stops at the same step
-                checkpoint(epoch, done)
+            if world.any(fit.hooks.stop_requested()):  # every process stops at the same step
+                run.checkpoint(step, epoch, done, best)
                 raise StopRequested()
-            collated = [objective.collate(b) for b in group]
-            step_targets = int(world.sum(sum(objective.units(c) for c in collated[:real]))[0]) or 1
-            for i, batch in enumerate(collated):
-                units = objective.units(batch)
-                with world.sync_gradients(model, sync=i == len(collated) - 1):
-                    batch_loss, metrics = objective.loss(model, batch)
-                    # Weight each micro-batch by its share of the step's target tokens (pairs for
-                    # preference stages), so accumulation gives the same gradient as one big batch
-                    # (times the processes, whose gradients DDP/FSDP average).
-                    weight = world.size * units / step_targets if i < real else 0.0
-                    loss = batch_loss * weight
-                    (scaler.scale(loss) if scaler else loss).backward()
-                if i < real:
-                    window_loss += batch_loss.item() * units
-                    window_targets += units
-                    window_tokens += batch.real_tokens
-                    add_metrics(window_metrics, metrics)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item() if args.max_grad_norm else None
-            )
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = run.step(group, real, window)
             step += 1
-            if step % args.logging_steps == 0 or step == total_steps:
-                now = time.perf_counter()
-                window_loss, window_targets, window_tokens = world.sum(window_loss, window_targets, window_tokens)
-                window_targets, window_tokens = int(window_targets), int(window_tokens)
-                final_loss = window_loss / max(window_targets, 1)
-                tokens_seen += window_tokens
-                record = {
-                    "step": step,
-                    "total_steps": total_steps,
-                    "epoch": round(step / per_epoch, 4),
-                    "loss": round(final_loss, 6),
-                    "learning_rate": lr,
-                    "grad_norm": None if grad_norm is None else round(grad_norm, 6),
-                    "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 2),
-                    "elapsed": round(now - start, 3),
-                }
-                # Preference stages run in one process (the schema refuses distributed), so no world.sum.
-                record.update({k: v for k, v in mean_metrics(window_metrics).items() if k != "loss"})
-                window_metrics = {}
-                sink.log(record)
-                print(f"step {step}/{total_steps} loss {final_loss:.4f} lr {lr:.2e} "
-                      f"{record['tokens_per_second']:.0f} tok/s", flush=True)
-                window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, now
-            if eval_rows:
-                at_epoch_end = step % per_epoch == 0
-                if (args.eval_steps and step % args.eval_steps == 0) or (not args.eval_steps and at_epoch_end) \
-                        or step == total_steps:
-                    best = run_eval(step, best)
-            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                checkpoint(epoch, done + 1)
+            if step % args.logging_steps == 0 or step == run.total_steps:
+                final_loss, tokens = run.log(step, window, grad_norm, lr, start)
+                tokens_seen += tokens
+                window = _Window(time.perf_counter())
+            if run.eval_due(step):
+                best = run.evaluate(step, best)
+            if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
+                run.checkpoint(step, epoch, done + 1, best)
         epoch, skip = epoch + 1, 0
     elapsed = time.perf_counter() - run_start
     return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed, tokens_seen)
