@@ -195,6 +195,7 @@ def test_step_groups_deal_the_same_rows_to_any_number_of_processes():
 
 
 def test_mode_none_refuses_to_run_under_a_launcher(monkeypatch):
+    from contract.decisions import choose_distributed
     from contract.errors import UserError
     from contract.strategy import DistributedSpec
     from trainer.distributed import join
@@ -202,10 +203,11 @@ def test_mode_none_refuses_to_run_under_a_launcher(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="distributed.mode is none"):
-        join(DistributedSpec(), "cpu")
+        join(DistributedSpec(), "cpu", None)
     monkeypatch.delenv("LOCAL_RANK")
+    ddp = DistributedSpec(mode="ddp", nproc_per_node=2)
     with pytest.raises(UserError, match="needs PyTorch's launcher"):
-        join(DistributedSpec(mode="ddp", nproc_per_node=2), "cpu")
+        join(ddp, "cpu", choose_distributed(ddp, "cpu"))
 
 
 # --- real runs on CPU with gloo ----------------------------------------------------------------

@@ -16,7 +16,8 @@ from contract.errors import UserError
 from contract.paths import cache_root
 from contract.strategy import BaseModelSpec
 from trainer.export.verify import TOKENIZER_PROBES
-from inputs.models import gguf, wheel
+from inputs.models import gguf as gguf_file
+from inputs.models import wheel
 from inputs.models import source as sources
 from trainer.models import builtin, gguf_base, source
 
@@ -42,7 +43,7 @@ def _store(root: Path, name: str, tag: str, data: bytes, digest: str) -> Path:
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
         {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00", "size": 1},
-        {"mediaType": gguf.MODEL_LAYER, "digest": f"sha256:{digest}", "size": len(data)},
+        {"mediaType": gguf_file.MODEL_LAYER, "digest": f"sha256:{digest}", "size": len(data)},
     ]}))
     return root
 
@@ -67,20 +68,20 @@ def _tiny_gguf(path: Path, arch: str, tensor_type: str = "F32") -> Path:
 def test_ollama_names_resolve_through_the_manifest_to_the_blob(tmp_path, monkeypatch):
     store = _store(tmp_path / "store", "tinyllm", "q4", b"GGUF", "ab" * 32)
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    assert gguf.ollama_blob("ollama:tinyllm:q4") == store / "blobs" / f"sha256-{'ab' * 32}"
+    assert gguf_file.ollama_blob("ollama:tinyllm:q4") == store / "blobs" / f"sha256-{'ab' * 32}"
     with pytest.raises(UserError) as err:
-        gguf.ollama_blob("ollama:tinyllm")  # :latest is not there
+        gguf_file.ollama_blob("ollama:tinyllm")  # :latest is not there
     assert "ollama:tinyllm:q4" in str(err.value) and "OLLAMA_MODELS" in str(err.value)
 
 
 def test_unsupported_architecture_and_tensor_type_are_refused_by_name(tmp_path):
     with pytest.raises(UserError, match="architecture 'rwkv6' cannot be fine-tuned from GGUF here; supported: llama"):
-        gguf.inspect(_tiny_gguf(tmp_path / "a.gguf", "rwkv6"))
+        gguf_file.inspect(_tiny_gguf(tmp_path / "a.gguf", "rwkv6"))
     with pytest.raises(UserError, match="tensor type\\(s\\) IQ2_XXS cannot be dequantized"):
-        gguf.inspect(_tiny_gguf(tmp_path / "b.gguf", "llama", "IQ2_XXS"))
+        gguf_file.inspect(_tiny_gguf(tmp_path / "b.gguf", "llama", "IQ2_XXS"))
     with pytest.raises(UserError, match="not a readable GGUF"):
         (tmp_path / "c.gguf").write_text("no")
-        gguf.inspect(tmp_path / "c.gguf")
+        gguf_file.inspect(tmp_path / "c.gguf")
 
 
 def test_real_gguf_from_an_ollama_store_loads_checked_against_llama_cpp(tmp_path, monkeypatch):
@@ -103,7 +104,7 @@ def test_a_mismatch_with_llama_cpp_is_an_error(tmp_path, monkeypatch):
     data, digest = _real_gguf()
     monkeypatch.setenv("OLLAMA_MODELS", str(_store(tmp_path / "store", "smollm2", "135m", data, digest)))
     folder = gguf_base.dequantized_folder("ollama:smollm2:135m")  # cached by the blob's digest
-    path = gguf.ollama_blob("ollama:smollm2:135m")
+    path = gguf_file.ollama_blob("ollama:smollm2:135m")
     # A model that is not the one in the file (one layer's weights zeroed) must be refused.
     from safetensors.torch import load_file, save_file
 

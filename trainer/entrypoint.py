@@ -34,7 +34,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _say(what: str, decision) -> dict:
+def _print_decision(what: str, decision) -> dict:
     print(f"{what}: {decision.value} ({decision.reason})", flush=True)
     return {"value": decision.value, "reason": decision.reason}
 
@@ -86,13 +86,13 @@ def _reference_model(model, stage: str, method: str, device: str, decisions: dic
     if stage not in ("dpo", "kto"):
         return None
     if method != "full":
-        decisions["reference"] = _say("reference model", Decision("base with the adapter off", f"{method}: no copy"))
+        decisions["reference"] = _print_decision("reference model", Decision("base with the adapter off", f"{method}: no copy"))
         return None
     import copy
 
     ref = copy.deepcopy(model).to(device).eval()
     ref.requires_grad_(False)
-    decisions["reference"] = _say("reference model", Decision("frozen copy", "full fine-tuning changes every weight"))
+    decisions["reference"] = _print_decision("reference model", Decision("frozen copy", "full fine-tuning changes every weight"))
     return ref
 
 
@@ -128,7 +128,7 @@ class _Job:
 
     def decide(self, name: str, decision: Decision, label: str | None = None) -> Decision:
         """Print a decision with its reason and keep it for job.json."""
-        self.decisions[name] = _say(label or name.replace("_", " "), decision)
+        self.decisions[name] = _print_decision(label or name.replace("_", " "), decision)
         return decision
 
     def record(self, **fields) -> None:

@@ -24,7 +24,7 @@ from orchestrator.runners.engine import API_VERSION
 _EXIT_MEANINGS = {137: "killed (SIGKILL), most often for running out of memory", 139: "crashed (segmentation fault)"}
 
 
-def _say(msg: str) -> None:
+def _log(msg: str) -> None:
     print(f"container runner: {msg}", flush=True)
 
 
@@ -44,7 +44,7 @@ def _remove_leftover(client, name: str) -> None:
     except docker.errors.NotFound:
         return
     old.remove(force=True)
-    _say(f"removed the leftover container {name} of an earlier run")
+    _log(f"removed the leftover container {name} of an earlier run")
 
 
 def supervise(job_dir: Path, spec: ContainerSpec) -> int:
@@ -57,7 +57,7 @@ def supervise(job_dir: Path, spec: ContainerSpec) -> int:
     container = client.containers.create(**spec.create_kwargs(dict(os.environ)))
     update_job(job_dir, container={"id": container.id[:12], "name": spec.name, "image": spec.image,
                                    "engine": spec.engine_url})
-    _say(f"container {spec.name} ({container.id[:12]}) from {spec.image}, user {spec.user}, on {spec.engine_url}")
+    _log(f"container {spec.name} ({container.id[:12]}) from {spec.image}, user {spec.user}, on {spec.engine_url}")
     if stop.is_set():  # stopped while the container was being made: never start it
         container.remove(force=True)
         update_job(job_dir, status="stopped", finished_at=now_iso())
@@ -87,7 +87,7 @@ def supervise(job_dir: Path, spec: ContainerSpec) -> int:
         status = "stopped" if signalled else "failed"
         update_job(job_dir, status=status, finished_at=now_iso(),
                    error=None if signalled else f"the container exited with code {code}: {meaning}; see train.log")
-        _say(f"the container exited with code {code} ({meaning}); job status: {status}")
+        _log(f"the container exited with code {code} ({meaning}); job status: {status}")
     return code
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
         if read_job(Path(job_dir)).get("status") not in FINISHED:
             update_job(Path(job_dir), status="failed", finished_at=now_iso(),
                        error=f"the container runner failed: {type(exc).__name__}: {exc}")
-        _say(f"failed: {type(exc).__name__}: {exc}")
+        _log(f"failed: {type(exc).__name__}: {exc}")
         return 1
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from contract.job_folder import LOG_FILE, complete_checkpoints, read_metrics
-from contract.plan import runner_of
+from contract.plan import all_decisions, estimate_of, runner_of
 from orchestrator import jobs, monitor
 
 EXPORTS_DIR = "exports"
@@ -34,7 +34,8 @@ def job_detail(job_id: str) -> dict:
     """Everything the job page shows apart from the metrics stream."""
     folder, job = jobs.get(job_id)  # validates the id as the CLI does
     return {
-        "job": job,
+        # The plan's decisions (start's) with the trainer's, and the plan's estimate: the page shows both.
+        "job": {**job, "decisions": all_decisions(job), "estimate": estimate_of(job)},
         "summary": monitor.summary(job, read_metrics(folder)),
         "checkpoints": [p.name for p in complete_checkpoints(folder)],
         "exports": exports(folder),

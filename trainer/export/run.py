@@ -23,7 +23,7 @@ from trainer.export import gguf_model
 REPORT_FILE = "export_report.json"
 
 
-def _say(msg: str) -> None:
+def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
@@ -73,7 +73,7 @@ def _resolve(folder: Path, fmt: str | None, quantization: str | None):
     return strategy, fmt, quantization, is_adapter
 
 
-def base_folder(strategy) -> Path:
+def base_model_folder(strategy) -> Path:
     """The base model's files on disk (a builtin, a local folder, or the hub cache's snapshot)."""
     from trainer.models import source
 
@@ -93,7 +93,7 @@ def _weights(folder: Path, strategy, is_adapter: bool):
     from trainer.export.weights import ModelWeights
 
     if is_adapter:
-        return ModelWeights(base_folder(strategy), folder)
+        return ModelWeights(base_model_folder(strategy), folder)
     return ModelWeights(folder)
 
 
@@ -120,7 +120,7 @@ def write_gguf(weights, folder: Path, out: Path, quantization: str, name: str, t
     k_type = quantization.split("_")[0] + "_k"  # q4_k_m -> q4_k
     if k_type not in types:
         # llama.cpp falls back per tensor when rows are not whole 256-value K blocks; say so, never hide it.
-        _say(f"note: {quantization} asked, but no tensor could take {k_type} blocks (rows must be multiples of 256); "
+        _log(f"note: {quantization} asked, but no tensor could take {k_type} blocks (rows must be multiples of 256); "
              f"llama.cpp used fallback types {types}")
     return {"seconds": round(time.perf_counter() - start, 2), "tensor_types": types}
 
@@ -142,10 +142,10 @@ def _ollama_create(name: str | None, out: Path) -> dict:
         proc = subprocess.run(command, cwd=out, capture_output=True, text=True)
         if proc.returncode:
             raise UserError(f"`{' '.join(command)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
-        _say(f"ollama: created model {name} (`ollama run {name}`)")
+        _log(f"ollama: created model {name} (`ollama run {name}`)")
         return {"created": name}
     why = "no --name given" if not name else "no `ollama` binary on PATH"
-    _say(f"ollama: not created ({why}); run:\n  {' '.join(command)}")
+    _log(f"ollama: not created ({why}); run:\n  {' '.join(command)}")
     return {"command": command}
 
 
@@ -175,7 +175,7 @@ def export(folder: Path, fmt: str | None, quantization: str | None, output: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     label = name or f"{strategy.cfg.base_model.name}-{folder.parent.name if folder.name == FINAL_DIR else folder.name}"
-    _say(f"export: {folder} -> {out} (format {fmt}, {quantization}; "
+    _log(f"export: {folder} -> {out} (format {fmt}, {quantization}; "
          f"{'LoRA adapter merged into its base as each tensor is written' if is_adapter and fmt != 'adapter-gguf' else 'weights as trained'})")
     report: dict = {"source": str(folder), "format": fmt, "quantization": quantization, "name": label}
     try:
@@ -207,7 +207,7 @@ def export(folder: Path, fmt: str | None, quantization: str | None, output: Path
         if report.get("verification") and not failed.exists():
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
             tmp.rename(failed)
-            _say(f"the failed export is kept for inspection in {failed}")
+            _log(f"the failed export is kept for inspection in {failed}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,9 +234,9 @@ def _training_prompts(folder: Path, strategy) -> list[str]:
     except (OSError, KeyError, ValueError, StopIteration, TypeError, UserError):
         prompts = []
     if prompts:
-        _say(f"verify prompts: the first {len(prompts)} of the job's training data ({dataset})")
+        _log(f"verify prompts: the first {len(prompts)} of the job's training data ({dataset})")
         return prompts
-    _say("verify prompts: general ones (the job's training data is not readable from here)")
+    _log("verify prompts: general ones (the job's training data is not readable from here)")
     return list(GENERAL_VERIFY_PROMPTS)
 
 
@@ -246,10 +246,10 @@ def _gguf(folder, strategy, is_adapter, model, tokenizer, encoder, tmp, quantiza
     path = tmp / "model.gguf"
     written = write_gguf(_weights(folder, strategy, is_adapter), folder, path, quantization, label,
                          encoder.template, strategy.cfg.training_args.max_seq_length)
-    _say(f"gguf: {path.name} written in {written['seconds']:.1f} s; tensor types {written['tensor_types']}")
+    _log(f"gguf: {path.name} written in {written['seconds']:.1f} s; tensor types {written['tensor_types']}")
     result = verify(path, model, tokenizer, encoder, prompts, quantization)
     report.update(gguf=written, verification=result.to_dict())
-    _say(_verdict(result))
+    _log(_verdict(result))
     require(result, f"the {quantization} GGUF")
 
 
@@ -258,10 +258,10 @@ def _adapter(folder, strategy, model, tokenizer, encoder, tmp, label, prompts, r
     from trainer.export.verify import require, verify
     from trainer.export.weights import ModelWeights
 
-    base_dir = base_folder(strategy)
+    base_dir = base_model_folder(strategy)
     path = tmp / "adapter.gguf"
     written = convert_adapter(folder, json.loads((base_dir / "config.json").read_text()), path, label)
-    _say(f"adapter gguf: {path.name} ({written['lora_pairs']} LoRA pairs, rank {written['rank']}, alpha {written['alpha_written']})")
+    _log(f"adapter gguf: {path.name} ({written['lora_pairs']} LoRA pairs, rank {written['rank']}, alpha {written['alpha_written']})")
     # Verified the way it is used: llama.cpp applies it to the base model's GGUF.
     with tempfile.TemporaryDirectory(dir=tmp.parent) as scratch:
         base_gguf = Path(scratch) / "base.gguf"
@@ -269,7 +269,7 @@ def _adapter(folder, strategy, model, tokenizer, encoder, tmp, label, prompts, r
                            strategy.cfg.training_args.max_seq_length)
         result = verify(base_gguf, model, tokenizer, encoder, prompts, "f32", lora_path=path)
     report.update(adapter=written, verification=result.to_dict())
-    _say(_verdict(result))
+    _log(_verdict(result))
     require(result, "the GGUF LoRA adapter (on the f32 base)")
 
 

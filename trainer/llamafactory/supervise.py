@@ -143,35 +143,36 @@ def _finalize(folder: Path, strategy_text: str, template, model_path: str, outpu
 
 
 def _train(folder: Path, child: dict) -> None:
-    from contract import llamafactory as translate
+    from contract import llamafactory as lf
     from trainer.llamafactory import env
     from trainer.data.tokenize import choose_template
+    from inputs.models.source import check_available
     from trainer.models import source
 
     strategy, strategy_text = read_job_strategy(folder)
     cfg = strategy.cfg
     job = read_job(folder)
-    problems = translate.problems(strategy)
+    problems = lf.problems(strategy)
     if problems:
         raise UserError("the llamafactory backend cannot run this strategy: " + "; ".join(problems))
     plan = plan_of(job)  # device and method as `start` decided them
     device, method = plan.device, plan.method
-    decisions = {"backend": {"value": "llamafactory", "reason": f"fine_tuner.type; LlamaFactory {translate.LLAMAFACTORY_VERSION}"}}
-    print(f"backend: llamafactory {translate.LLAMAFACTORY_VERSION} (fine_tuner.type; runs `llamafactory-cli train` in its own environment)", flush=True)
+    decisions = {"backend": {"value": "llamafactory", "reason": f"fine_tuner.type; LlamaFactory {lf.LLAMAFACTORY_VERSION}"}}
+    print(f"backend: llamafactory {lf.LLAMAFACTORY_VERSION} (fine_tuner.type; runs `llamafactory-cli train` in its own environment)", flush=True)
     for line in plan.lines():
         print(f"plan: {line}", flush=True)
     env.ensure_env(echo=lambda m: print(m, flush=True))
 
     print(f"base model: {cfg.base_model.name} = {cfg.base_model.huggingface_id} "
-          f"({source.check_available(cfg.base_model)})", flush=True)
+          f"({check_available(cfg.base_model)})", flush=True)
     model_path = source.resolve(cfg.base_model)
     from transformers import AutoTokenizer
 
     template, template_reason = choose_template(cfg.dataset.template, AutoTokenizer.from_pretrained(model_path))
-    if template.name not in translate.TEMPLATES:
+    if template.name not in lf.TEMPLATES:
         raise UserError(f"{template_reason}, which has no identical LlamaFactory template; set "
-                        f"fine_tuner.config.dataset.template to one of {', '.join(t for t in translate.TEMPLATES if t != 'model')}")
-    lf_template = translate.TEMPLATES[template.name]
+                        f"fine_tuner.config.dataset.template to one of {', '.join(t for t in lf.TEMPLATES if t != 'model')}")
+    lf_template = lf.TEMPLATES[template.name]
     print(f"{template_reason}; LlamaFactory template: {lf_template or 'parsed from the tokenizer'}", flush=True)
     decisions["template"] = {"value": template.name, "reason": template_reason}
 
@@ -182,10 +183,10 @@ def _train(folder: Path, child: dict) -> None:
     resume = str(folder / job["resume_from"]) if job.get("resume_from") else None
     if method.value == "lora" and cfg.method.type == "qlora":
         cfg.method.type = "lora"  # QLoRA fell back to LoRA (fallback_to_lora), as choose_method decided
-    config = translate.train_config(strategy, model_path=model_path, device=device.value, template=template.name,
+    config = lf.train_config(strategy, model_path=model_path, device=device.value, template=template.name,
                                     dataset_dir=str(work), output_dir=str(output), has_eval_file=bool(eval_file),
                                     resume_from=resume)
-    (work / "dataset_info.json").write_text(json.dumps(translate.dataset_info(train_file, eval_file), indent=2) + "\n")
+    (work / "dataset_info.json").write_text(json.dumps(lf.dataset_info(train_file, eval_file), indent=2) + "\n")
     config_path = work / "train.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     update_job(folder, decisions=decisions)
@@ -203,7 +204,7 @@ def _train(folder: Path, child: dict) -> None:
     # Offline and quiet where the host is; LlamaFactory's own version check is what the venv pins.
     child_env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
     child_env.pop("PYTHONPATH", None)  # llamafarm's packages must not shadow LlamaFactory's environment
-    proc = subprocess.Popen([str(env.cli_path()), "train", str(config_path)], cwd=work, env=child_env,
+    proc = subprocess.Popen([str(lf.cli_path()), "train", str(config_path)], cwd=work, env=child_env,
                             stdin=subprocess.DEVNULL)
     child["proc"] = proc
     while proc.poll() is None:
