@@ -163,7 +163,7 @@ def test_local_runner_wraps_the_one_entrypoint_in_the_launcher(tmp_path):
 
 def test_multi_node_launch_specs():
     from contract.strategy import DistributedSpec
-    from orchestrator.runners.distributed import launch_argv
+    from orchestrator.launcher import launch_argv
 
     entry = ["/py", "-m", "trainer", "train", "/jobs/j"]
     assert launch_argv(entry, DistributedSpec()) == entry  # mode none: unchanged

@@ -1,5 +1,5 @@
 """The native runner (Apple MPS's runner, forced here with device cpu so it runs for real in CI):
-its launch spec, the managed venv built from native-mps/requirements.txt, and tiny_demo run in it."""
+its launch spec, the managed venv built from images/native-mps/requirements.txt, and tiny_demo run in it."""
 
 from __future__ import annotations
 

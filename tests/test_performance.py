@@ -15,7 +15,7 @@ def test_chunked_cross_entropy_equals_plain(monkeypatch, weight_grad):
     import torch
 
     from contract import decisions
-    from trainer import performance
+    from trainer import chunked_loss
 
     monkeypatch.setattr(decisions, "_CHUNK_ELEMENTS", 3000 * 70)  # 70-row chunks: 5 chunks, the last partial
     torch.manual_seed(0)
@@ -25,7 +25,7 @@ def test_chunked_cross_entropy_equals_plain(monkeypatch, weight_grad):
 
     plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
     plain_grads = torch.autograd.grad(plain, [hidden, weight] if weight_grad else [hidden])
-    chunked = performance.linear_cross_entropy(hidden, weight, targets)
+    chunked = chunked_loss.linear_cross_entropy(hidden, weight, targets)
     chunked_grads = torch.autograd.grad(3 * chunked, [hidden, weight] if weight_grad else [hidden])
 
     assert chunked.item() == pytest.approx(plain.item(), abs=1e-5)
@@ -153,7 +153,7 @@ def test_chunked_loss_with_bf16_logits_and_gradients():
     float32 cross-entropy of the same bf16 logits."""
     import torch
 
-    from trainer import performance
+    from trainer import chunked_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(300, 48, dtype=torch.bfloat16, requires_grad=True)
@@ -161,7 +161,7 @@ def test_chunked_loss_with_bf16_logits_and_gradients():
     targets = torch.randint(0, 3000, (300,))
     plain = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets)
     (plain_grad,) = torch.autograd.grad(plain, [hidden])
-    chunked = performance.linear_cross_entropy(hidden, weight, targets)
+    chunked = chunked_loss.linear_cross_entropy(hidden, weight, targets)
     (chunked_grad,) = torch.autograd.grad(chunked, [hidden])
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)
     assert chunked_grad.dtype == torch.bfloat16

@@ -1,6 +1,6 @@
 """One job, many processes: which process this is, and the few collective steps training needs.
 
-PyTorch's launcher (torch.distributed.run, started by the runner; see orchestrator/runners/distributed.py)
+PyTorch's launcher (torch.distributed.run, started by the runner; see orchestrator/launcher.py)
 starts the one entrypoint once per process and tells each its place through RANK, LOCAL_RANK and
 WORLD_SIZE. Everything distributed lives here, behind `World`:
 

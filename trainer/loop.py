@@ -13,6 +13,7 @@ from typing import Callable
 from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
 from trainer import performance
+from trainer.chunked_loss import forward_loss as chunked_loss_forward
 from trainer.data.batching import collate, pack, sequence_length
 from trainer.distributed import World
 from trainer.lifecycle import Stopped
@@ -109,7 +110,7 @@ def _forward(model, batch, device: str, precision: str, chunked_loss: bool = Fal
     )
     with _autocast(device, precision):
         # chunked_loss: decided by trainer.performance.choose_chunked_loss
-        return performance.forward_loss(model, **inputs) if chunked_loss else model(**inputs)
+        return chunked_loss_forward(model, **inputs) if chunked_loss else model(**inputs)
 
 
 def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precision: str,

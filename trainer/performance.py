@@ -2,10 +2,9 @@
 
 - base weights: frozen weights of LoRA/QLoRA are stored in the compute dtype (bf16/fp16), so autocast
   does not re-cast every weight on every forward and the model takes half the memory; the trainable
-  adapter weights stay fp32.
-- loss: the output layer and cross-entropy run in chunks of rows, on labelled positions only, with the
-  gradient for the hidden states computed chunk by chunk. The full (tokens x vocabulary) logits never
-  exist: with a 49k vocabulary they are the largest tensors of a small model's step.
+  adapter weights stay fp32 (decided in contract/decisions.py, which `estimate` calls too).
+- loss: the output layer and cross-entropy in chunks over labelled positions only (the kernel is
+  trainer/chunked_loss.py); decided here per model family.
 - attention: for packed batches on CPU, trainer/attention.py's batched matmuls instead of sdpa's
   masked kernel, while the probabilities it keeps for backward stay small.
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
@@ -22,10 +21,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from types import SimpleNamespace
 
 from contract.errors import UserError
 from contract.decisions import Decision, chunk_rows
+from trainer.chunked_loss import causal_lm
 
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
 # (no logit soft-capping or scaling); the chunked loss is verified against their own loss.
@@ -64,7 +63,7 @@ def use_attention(model, decision: Decision) -> None:
     if decision.value == "grouped-matmul":
         from trainer import attention
 
-        _causal_lm(model).set_attn_implementation(attention.register())
+        causal_lm(model).set_attn_implementation(attention.register())
 
 
 def choose_adapter_inputs(method: str, precision: str) -> Decision:
@@ -129,7 +128,7 @@ def use_compile(model, decision: Decision) -> Decision:
     or torch would compile a second graph for it. Evaluation runs eagerly (see `eager`)."""
     if decision.value != "on":
         return decision
-    inner = _causal_lm(model)
+    inner = causal_lm(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -165,7 +164,7 @@ def attention_probs_mb(config, batch_size: int, max_len: int, dtype: str) -> flo
 
 def choose_chunked_loss(model) -> Decision:
     """On when the model's head can be replaced by the chunked loss without changing its result."""
-    inner = _causal_lm(model)
+    inner = causal_lm(model)
     family = getattr(inner.config, "model_type", "?")
     head = inner.get_output_embeddings()
     if family not in _PLAIN_HEAD_FAMILIES:
@@ -223,111 +222,3 @@ def _probe_seconds(threads: int) -> float:
     for _ in range(8):
         y = torch.nn.functional.silu(y) * y + x
     return time.perf_counter() - start
-
-
-def _causal_lm(model):
-    """The transformers *ForCausalLM under any PEFT wrapper (LoRA layers live inside it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def forward_loss(model, input_ids, attention_mask, position_ids, labels):
-    """The model's causal-LM loss (mean over labelled next-token positions) via the chunked head.
-
-    Returns an object with `.loss`, like a transformers model output."""
-    inner = _causal_lm(model)
-    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return SimpleNamespace(loss=linear_cross_entropy(hidden[:, :-1][keep], inner.get_output_embeddings().weight,
-                                                     targets[keep]))
-
-
-def linear_cross_entropy(hidden, weight, targets):
-    """mean(cross_entropy(hidden @ weight.T, targets)), computed chunk by chunk.
-
-    Under autocast the products run in the autocast dtype (as nn.Linear would); the softmax and the
-    loss are always float32."""
-    import torch
-
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        hidden = hidden.to(weight.dtype)
-    with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
-
-
-def _make_function():
-    import torch
-
-    class LinearCrossEntropy(torch.autograd.Function):
-        """Forward computes the loss and, when a gradient will be needed, the gradients too, one chunk
-        at a time, so only a chunk's logits are ever in memory; backward only scales them."""
-
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk):
-            n = hidden.shape[0]
-            grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, n, chunk):
-                h, y = hidden[start : start + chunk], targets[start : start + chunk]
-                logits = h @ weight.t()
-                rows = torch.arange(len(y), device=y.device)
-                if logits.dtype == torch.float32 or (grad_h is None and grad_w is None):
-                    # One fused log-softmax pass in float32 (logsumexp would allocate two more
-                    # chunk-sized temporaries); evaluation always takes this exact path.
-                    log_probs = torch.log_softmax(logits.float(), dim=-1)
-                    total -= log_probs[rows, y].sum()
-                    if grad_h is None and grad_w is None:
-                        continue
-                    probs = log_probs.exp_()
-                else:
-                    # bf16/fp16 logits: one softmax pass that accumulates in float32 and rounds once to
-                    # the compute dtype, which the gradient below is cast to anyway; no float32 copy of
-                    # the logits (~4x faster on CPU). The logged loss comes from the rounded
-                    # probability of each target (<= 0.4% relative error each, unbiased); clamped at
-                    # the dtype's smallest normal so it stays finite.
-                    probs = torch.softmax(logits, dim=-1)
-                    tiny = torch.finfo(probs.dtype).tiny
-                    total -= probs[rows, y].float().clamp_min(tiny).log().sum()
-                # d(loss)/d(logits) = softmax - one_hot(target)
-                probs[rows, y] -= 1
-                d_logits = probs.to(weight.dtype)
-                if grad_h is not None:
-                    grad_h[start : start + chunk] = d_logits @ weight
-                if grad_w is not None:
-                    grad_w += (d_logits.t() @ h).float()
-            count = max(n, 1)
-            ctx.count = count
-            ctx.weight_dtype = weight.dtype
-            ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-            ctx.has = (grad_h is not None, grad_w is not None)
-            return total / count
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            saved = list(ctx.saved_tensors)
-            scale = grad_out / ctx.count  # a 0-d tensor: the product keeps each gradient's dtype
-            grad_h = saved.pop(0) * scale if ctx.has[0] else None
-            grad_w = (saved.pop(0) * scale).to(ctx.weight_dtype) if ctx.has[1] else None
-            return grad_h, grad_w, None, None
-
-    return LinearCrossEntropy
-
-
-class _Lazy:
-    """Builds the autograd Function on first use, so importing this module imports no torch."""
-
-    _fn = None
-
-    def apply(self, *args):
-        if _Lazy._fn is None:
-            _Lazy._fn = _make_function()
-        return _Lazy._fn.apply(*args)
-
-
-_LinearCrossEntropy = _Lazy()

@@ -184,8 +184,8 @@ def container_spec(job_dir: Path, job: dict, cfg, device: str, host: HostFacts, 
 
 def _distributed_container(dist) -> dict:
     """One container per machine: the image's `python -m trainer` inside PyTorch's launcher
-    (orchestrator/runners/distributed.py), on the host's network when machines must meet."""
-    from orchestrator.runners.distributed import launch_argv
+    (orchestrator/launcher.py), on the host's network when machines must meet."""
+    from orchestrator.launcher import launch_argv
 
     if dist.mode == "none":
         return {}

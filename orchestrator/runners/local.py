@@ -45,7 +45,7 @@ class LocalRunner:
         return None  # this interpreter already runs; the trainer checks the rest
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
-        from orchestrator.runners.distributed import job_launch_argv
+        from orchestrator.launcher import job_launch_argv
 
         return LaunchSpec(
             # distributed.mode ddp/fsdp: the same command inside torch.distributed.run

@@ -1,7 +1,7 @@
 """The native runner: the shared entrypoint in a venv that llamafarm manages, on this machine.
 
 It exists for Apple MPS (Metal cannot be used from a container), and works on any host with
-`--runner native`. The venv is built from the lock native-mps/requirements.txt with --no-deps, so it
+`--runner native`. The venv is built from the lock images/native-mps/requirements.txt with --no-deps, so it
 holds exactly the pinned versions and nothing of the caller's environment; it is cached under
 <LLAMAFARM_CACHE>/native-venv/<python>-<lock digest> and rebuilt only when the lock changes.
 """
@@ -19,7 +19,7 @@ from contract.job_folder import LOG_FILE
 from orchestrator.runners.base import LaunchSpec
 from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env
 
-LOCK = PROJECT_ROOT / "native-mps" / "requirements.txt"
+LOCK = PROJECT_ROOT / "images" / "native-mps" / "requirements.txt"
 _COMPLETE = ".llamafarm-complete"  # written last: a venv without it is half-built
 
 
