@@ -40,7 +40,7 @@ def test_venv_holds_exactly_the_lock():
     pins = dict(line.split("==") for line in (PROJECT_ROOT / "requirements" / "cpu.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert (torch_version, tf_version) == (pins["torch"], pins["transformers"])
-    assert LOCK.read_text().count("-r ../requirements/cpu.txt") == 1
+    assert LOCK.read_text().count("-r ../../requirements/cpu.txt") == 1
 
 
 def test_tiny_demo_completes_in_the_native_venv(run_cli):
