@@ -85,6 +85,15 @@ def test_estimate_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_a_trainers_peak_memory_is_its_own():
+    """Linux keeps ru_maxrss across exec: a trainer started by a large process (this test run) reported the
+    parent's peak (a 0.5 GB tiny run measured 1.6 GB from a 1.5 GB parent). The trainer reads VmHWM."""
+    parent = bytearray(b"\x01") * (600 * 2**20)  # 600 MB resident in this process
+    out = subprocess.run([sys.executable, "-c", "from trainer.devices import peak_rss_mb; print(peak_rss_mb())"],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    assert len(parent) and float(out.stdout) < 200
+
+
 def _smollm_shaped(folder: Path) -> Path:
     """A SmolLM2-135M-shaped Llama, random init, built in code (as the benchmark issue specifies)."""
     import torch

@@ -152,3 +152,21 @@ def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10
         ran, waited = after[0] - before[0], after[1] - before[1]
         contention = round(waited / max(ran + waited, 1), 2)
     return {"gflops": round(best, 1), "contention": contention}
+
+
+def peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
+    """This process's peak resident memory in MB: Linux's VmHWM, the high-water mark of this program's own
+    address space. Not ru_maxrss: Linux carries that across exec, so a trainer started by a process that
+    had grown large (a test run, the dashboard: 1.6 GB measured for a 0.5 GB tiny run started from a
+    1.5 GB parent) reports its parent's peak. Elsewhere ru_maxrss (bytes on macOS, KiB on Linux)."""
+    import resource
+    import sys
+
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(maxrss / (2**20 if sys.platform == "darwin" else 1024), 1)

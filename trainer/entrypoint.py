@@ -304,9 +304,9 @@ def _train(folder: Path, stop_flag: dict) -> None:
     if world.writes:
         final = saving.save_final(model, tokenizer, strategy_text, folder, weights)
         print(f"final weights: {final}", flush=True)
-    import resource
+    from trainer.devices import peak_rss_mb
 
-    measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    measured = {"peak_rss_mb": peak_rss_mb(),
                 "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
     if device.value == "cuda":  # the GPU's own peak, what `estimate` predicts for cuda (RSS is only the host side)
         measured["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
