@@ -31,8 +31,23 @@ CPU_OVERHEAD_MB = 430
 # here as the difference of two tiny LoRA runs, fp32 487 MB and bf16 752 MB peak RSS.
 CPU_BF16_RUNTIME_MB = 265
 CUDA_CONTEXT_MB = 600
-# Tensors a Llama layer keeps per token for backward, in units of hidden / intermediate / head*seq.
-ACT_HIDDEN, ACT_INTER = 16, 4
+# Values a Llama layer keeps per token for backward (counted per autograd node on the real SmolLM2-135M
+# shape with the trainer's forward, 2026-12-01; the sum matched the 30-layer runs within 0.1%), in units of
+# the hidden and intermediate sizes. Always: both norms' inputs, the attention's query, key and value (at
+# every query head: grouped KV heads are repeated) and output, the MLP's gate, SiLU and up outputs.
+ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 6, 3
+# When the layer's own weights train (full): the inputs of the q/k/v, gate/up and down projections (o_proj's is
+# the attention output, already kept) and both norms' normalised inputs.
+ACT_DENSE_HIDDEN, ACT_DENSE_INTER = 4, 1
+# A LoRA adapter with dropout keeps its dropped input and the dropout mask (a float tensor on CPU): twice its
+# input size; without dropout it keeps the input itself, which adapters on the same input share.
+ACT_DROPOUT_COPIES = 2
+# On a CPU the C allocator (glibc malloc) keeps freed activations in its heaps instead of returning them, and
+# batches of other lengths fragment them, so peak RSS grows over the first steps by this share of the
+# activations (real SmolLM2-135M LoRA, 512 tokens: 3,221 MB peak with MALLOC_MMAP_THRESHOLD_ fixed, so nothing
+# kept, against 4,644 MB by default after 6 steps and 5,157 MB after 42: 0.70 and 0.93 of its 2,035 MB of
+# activations; measured 2026-12-01).
+CPU_ALLOCATOR_KEPT = 0.55
 # Share of the matmul peak a training step reaches, and the fixed cost per step and per layer
 # (fitted to tests/test_estimate.py's three CPU runs on an idle 2-core machine, the rate probed as the
 # best of short windows: 3.9 s for 30 steps of the 4-layer tiny LoRA, 24.1 s for 6 steps of the 30-layer
@@ -121,8 +136,7 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     preference = cfg.method.stage != "sft"
     if preference:  # each item is two rows (chosen and rejected, or a KTO answer and its mismatched twin)
         tokens *= 2
-    per_token_layer = (ACT_HIDDEN * shape.hidden_size + 3 * shape.kv_dim + ACT_INTER * shape.intermediate_size
-                       + shape.num_heads * args.max_seq_length) * act_bytes
+    per_token_layer = _activation_values(shape, strategy, device, precision) * act_bytes
     if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
@@ -133,17 +147,54 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     chunked = cfg.distributed.mode == "none" and not preference  # preference log-probs take the full logits
     rows = min(tokens, chunk_rows(shape.vocab_size)) if chunked else tokens
     logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 else 4 * 3)
+    if chunked and method == "full":  # the output layer trains: the chunked loss sums its gradient in float32
+        logits += shape.vocab_size * shape.hidden_size * 4
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
     if device == "cpu" and precision == "bf16":
         overhead += CPU_BF16_RUNTIME_MB * MB
-    state = trainable * 16
+    # fp32 weight and two AdamW moments; the gradient (4 more bytes) lives from backward to the optimizer step,
+    # when the activations are being freed (the loop sets gradients to None after each step), so the peak is the
+    # larger of the two: gradients add only what exceeds the activations and the loss chunk.
+    state, grads = trainable * 12, trainable * 4
     if cfg.distributed.mode == "fsdp":  # sharded across every process (one layer is gathered at a time)
-        weights, state = weights / _world_size(strategy), state / _world_size(strategy)
-    parts = {"weights": weights, "trainable_state": state, "activations": activations,
-             "logits": logits, "framework": overhead}
+        weights, state, grads = weights / _world_size(strategy), state / _world_size(strategy), grads / _world_size(strategy)
+    parts = {"weights": weights, "trainable_state": state + max(0.0, grads - activations - logits),
+             "activations": activations, "logits": logits, "framework": overhead}
+    if device == "cpu":
+        parts["allocator_kept"] = activations * CPU_ALLOCATOR_KEPT
     if method == "full" and cfg.method.stage in ("dpo", "kto"):  # the frozen fp32 copy (trainer/entrypoint.py)
         parts["reference_model"] = shape.params * 4
     return {k: round(v / MB, 1) for k, v in parts.items()}
+
+
+def _activation_values(shape: ModelShape, strategy: Strategy, device: str, precision: str) -> float:
+    """Values one decoder layer keeps per token for backward (see the ACT_ constants)."""
+    from types import SimpleNamespace
+
+    from trainer.performance import ATTENTION_PROBS_LIMIT_MB, attention_probs_mb
+
+    cfg, args = strategy.cfg, strategy.cfg.training_args
+    h, i = shape.hidden_size, shape.intermediate_size
+    values = ACT_COMMON_HIDDEN * h + ACT_COMMON_INTER * i
+    if cfg.method.type == "full":
+        values += ACT_DENSE_HIDDEN * h + ACT_DENSE_INTER * i
+    else:
+        shapes = shape.linear_shapes()
+        targets = [n for n in shapes if cfg.method.target_modules == "auto" or n in cfg.method.target_modules]
+        if cfg.method.dropout > 0:
+            values += ACT_DROPOUT_COPIES * sum(shapes[n][0] for n in targets)
+        else:  # q/k/v share the first norm's output, gate/up the second's; o_proj's input is the attention output
+            groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+            values += sum(shapes[g[0]][0] for g in groups if any(n in targets for n in g))
+        values += cfg.method.r * len(targets)
+    # The trainer's matmul attention (packed CPU batches whose probabilities fit its limit) keeps the softmax
+    # probabilities; sdpa's kernels keep only a log-sum-exp per head (trainer/performance.py choose_attention).
+    packed = cfg.method.stage == "sft" and cfg.dataset.packing is not False
+    config = SimpleNamespace(num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads)
+    probs = attention_probs_mb(config, args.per_device_train_batch_size, args.max_seq_length, precision)
+    if device == "cpu" and packed and probs <= ATTENTION_PROBS_LIMIT_MB:
+        values += shape.num_heads * args.max_seq_length
+    return values
 
 
 def _world_size(strategy: Strategy) -> int:
