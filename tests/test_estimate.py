@@ -118,10 +118,12 @@ def _smollm_shaped(folder: Path) -> Path:
 
 
 def _shipped(name: str, **config) -> dict:
-    """A shipped strategy with its config updated (training_args merged), the eval file made absolute."""
+    """A shipped strategy with its config updated (training_args merged, None removes one), the eval file
+    made absolute."""
     strategy = yaml.safe_load((ROOT / "strategies" / "default_strategies.yaml").read_text())[name]
     cfg = strategy["fine_tuner"]["config"]
     cfg["training_args"].update(config.pop("training_args", {}))
+    cfg["training_args"] = {k: v for k, v in cfg["training_args"].items() if v is not None}
     cfg.update(config)
     if cfg.get("dataset", {}).get("eval_file"):
         cfg["dataset"]["eval_file"] = str(ROOT / cfg["dataset"]["eval_file"])
@@ -141,7 +143,7 @@ def test_estimate_is_close_to_the_measured_run(run_cli, tmp_path, name):
         "tiny_demo": lambda: _shipped("tiny_demo", training_args={"max_steps": 60}),
         "smollm2_real_lora": lambda: _shipped("smollm2_medical", training_args={"max_steps": 4}),
         "smollm2_real_full": lambda: _shipped("smollm2_medical", method={"type": "full"}, dataset={},
-                                              training_args={"max_steps": 4}),
+                                              training_args={"max_steps": 4, "eval_steps": None}),
     }
     strategies = {name: strategies[name]()}
     if name.startswith("smollm135m"):

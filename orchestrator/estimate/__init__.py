@@ -1,11 +1,11 @@
 """Predict a run's peak memory, time and disk before it starts, without torch or any download.
 
-Memory (bytes): frozen weights at their stored width, 16 bytes per trainable parameter (fp32 weight,
-gradient, two AdamW moments), activations kept for the backward pass per token and layer, the logits
-and their gradient, and the framework's fixed overhead. Time: tokens times FLOPs per token (2 per
-matmul weight forward, as much again backward for activation gradients, and again for weight
-gradients when the weights train),
-divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
+Memory (bytes): frozen weights at their stored width, 12 bytes per trainable parameter (fp32 weight, two
+AdamW moments) and 4 for its gradient where that exceeds the activations it replaces, activations kept for
+the backward pass per token and layer, the loss chunk's logits and their gradient, the framework's fixed
+overhead, and on a CPU the share of the activations' memory the C allocator keeps after freeing them.
+Time: tokens times FLOPs per token (2 per matmul weight forward, as much again backward for activation
+gradients, and again for weight gradients when the weights train), divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
 cost. Distributed jobs (strategy `distributed`): memory is per process, with FSDP's weights and their
 training state split across all processes; on a CPU the processes of one machine share its memory;
 a step takes micro-batches from every process, and GPUs add compute while CPU processes share cores.
