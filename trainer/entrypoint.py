@@ -241,9 +241,11 @@ def _train(folder: Path, stop_flag: dict) -> None:
         chunked_loss = distributed.NO_CHUNKED_LOSS
     decisions["chunked_loss"] = _say("chunked loss", chunked_loss)
     estimate = job.get("estimate") or {}
+    # Training time only: evaluation runs eager, so compiling does not shorten it.
+    train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
+                      if estimate.get("device") == device.value and estimate.get("seconds") is not None else None)
     compiled = performance.use_compile(model, performance.choose_compile(
-        args.torch_compile, device.value, estimate.get("seconds") if estimate.get("device") == device.value else None,
-        world.active, args.gradient_checkpointing))
+        args.torch_compile, device.value, train_estimate, world.active, args.gradient_checkpointing))
     decisions["compile"] = _say("compile", compiled)
     decisions["threads"] = _say("threads", performance.choose_threads())
     if preference:  # items (pairs or KTO rows), batched as they are

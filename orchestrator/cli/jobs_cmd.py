@@ -87,7 +87,7 @@ def start(strategy_name, dataset, assignments, runner_flag, foreground, ignore_e
 
     folder = jobs.create(strategy_name, strategy, entry.source, Path(dataset), eval_path, overrides, runner.name,
                          estimate={"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
-                                   "device": est.device})
+                                   "eval_seconds": est.eval_seconds, "device": est.device})
     try:
         pid = runner.start(runner.launch_spec(folder))
     except OSError as exc:

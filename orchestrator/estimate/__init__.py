@@ -77,6 +77,8 @@ class Estimate:
     flops_per_token: float = 0.0
     device_gflops: float = 0.0
     seconds: float = 0.0
+    eval_seconds: float = 0.0
+    """The part of `seconds` spent in evaluation passes (eager: torch.compile does not speed it up)."""
     disk_mb: dict[str, float] = field(default_factory=dict)
     fits: bool | None = True
     """None: the device is not on this machine, so its memory is unknown."""
@@ -197,6 +199,22 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
     return values
 
 
+def _eval_passes(strategy: Strategy, steps: int, per_epoch: int) -> int:
+    """How often the loop evaluates (trainer/loop.py): every eval_steps, else at each epoch's end, and at the end."""
+    if not strategy.cfg.dataset.has_eval:
+        return 0
+    every = strategy.cfg.training_args.eval_steps or per_epoch
+    return steps // every + (1 if steps % every else 0)
+
+
+def _eval_tokens(strategy: Strategy, dataset: Path | None, tokens_per_epoch: int) -> int:
+    d = strategy.cfg.dataset
+    if d.eval_file:
+        path = Path(d.eval_file).expanduser()  # as `start` reads it: relative to the current folder
+        return _tokens_per_epoch(strategy, path)[0] if path.is_file() else 0
+    return int(tokens_per_epoch * d.eval_fraction) if d.eval_fraction else 0
+
+
 def _world_size(strategy: Strategy) -> int:
     dist = strategy.cfg.distributed
     return 1 if dist.mode == "none" else dist.nproc_per_node * dist.nnodes
@@ -244,7 +262,13 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     est.busy = busy_note(device)
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
-    est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
+    # Evaluation passes run inside the training time: a forward pass over the eval rows each (the real
+    # smollm2_medical test case's final pass over its 30 held-out questions is about a third of its time).
+    passes = _eval_passes(strategy, est.steps, per_epoch)
+    if passes:
+        evaluation = passes * _eval_tokens(strategy, dataset, est.tokens_per_epoch) * forward
+        est.eval_seconds = round(evaluation / (est.device_gflops * 1e9 * EFFICIENCY), 1)
+    est.seconds = round(compute + est.eval_seconds + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
 
     weights_mb = (trainable if cfg.method.type != "full" else shape.params) * 4 / MB
     checkpoint_mb = weights_mb + trainable * 8 / MB  # weights plus AdamW moments
