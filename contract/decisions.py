@@ -118,3 +118,33 @@ _CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 def chunk_rows(vocab: int) -> int:
     return max(16, _CHUNK_ELEMENTS // vocab)
+
+
+# The trainer's matmul attention keeps (batch x heads x L^2) probabilities per layer; above this, the
+# model's own. `estimate` counts those probabilities when the decision below takes the matmul path.
+ATTENTION_PROBS_LIMIT_MB = 512
+
+
+def attention_probs_mb(config, batch_size: int, max_len: int, dtype: str) -> float:
+    """Memory of the softmax probabilities the matmul attention keeps for backward, over all layers."""
+    size = 4 if dtype == "fp32" else 2
+    return config.num_hidden_layers * batch_size * config.num_attention_heads * max_len**2 * size / 2**20
+
+
+def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
+    """Attention kernel for training: trainer/attention.py's grouped matmuls for packed CPU batches whose
+    softmax probabilities (kept for backward) fit in ATTENTION_PROBS_LIMIT_MB, else the model's own."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if device != "cpu" or not packed:
+        return Decision(impl, "the model's own (the matmul attention is for packed batches on CPU)")
+    if impl not in ("sdpa", "eager"):
+        return Decision(impl, "the model's own")
+    if getattr(config, "attn_logit_softcapping", None):
+        return Decision(impl, "the model's own: the matmul attention has no logit soft-capping (Gemma 2)")
+    mb = attention_probs_mb(config, batch_size, max_len, dtype)
+    if mb > ATTENTION_PROBS_LIMIT_MB:
+        return Decision(impl, f"the model's own: matmul attention would keep {mb:,.0f} MB of probabilities for "
+                              f"{max_len}-token sequences (limit {ATTENTION_PROBS_LIMIT_MB} MB)")
+    return Decision("grouped-matmul", f"packed sequences of up to {max_len} tokens on CPU: batched matmuls with "
+                                      f"query heads grouped per KV head beat sdpa's masked kernel; keeps {mb:,.0f} MB "
+                                      "of probabilities for backward")

@@ -49,5 +49,6 @@ def _image(cfg, runner: str, device: str) -> Decision | None:
 
 
 def with_estimate(plan: JobPlan, est) -> JobPlan:
-    figures = {"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps, "device": est.device}
+    figures = {"peak_memory_mb": est.peak_memory_mb, "seconds": est.seconds, "steps": est.steps,
+               "eval_seconds": est.eval_seconds, "device": est.device}
     return replace(plan, estimate=Decision(figures, f"`llamafarm finetune estimate` for {est.device}"))

@@ -1,5 +1,6 @@
 """The estimator: its arithmetic (golden values), its verdict, and its error against real CPU runs of
-the builtin tiny models and a SmolLM2-135M-shaped model (memory within 25%, time within 35%).
+the builtin tiny models (tiny_demo among them), a SmolLM2-135M-shaped model and the real SmolLM2-135M
+(smollm2_medical's LoRA and a full fine-tune): memory within 25%, time within a factor of 3.
 Also the progress pictures: the PNG plot, the sparkline and TensorBoard event files."""
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ def test_memory_breakdown_golden():
     # Precision set explicitly: auto depends on the CPU (bf16 where it has AVX512-BF16 or AMX).
     s = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048, precision="fp32"))
     parts = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu")
-    # fp32 weights; the chunked loss holds 130 rows of the 128k-vocabulary logits, not all 2048.
-    assert parts == {"weights": 30633.0, "trainable_state": 52.0, "activations": 191488.0, "logits": 190.8,
-                     "framework": 430.0}
+    # fp32 weights; 12 bytes per adapter parameter (its gradients fit in the activations' place); per token
+    # and layer 6 x hidden + 3 x intermediate, plus the q/v adapters' dropped inputs and masks (2 x 2 x hidden)
+    # and their rank; sdpa (the matmul attention's probabilities would pass its limit) keeps no probabilities;
+    # the chunked loss holds 130 rows of the 128k-vocabulary logits, not all 2048; glibc keeps 0.55 of the
+    # activations' memory.
+    assert parts == {"weights": 30633.0, "trainable_state": 39.0, "activations": 83984.0, "logits": 190.8,
+                     "framework": 430.0, "allocator_kept": 46191.2}
     bf16 = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048, precision="bf16"))
     # Frozen weights and activations in bf16, oneDNN's bf16 runtime on top of the framework, and the
     # loss chunk's logits and softmax in bf16 (2 x 2 bytes against 3 x 4 in fp32).
     assert memory(KNOWN["meta-llama/Llama-3.1-8B"], bf16, "cpu") == {
-        "weights": 15316.5, "trainable_state": 52.0, "activations": 95744.0, "logits": 63.6, "framework": 695.0}
+        "weights": 15316.5, "trainable_state": 39.0, "activations": 41992.0, "logits": 63.6, "framework": 695.0,
+        "allocator_kept": 23095.6}
+    assert "allocator_kept" not in memory(KNOWN["meta-llama/Llama-3.1-8B"], bf16, "cuda")
     with_ckpt = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", gradient_checkpointing=True)
     assert with_ckpt["activations"] < parts["activations"] / 10
 
@@ -86,6 +93,15 @@ def test_estimate_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_a_trainers_peak_memory_is_its_own():
+    """Linux keeps ru_maxrss across exec: a trainer started by a large process (this test run) reported the
+    parent's peak (a 0.5 GB tiny run measured 1.6 GB from a 1.5 GB parent). The trainer reads VmHWM."""
+    parent = bytearray(b"\x01") * (600 * 2**20)  # 600 MB resident in this process
+    out = subprocess.run([sys.executable, "-c", "from trainer.devices import peak_rss_mb; print(peak_rss_mb())"],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    assert len(parent) and float(out.stdout) < 200
+
+
 def _smollm_shaped(folder: Path) -> Path:
     """A SmolLM2-135M-shaped Llama, random init, built in code (as the benchmark issue specifies)."""
     import torch
@@ -103,15 +119,41 @@ def _smollm_shaped(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", ["tiny_lora_spm", "tiny_full_bpe", "smollm135m_lora"])
+def _shipped(name: str, **config) -> dict:
+    """A shipped strategy with its config updated (training_args merged, None removes one), the eval file
+    made absolute."""
+    strategy = yaml.safe_load((ROOT / "strategies" / "default_strategies.yaml").read_text())[name]
+    cfg = strategy["fine_tuner"]["config"]
+    cfg["training_args"].update(config.pop("training_args", {}))
+    cfg["training_args"] = {k: v for k, v in cfg["training_args"].items() if v is not None}
+    cfg.update(config)
+    if cfg.get("dataset", {}).get("eval_file"):
+        cfg["dataset"]["eval_file"] = str(ROOT / cfg["dataset"]["eval_file"])
+    return strategy
+
+
+@pytest.mark.parametrize("name", ["tiny_lora_spm", "tiny_full_bpe", "smollm135m_lora", "tiny_demo",
+                                  "smollm2_real_lora", "smollm2_real_full"])
 def test_estimate_is_close_to_the_measured_run(run_cli, tmp_path, name):
+    """The real model's cases take 4 steps: its peak RSS grows with the allocator's kept memory over the
+    first 3 (batches of 452, 461, 490 tokens) and not over the next 3 (README, Estimate before, measure after);
+    the LoRA case evaluates at its end, as smollm2_medical does."""
     strategies = {
-        "tiny_lora_spm": _strategy(max_steps=30),
-        "tiny_full_bpe": _strategy(model="builtin:tiny-llama-bpe", method={"type": "full"}, max_steps=30),
-        "smollm135m_lora": _strategy(model=str(tmp_path / "smol"), max_steps=6, per_device_train_batch_size=2),
+        "tiny_lora_spm": lambda: _strategy(max_steps=30),
+        "tiny_full_bpe": lambda: _strategy(model="builtin:tiny-llama-bpe", method={"type": "full"}, max_steps=30),
+        "smollm135m_lora": lambda: _strategy(model=str(tmp_path / "smol"), max_steps=6, per_device_train_batch_size=2),
+        "tiny_demo": lambda: _shipped("tiny_demo", training_args={"max_steps": 60}),
+        "smollm2_real_lora": lambda: _shipped("smollm2_medical", training_args={"max_steps": 4}),
+        "smollm2_real_full": lambda: _shipped("smollm2_medical", method={"type": "full"}, dataset={},
+                                              training_args={"max_steps": 4, "eval_steps": None}),
     }
-    if name.startswith("smollm"):
+    strategies = {name: strategies[name]()}
+    if name.startswith("smollm135m"):
         _smollm_shaped(tmp_path / "smol")
+    if name.startswith("smollm2_real"):  # built (downloaded and dequantized) here once per machine, not in the run
+        from trainer.models.builtin import builtin_path
+
+        builtin_path("builtin:smollm2-135m-instruct")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({name: strategies[name]}))
     result = run_cli("run", "--strategy", name, "--strategy-file", tmp_path / "s.yaml",
                      "--dataset", DATASETS / "medical_qa.jsonl", "--foreground", "--json")
@@ -120,10 +162,15 @@ def test_estimate_is_close_to_the_measured_run(run_cli, tmp_path, name):
     measured = job["measured"]
     print(name, estimate_of(job), measured)
     assert abs(measured["memory_error"]) <= 0.25, (estimate_of(job), measured)
-    # Time within a factor of 3 either way: on an idle machine the error is within 35% (README), but a
-    # CI machine's load is nobody's to control (a run of this suite beside two other test runs measured
-    # 7.25 s against 3.2 s estimated). A wrong model (FLOPs counted per sequence, say) is off by more.
-    assert 1 / 3 <= 1 + measured["time_error"] <= 3.0, (estimate_of(job), measured)
+    # Time within a factor of 3 either way, judged only when the run had the cores to itself: the
+    # trainer records the share of its time spent waiting for a core other programs held (`core_wait`,
+    # Linux's schedstat). On an idle machine the error is within 35% (README); beside other work a run
+    # measured 13x the estimate with every term right. A wrong model (FLOPs counted per sequence, say)
+    # is off by more than 3x on any quiet machine.
+    if measured["core_wait"] is None or measured["core_wait"] <= 0.2:
+        assert 1 / 3 <= 1 + measured["time_error"] <= 3.0, (estimate_of(job), measured)
+    else:
+        print(f"time not judged: the trainer waited for a core {measured['core_wait']:.0%} of its run")
     assert estimate_of(job)["steps"] == measured["steps"]
 
 

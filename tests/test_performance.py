@@ -172,7 +172,8 @@ def test_lever_decisions():
     from types import SimpleNamespace
 
     from contract.decisions import choose_base_dtype
-    from trainer.performance import choose_adapter_inputs, choose_attention, choose_chunked_loss
+    from contract.decisions import choose_attention
+    from trainer.performance import choose_adapter_inputs, choose_chunked_loss
 
     bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9)
     decision = choose_attention("cpu", True, bench, 5, 256, "bf16")

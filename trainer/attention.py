@@ -13,7 +13,7 @@ accumulation, rounded once as eager attention's `softmax(float32).to(dtype)` rou
 Anything else (no mask, a bool mask, dropout, decoding with a cache) goes to transformers' sdpa
 attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
 The probabilities kept for backward take up to batch x heads x L^2 x 2 bytes per layer (5/8 of that
-at 4 query blocks), which is why trainer/performance.choose_attention uses this only for short
+at 4 query blocks), which is why contract/decisions.py's choose_attention uses this only for short
 sequences. Models saved after training do not record this implementation (transformers does not
 serialize it), so they load anywhere with the default attention.
 """

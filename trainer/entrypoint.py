@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contract.decisions import Decision, choose_base_dtype
+from contract.decisions import Decision, choose_attention, choose_base_dtype
 from contract.errors import UserError
 from contract.job_folder import (
     complete_checkpoints,
@@ -283,7 +283,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
 
     args, device, precision = run.args, run.device.value, run.precision.value
     packed = run.decide("packing", choose_packing(run.cfg.dataset.packing, model, run.cfg.method.stage)).value == "on"
-    attention = run.decide("attention", performance.choose_attention(
+    attention = run.decide("attention", choose_attention(
         device, packed, model.config, args.per_device_train_batch_size, args.max_seq_length, precision))
     performance.use_attention(model, attention)
     adapter_inputs = run.decide("adapter_inputs", performance.choose_adapter_inputs(run.method.value, precision))
@@ -292,9 +292,11 @@ def _decide_levers(run: _Job, model) -> _Levers:
         chunked_loss = distributed.NO_CHUNKED_LOSS
     run.decide("chunked_loss", chunked_loss)
     estimate = estimate_of(run.job)
+    # Training time only: evaluation runs eager, so compiling does not shorten it.
+    train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
+                      if estimate.get("device") == device and estimate.get("seconds") is not None else None)
     compiled = performance.use_compile(model, performance.choose_compile(
-        args.torch_compile, device, estimate.get("seconds") if estimate.get("device") == device else None,
-        run.world.active, args.gradient_checkpointing))
+        args.torch_compile, device, train_estimate, run.world.active, args.gradient_checkpointing))
     run.decide("compile", compiled)
     run.decide("threads", performance.choose_threads())
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on")
@@ -376,13 +378,14 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
 
 def _measure(run: _Job, result) -> None:
     """Peak memory and time against the plan's estimate (the estimator checks itself after every run)."""
-    import resource
-
     import torch
 
+    from trainer.devices import peak_rss_mb
+
     device, estimate = run.device.value, estimate_of(run.job)
-    measured = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens}
+    measured = {"peak_rss_mb": peak_rss_mb(),
+                "train_seconds": round(result.elapsed, 2), "steps": result.steps, "tokens": result.tokens,
+                "core_wait": result.core_wait}
     if device == "cuda":  # the GPU's own peak, what `estimate` predicts for cuda (RSS is only the host side)
         measured["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if estimate and device == estimate.get("device") == "cpu":

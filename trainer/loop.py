@@ -15,6 +15,7 @@ from contract.strategy import TrainingArgs
 from trainer import performance
 from trainer.chunked_loss import forward_loss as chunked_loss_forward
 from trainer.data.batching import collate, pack, sequence_length
+from trainer.devices import core_wait_share, scheduler_snapshot
 from trainer.distributed import World
 from trainer.lifecycle import Stopped
 from trainer.saving import TrainState, restore_rng
@@ -31,6 +32,8 @@ class LoopResult:
     tokens_per_second: float
     elapsed: float
     tokens: int
+    core_wait: float | None = None
+    """Share of the run this process waited for a core other programs held (trainer.devices.core_wait_share)."""
 
 
 @dataclass
@@ -339,6 +342,7 @@ def train(fit: Fit, resume: tuple[TrainState, dict] | None = None) -> LoopResult
     if resume:
         run.restore(resume)
     fit.model.train()
+    cores_before = scheduler_snapshot()
     run_start = time.perf_counter()
     # Records carry the job's training time, which runs on across resumes (monitor's elapsed and ETA).
     start = run_start - (elapsed_before(fit.job_dir, run.state.step) if resume else 0.0)
@@ -366,7 +370,8 @@ def train(fit: Fit, resume: tuple[TrainState, dict] | None = None) -> LoopResult
                 run.checkpoint(step, epoch, done + 1, best)
         epoch, skip = epoch + 1, 0
     elapsed = time.perf_counter() - run_start
-    return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed, tokens_seen)
+    return LoopResult(step, final_loss, tokens_seen / max(elapsed, 1e-9), elapsed, tokens_seen,
+                      core_wait_share(cores_before))
 
 
 def elapsed_before(job_dir: Path, resume_step: int) -> float:

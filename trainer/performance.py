@@ -29,33 +29,12 @@ from trainer.chunked_loss import causal_lm
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
 # (no logit soft-capping or scaling); the chunked loss is verified against their own loss.
 _PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# The matmul attention keeps (batch x heads x L^2) probabilities per layer; above this, the model's own.
-ATTENTION_PROBS_LIMIT_MB = 512
 # torch.compile of the decoder layers, measured on bench/'s SmolLM2-135M-shaped LoRA run, 2 cores
 # (docs/PERFORMANCE.md): steps ~8% faster, after ~27 s of compiling the first time on a machine (a
 # later run of the same model reuses torch's compile cache: ~7 s). Auto compiles when the estimated
 # training time times the gain repays the first-time cost.
 COMPILE_GAIN = 0.08
 COMPILE_SECONDS = 30
-
-
-def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
-    """Attention kernel for training: trainer/attention.py's grouped matmuls for packed CPU batches whose
-    softmax probabilities (kept for backward) fit in ATTENTION_PROBS_LIMIT_MB, else the model's own."""
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if device != "cpu" or not packed:
-        return Decision(impl, "the model's own (the matmul attention is for packed batches on CPU)")
-    if impl not in ("sdpa", "eager"):
-        return Decision(impl, "the model's own")
-    if getattr(config, "attn_logit_softcapping", None):
-        return Decision(impl, "the model's own: the matmul attention has no logit soft-capping (Gemma 2)")
-    mb = attention_probs_mb(config, batch_size, max_len, dtype)
-    if mb > ATTENTION_PROBS_LIMIT_MB:
-        return Decision(impl, f"the model's own: matmul attention would keep {mb:,.0f} MB of probabilities for "
-                              f"{max_len}-token sequences (limit {ATTENTION_PROBS_LIMIT_MB} MB)")
-    return Decision("grouped-matmul", f"packed sequences of up to {max_len} tokens on CPU: batched matmuls with "
-                                      f"query heads grouped per KV head beat sdpa's masked kernel; keeps {mb:,.0f} MB "
-                                      "of probabilities for backward")
 
 
 def use_attention(model, decision: Decision) -> None:
@@ -154,12 +133,6 @@ def eager():
     import torch
 
     return torch.compiler.set_stance("force_eager")
-
-
-def attention_probs_mb(config, batch_size: int, max_len: int, dtype: str) -> float:
-    """Memory of the softmax probabilities the matmul attention keeps for backward, over all layers."""
-    size = 4 if dtype == "fp32" else 2
-    return config.num_hidden_layers * batch_size * config.num_attention_heads * max_len**2 * size / 2**20
 
 
 def choose_chunked_loss(model) -> Decision:

@@ -1,11 +1,11 @@
 """Predict a run's peak memory, time and disk before it starts, without torch or any download.
 
-Memory (bytes): frozen weights at their stored width, 16 bytes per trainable parameter (fp32 weight,
-gradient, two AdamW moments), activations kept for the backward pass per token and layer, the logits
-and their gradient, and the framework's fixed overhead. Time: tokens times FLOPs per token (2 per
-matmul weight forward, as much again backward for activation gradients, and again for weight
-gradients when the weights train),
-divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
+Memory (bytes): frozen weights at their stored width, 12 bytes per trainable parameter (fp32 weight, two
+AdamW moments) and 4 for its gradient where that exceeds the activations it replaces, activations kept for
+the backward pass per token and layer, the loss chunk's logits and their gradient, the framework's fixed
+overhead, and on a CPU the share of the activations' memory the C allocator keeps after freeing them.
+Time: tokens times FLOPs per token (2 per matmul weight forward, as much again backward for activation
+gradients, and again for weight gradients when the weights train), divided by this machine's measured matmul rate at the efficiency training reaches, plus a per-step
 cost. Distributed jobs (strategy `distributed`): memory is per process, with FSDP's weights and their
 training state split across all processes; on a CPU the processes of one machine share its memory;
 a step takes micro-batches from every process, and GPUs add compute while CPU processes share cores.
@@ -31,8 +31,23 @@ CPU_OVERHEAD_MB = 430
 # here as the difference of two tiny LoRA runs, fp32 487 MB and bf16 752 MB peak RSS.
 CPU_BF16_RUNTIME_MB = 265
 CUDA_CONTEXT_MB = 600
-# Tensors a Llama layer keeps per token for backward, in units of hidden / intermediate / head*seq.
-ACT_HIDDEN, ACT_INTER = 16, 4
+# Values a Llama layer keeps per token for backward (counted per autograd node on the real SmolLM2-135M
+# shape with the trainer's forward, 2026-12-01; the sum matched the 30-layer runs within 0.1%), in units of
+# the hidden and intermediate sizes. Always: both norms' inputs, the attention's query, key and value (at
+# every query head: grouped KV heads are repeated) and output, the MLP's gate, SiLU and up outputs.
+ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 6, 3
+# When the layer's own weights train (full): the inputs of the q/k/v, gate/up and down projections (o_proj's is
+# the attention output, already kept) and both norms' normalised inputs.
+ACT_DENSE_HIDDEN, ACT_DENSE_INTER = 4, 1
+# A LoRA adapter with dropout keeps its dropped input and the dropout mask (a float tensor on CPU): twice its
+# input size; without dropout it keeps the input itself, which adapters on the same input share.
+ACT_DROPOUT_COPIES = 2
+# On a CPU the C allocator (glibc malloc) keeps freed activations in its heaps instead of returning them, and
+# batches of other lengths fragment them, so peak RSS grows over the first steps by this share of the
+# activations (real SmolLM2-135M LoRA, 512 tokens: 3,221 MB peak with MALLOC_MMAP_THRESHOLD_ fixed, so nothing
+# kept, against 4,644 MB by default after 6 steps and 5,157 MB after 42: 0.70 and 0.93 of its 2,035 MB of
+# activations; measured 2026-12-01).
+CPU_ALLOCATOR_KEPT = 0.55
 # Share of the matmul peak a training step reaches, and the fixed cost per step and per layer
 # (fitted to tests/test_estimate.py's three CPU runs on an idle 2-core machine, the rate probed as the
 # best of short windows: 3.9 s for 30 steps of the 4-layer tiny LoRA, 24.1 s for 6 steps of the 30-layer
@@ -62,6 +77,8 @@ class Estimate:
     flops_per_token: float = 0.0
     device_gflops: float = 0.0
     seconds: float = 0.0
+    eval_seconds: float = 0.0
+    """The part of `seconds` spent in evaluation passes (eager: torch.compile does not speed it up)."""
     disk_mb: dict[str, float] = field(default_factory=dict)
     fits: bool | None = True
     """None: the device is not on this machine, so its memory is unknown."""
@@ -121,8 +138,7 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     preference = cfg.method.stage != "sft"
     if preference:  # each item is two rows (chosen and rejected, or a KTO answer and its mismatched twin)
         tokens *= 2
-    per_token_layer = (ACT_HIDDEN * shape.hidden_size + 3 * shape.kv_dim + ACT_INTER * shape.intermediate_size
-                       + shape.num_heads * args.max_seq_length) * act_bytes
+    per_token_layer = _activation_values(shape, strategy, device, precision) * act_bytes
     if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
@@ -133,17 +149,72 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     chunked = cfg.distributed.mode == "none" and not preference  # preference log-probs take the full logits
     rows = min(tokens, chunk_rows(shape.vocab_size)) if chunked else tokens
     logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 else 4 * 3)
+    if chunked and method == "full":  # the output layer trains: the chunked loss sums its gradient in float32
+        logits += shape.vocab_size * shape.hidden_size * 4
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
     if device == "cpu" and precision == "bf16":
         overhead += CPU_BF16_RUNTIME_MB * MB
-    state = trainable * 16
+    # fp32 weight and two AdamW moments; the gradient (4 more bytes) lives from backward to the optimizer step,
+    # when the activations are being freed (the loop sets gradients to None after each step), so the peak is the
+    # larger of the two: gradients add only what exceeds the activations and the loss chunk.
+    state, grads = trainable * 12, trainable * 4
     if cfg.distributed.mode == "fsdp":  # sharded across every process (one layer is gathered at a time)
-        weights, state = weights / _world_size(strategy), state / _world_size(strategy)
-    parts = {"weights": weights, "trainable_state": state, "activations": activations,
-             "logits": logits, "framework": overhead}
+        weights, state, grads = weights / _world_size(strategy), state / _world_size(strategy), grads / _world_size(strategy)
+    parts = {"weights": weights, "trainable_state": state + max(0.0, grads - activations - logits),
+             "activations": activations, "logits": logits, "framework": overhead}
+    if device == "cpu":
+        parts["allocator_kept"] = activations * CPU_ALLOCATOR_KEPT
     if method == "full" and cfg.method.stage in ("dpo", "kto"):  # the frozen fp32 copy (trainer/entrypoint.py)
         parts["reference_model"] = shape.params * 4
     return {k: round(v / MB, 1) for k, v in parts.items()}
+
+
+def _activation_values(shape: ModelShape, strategy: Strategy, device: str, precision: str) -> float:
+    """Values one decoder layer keeps per token for backward (see the ACT_ constants)."""
+    from types import SimpleNamespace
+
+    from contract.decisions import choose_attention
+
+    cfg, args = strategy.cfg, strategy.cfg.training_args
+    h, i = shape.hidden_size, shape.intermediate_size
+    values = ACT_COMMON_HIDDEN * h + ACT_COMMON_INTER * i
+    if cfg.method.type == "full":
+        values += ACT_DENSE_HIDDEN * h + ACT_DENSE_INTER * i
+    else:
+        shapes = shape.linear_shapes()
+        targets = [n for n in shapes if cfg.method.target_modules == "auto" or n in cfg.method.target_modules]
+        if cfg.method.dropout > 0:
+            values += ACT_DROPOUT_COPIES * sum(shapes[n][0] for n in targets)
+        else:  # q/k/v share the first norm's output, gate/up the second's; o_proj's input is the attention output
+            groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+            values += sum(shapes[g[0]][0] for g in groups if any(n in targets for n in g))
+        values += cfg.method.r * len(targets)
+    # The trainer's matmul attention keeps the softmax probabilities; sdpa's kernels keep only a
+    # log-sum-exp per head. The same decision the trainer makes (contract/decisions.py choose_attention).
+    packed = cfg.method.stage == "sft" and cfg.dataset.packing is not False
+    config = SimpleNamespace(num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                             _attn_implementation="sdpa")
+    attention = choose_attention(device, packed, config, args.per_device_train_batch_size, args.max_seq_length,
+                                 precision)
+    if attention.value == "grouped-matmul":
+        values += shape.num_heads * args.max_seq_length
+    return values
+
+
+def _eval_passes(strategy: Strategy, steps: int, per_epoch: int) -> int:
+    """How often the loop evaluates (trainer/loop.py): every eval_steps, else at each epoch's end, and at the end."""
+    if not strategy.cfg.dataset.has_eval:
+        return 0
+    every = strategy.cfg.training_args.eval_steps or per_epoch
+    return steps // every + (1 if steps % every else 0)
+
+
+def _eval_tokens(strategy: Strategy, dataset: Path | None, tokens_per_epoch: int) -> int:
+    d = strategy.cfg.dataset
+    if d.eval_file:
+        path = Path(d.eval_file).expanduser()  # as `start` reads it: relative to the current folder
+        return _tokens_per_epoch(strategy, path)[0] if path.is_file() else 0
+    return int(tokens_per_epoch * d.eval_fraction) if d.eval_fraction else 0
 
 
 def _world_size(strategy: Strategy) -> int:
@@ -193,7 +264,13 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     est.busy = busy_note(device)
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
-    est.seconds = round(compute + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
+    # Evaluation passes run inside the training time: a forward pass over the eval rows each (the real
+    # smollm2_medical test case's final pass over its 30 held-out questions is about a third of its time).
+    passes = _eval_passes(strategy, est.steps, per_epoch)
+    if passes:
+        evaluation = passes * _eval_tokens(strategy, dataset, est.tokens_per_epoch) * forward
+        est.eval_seconds = round(evaluation / (est.device_gflops * 1e9 * EFFICIENCY), 1)
+    est.seconds = round(compute + est.eval_seconds + est.steps * (STEP_SECONDS + LAYER_STEP_SECONDS * shape.num_layers), 1)
 
     weights_mb = (trainable if cfg.method.type != "full" else shape.params) * 4 / MB
     checkpoint_mb = weights_mb + trainable * 8 / MB  # weights plus AdamW moments
