@@ -89,7 +89,10 @@ def main(argv=None) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counting_collator,
                       callbacks=[Timer()])
     trainer.train()
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # This process's own peak (Linux's VmHWM): ru_maxrss carries a parent's peak across exec.
+    status = Path("/proc/self/status")
+    hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
+    peak_rss_mb = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [json.loads(line) for line in Path(a.eval).read_text().splitlines()]
     ids = [tokenizer(r["text"] + tokenizer.eos_token)["input_ids"] for r in rows]
     with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):

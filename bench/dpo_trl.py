@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,8 @@ def trl_side(a) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from trainer.devices import peak_rss_mb
 
     torch.set_num_threads(a.threads)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
@@ -93,7 +94,7 @@ def trl_side(a) -> None:
         "name": f"TRL DPOTrainer + PEFT ({a.precision}, padded)",
         "step_seconds": durations,
         "step_tokens": tokens_per_step[: len(durations)],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),  # this process's own (VmHWM), as the trainer records its peak
         "torch_threads": torch.get_num_threads(),
     }))
 
