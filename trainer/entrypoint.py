@@ -290,6 +290,9 @@ def _decide_levers(run: _Job, model) -> _Levers:
     chunked_loss = performance.choose_chunked_loss(model)
     if run.world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
+    if run.cfg.method.stage != "sft":
+        chunked_loss = Decision("off", f"method.stage {run.cfg.method.stage}: the answers' log-probabilities come "
+                                       "from the model's own logits (trainer/preference.py)")
     run.decide("chunked_loss", chunked_loss)
     estimate = estimate_of(run.job)
     # Training time only: evaluation runs eager, so compiling does not shorten it.
