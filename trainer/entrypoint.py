@@ -121,6 +121,7 @@ class _Job:
     precision: Decision
     world: object
     decisions: dict = field(default_factory=dict)
+    trainable_parameters: int = 0
 
     @property
     def args(self):
@@ -263,7 +264,7 @@ def _load_model(run: _Job, model_path: str, resume):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
-    run.record(trainable_parameters=trainable)
+    run.trainable_parameters = trainable  # recorded with the data counts, in one write
     return model, ref_model
 
 
@@ -320,6 +321,7 @@ def _sequences(run: _Job, data, packed: bool) -> list:
               flush=True)
     run.record(
         decisions=run.decisions,
+        trainable_parameters=run.trainable_parameters,
         data={"rows": stats.rows, "train": len(data.train), "eval": len(data.eval), "truncated": stats.truncated,
               "dropped": stats.dropped_too_long + stats.dropped_no_target, "tokens": stats.tokens,
               "sequences": len(sequences), "padding_fraction": None if padding is None else round(padding, 4),
