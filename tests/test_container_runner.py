@@ -218,7 +218,9 @@ def _removed(client, folder: Path) -> None:
 def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     result = run_cli("run", "--strategy", "tiny_demo", "--dataset", QA, "--runner", "container",
                      "--set", "training_args.max_steps=6", "--set", "training_args.logging_steps=2",
-                     "--set", "training_args.precision=fp32", "--json")  # fp32: fastest on any CPU
+                     "--set", "training_args.precision=fp32", "--json",  # fp32: fastest on any CPU
+                     # The image carries the C++ toolchain torch.compile needs on CPU (images/cpu/Dockerfile).
+                     "--set", "training_args.torch_compile=true")
     assert result.exit_code == 0, result.output
     assert f"runner: container (--runner flag); image {IMAGES['cpu'].tag}" in result.output
     folder = Path(json.loads(result.stdout)["job_dir"])
@@ -231,6 +233,7 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     assert runner_of(job) == "container" and job["container"]["image"] == IMAGES["cpu"].tag
     assert f"container runner: container llamafarm-{folder.name}" in log and "status: completed" in log
     assert "device: cpu" in log  # the trainer's own decisions, printed inside the container, reach train.log
+    assert "compile: on" in log and "CppCompileError" not in log, log[-3000:]  # a failed compile runs eagerly
     for name in ("final/model.safetensors", "final/strategy.yaml", "final/tokenizer.json", "metrics.jsonl"):
         assert (folder / name).is_file(), name
     assert list((_isolated_home / "cache" / "tokenized").glob("*.npz"))  # the trainer's cache, shared with the host

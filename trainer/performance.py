@@ -71,7 +71,7 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
     if device == "cpu" and not _cpp_compiler():
         if setting is True:
             raise UserError("training_args.torch_compile: true needs a C++ compiler (g++, clang++ or $CXX) on PATH "
-                            "for torch.compile on CPU, and there is none here (the CPU container image has none); "
+                            "for torch.compile on CPU, and there is none here; "
                             "install one, or set torch_compile to auto or false")
         return Decision("off", "no C++ compiler (g++, clang++ or $CXX) on PATH, which torch.compile needs on CPU")
     if setting is True:
