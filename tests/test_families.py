@@ -150,3 +150,40 @@ def test_family_lora_on_auto_targets_exports_merged_and_as_adapter(family, tmp_p
     for report in (merged, adapter):
         v = report["verification"]
         assert v["passed"] and v["relative_logit_diff"] <= 1e-5 and v["greedy_equal"], v["problems"]
+
+
+# A tool conversation in the data pipeline's form (inputs/data/tools.py): tools, a call, its result.
+TOOLS = [{"type": "function", "function": {"name": "get_dose", "description": "Usual adult dose of a drug",
+                                           "parameters": {"type": "object", "properties": {"drug": {"type": "string"}},
+                                                          "required": ["drug"]}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "How much ibuprofen can I take?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_dose", "arguments": {"drug": "ibuprofen"}}}]},
+    {"role": "tool", "content": '{"dose": "200-400 mg every 4-6 hours"}'},
+]
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen2.5"])
+def test_qwen_tool_format_ollama_template_gives_the_training_tokens(template, tmp_path):
+    """Qwen's tool format (tools block, <tool_call>, <tool_response>): Go's rendering of the Ollama form,
+    tokenized by llama.cpp from a Qwen GGUF, is token for token what training encodes."""
+    from transformers import AutoTokenizer
+
+    from contract.chat_templates import get_template
+    from trainer.data.tokenize import ConversationEncoder
+    from trainer.export import gguf_model
+    from trainer.export.llamacpp import GgufModel
+    from trainer.export.weights import ModelWeights
+    from trainer.models.families import build
+
+    base = build("qwen2", tmp_path / "tiny-qwen2")
+    chat = get_template(template)
+    gguf_model.convert(ModelWeights(base), base, tmp_path / "m.gguf", "f32", "tiny-qwen2", chat.jinja)
+    encoder = ConversationEncoder(AutoTokenizer.from_pretrained(base), chat, 512, False, "truncate")
+    gg = GgufModel(tmp_path / "m.gguf")
+    for messages in (TOOL_TURNS, [{"role": "system", "content": "Answer from the tool."}, *TOOL_TURNS]):
+        rendered = _go_render(chat.ollama_template("", "<|im_end|>"), messages, TOOLS)
+        assert "<tools>" in rendered and "<tool_call>" in rendered and "<tool_response>" in rendered
+        ids = gg.llm.tokenize(rendered.encode(), add_bos=False, special=True)
+        assert ids == encoder.prompt_ids(messages, TOOLS)
