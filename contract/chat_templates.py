@@ -70,9 +70,8 @@ _TOOLS_FORMAT = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
     "\n</tool_call><|im_end|>\n"
 )
-_CHATML = _keep_newlines(
-    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
-    + _TOOLS_PREAMBLE + "{% for t in tools %}\n{{ t | " + _JSON + " }}{% endfor %}" + _TOOLS_FORMAT + "{% endif %}"
+# The conversation after the system block: tool results grouped in user blocks, calls after content.
+_CHATML_TURNS = (
     "{% for m in messages %}"
     "{% if m['role'] == 'tool' %}"
     "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
@@ -84,6 +83,26 @@ _CHATML = _keep_newlines(
     "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+_TOOLS_LIST = "{% for t in tools %}\n{{ t | " + _JSON + " }}{% endfor %}" + _TOOLS_FORMAT
+
+
+def _chatml(default_system: str = "") -> str:
+    """ChatML with Qwen's tools block; `default_system`: the system text when the conversation has none
+    (Qwen2.5 writes its own, with or without tools; Qwen3 none)."""
+    if not default_system:
+        return _keep_newlines(
+            "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+            "{% endif %}" + _TOOLS_PREAMBLE + _TOOLS_LIST + "{% endif %}" + _CHATML_TURNS)
+    return _keep_newlines(
+        "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+        "{% else %}" + default_system + "{% endif %}\n\n" + _TOOLS_PREAMBLE + _TOOLS_LIST
+        + "{% elif messages[0]['role'] != 'system' %}<|im_start|>system\n" + default_system + "<|im_end|>\n"
+        "{% endif %}" + _CHATML_TURNS)
+
+
+_CHATML = _chatml()
+_QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_QWEN25 = _chatml(_QWEN25_SYSTEM)
 
 # Llama 3.1's tool format: the tools in the first user message, a call as {"name", "parameters"}
 # JSON, results in an ipython block.
@@ -177,10 +196,7 @@ _ALPACA_GO = (
 )
 # With tools: .Tools and each message's .ToolCalls, JSON through Ollama's `json` function. A run of
 # tool results is closed when the next message (or the end) comes, instead of looking ahead.
-_CHATML_GO = (
-    '{{ if .Tools }}<|im_start|>system\n{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq .Role "system") }}'
-    '{{ .Content }}\n\n{{ end }}{{ end }}' + _TOOLS_PREAMBLE + '{{ range .Tools }}\n{{ json . }}{{ end }}'
-    + _TOOLS_FORMAT + '{{ end }}'
+_CHATML_TURNS_GO = (
     '{{ $prev := "" }}{{ range .Messages }}'
     '{{ if and (eq $prev "tool") (ne .Role "tool") }}<|im_end|>\n{{ end }}'
     '{{ if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}'
@@ -190,6 +206,17 @@ _CHATML_GO = (
     '<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n</tool_call>{{ end }}'
     '<|im_end|>\n{{ end }}{{ $prev = .Role }}{{ end }}'
     '{{ if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+)
+_TOOLS_LIST_GO = _TOOLS_PREAMBLE + '{{ range .Tools }}\n{{ json . }}{{ end }}' + _TOOLS_FORMAT
+_CHATML_GO = (
+    '{{ if .Tools }}<|im_start|>system\n{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq .Role "system") }}'
+    '{{ .Content }}\n\n{{ end }}{{ end }}' + _TOOLS_LIST_GO + '{{ end }}' + _CHATML_TURNS_GO
+)
+_QWEN25_GO = (
+    '{{ $first := index .Messages 0 }}{{ if .Tools }}<|im_start|>system\n'
+    '{{ if eq $first.Role "system" }}{{ $first.Content }}{{ else }}' + _QWEN25_SYSTEM + '{{ end }}\n\n' + _TOOLS_LIST_GO
+    + '{{ else if ne $first.Role "system" }}<|im_start|>system\n' + _QWEN25_SYSTEM + '<|im_end|>\n{{ end }}'
+    + _CHATML_TURNS_GO
 )
 _CHATML_DEFAULT_SYSTEM_GO = (
     '{{ if ne (index .Messages 0).Role "system" }}<|im_start|>system\n' + _SMOLLM2_SYSTEM + "<|im_end|>\n{{ end }}"
@@ -240,7 +267,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
         ChatTemplate("alpaca", _ALPACA, ("### Instruction:",), "Stanford Alpaca instruction/response blocks", _ALPACA_GO),
-        ChatTemplate("chatml", _CHATML, ("<|im_end|>",), "ChatML (<|im_start|>role ... <|im_end|>), Qwen, SmolLM", _CHATML_GO),
+        ChatTemplate("chatml", _CHATML, ("<|im_end|>",),
+                     "ChatML (<|im_start|>role ... <|im_end|>), Qwen3 (tool format, no thinking blocks), SmolLM", _CHATML_GO),
+        ChatTemplate("qwen2.5", _QWEN25, ("<|im_end|>",),
+                     "ChatML with Qwen2.5's default system message and its tool format", _QWEN25_GO),
         ChatTemplate("chatml-smollm2", _CHATML_DEFAULT_SYSTEM, ("<|im_end|>",),
                      "ChatML with SmolLM2's default system message when none is given", _CHATML_DEFAULT_SYSTEM_GO),
         ChatTemplate("llama3", _LLAMA3, ("<|eot_id|>",), "Llama 3 header blocks ending in <|eot_id|>", _LLAMA3_GO),

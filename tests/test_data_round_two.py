@@ -103,26 +103,35 @@ def test_golden_tool_calling_ids_and_masking(tokenizers, write_jsonl, kind, temp
     assert ids == GOLDEN[f"{template}_ids"]
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3"])
-def test_tool_templates_have_an_exact_ollama_form(write_jsonl, template):
-    """Go's text/template (as Ollama renders .Messages, .Tools, .ToolCalls) gives the Jinja text."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    if not shutil.which("go"):
-        pytest.fail("Go is needed to render Ollama templates exactly as Ollama does; scripts/test.sh installs golang-go")
-    conv, = read_dataset(write_jsonl([SHAREGPT_TOOLS]))
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, separators=separators, sort_keys=sort_keys)
-    chat = get_template(template)
+def _tool_cases(conv) -> list[tuple[list[dict], list[dict]]]:
     two_calls = {"role": "assistant", "content": "Checking both.", "tool_calls": [conv.messages[2]["tool_calls"][0]] * 2}
-    cases = [
+    return [
         (list(conv.messages[:-1]), list(conv.tools)),  # system, user, call, result: the model answers next
         (list(conv.messages[1:2]), list(conv.tools)),  # no system prompt
         ([*conv.messages[1:2], two_calls, conv.messages[3], conv.messages[3]], list(conv.tools)),  # parallel calls
         (list(conv.messages[:2]), []),  # no tools at all: the plain form
+        (list(conv.messages[1:2]), []),  # neither tools nor a system prompt
     ]
-    for messages, tools in cases:
+
+
+def _jinja_env(tojson):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    return env
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen2.5", "llama3"])
+def test_tool_templates_have_an_exact_ollama_form(write_jsonl, template):
+    """Go's text/template (as Ollama renders .Messages, .Tools, .ToolCalls) gives the Jinja text."""
+    if not shutil.which("go"):
+        pytest.fail("Go is needed to render Ollama templates exactly as Ollama does; scripts/test.sh installs golang-go")
+    conv, = read_dataset(write_jsonl([SHAREGPT_TOOLS]))
+    env = _jinja_env(lambda x, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, separators=separators, sort_keys=sort_keys))
+    chat = get_template(template)
+    for messages, tools in _tool_cases(conv):
         jinja = env.from_string(chat.jinja).render(messages=messages, tools=tools or None, bos_token="<s>",
                                                    eos_token="</s>", add_generation_prompt=True)
         stdin = json.dumps({"template": chat.ollama_template("<s>", "</s>"), "messages": messages, "tools": tools})
@@ -130,6 +139,26 @@ def test_tool_templates_have_an_exact_ollama_form(write_jsonl, template):
                               timeout=300, env={**os.environ, "GOFLAGS": "-mod=mod"})
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == jinja.removeprefix("<s>"), (template, proc.stdout, jinja)
+
+
+# Qwen's own chat templates, as trl ships them (read from the installed package, not copied here).
+QWEN_OWN = {"chatml": "qwen3.jinja", "qwen2.5": "qwen2_5.jinja"}
+
+
+@pytest.mark.parametrize("template", sorted(QWEN_OWN))
+def test_qwen_templates_render_as_qwens_own_but_for_json_spacing(write_jsonl, template):
+    """Tools block, calls, grouped results and default system text as Qwen's own template writes them. JSON
+    is compact with sorted keys in both our forms (Ollama's `json` writes only that; Qwen's tojson writes
+    Python's spaced JSON in the given key order), so Qwen's is rendered with that JSON here."""
+    import trl
+
+    own = (Path(trl.__file__).parent / "chat_templates" / QWEN_OWN[template]).read_text()
+    env = _jinja_env(lambda x, **_: json.dumps(x, ensure_ascii=False, separators=(",", ":"), sort_keys=True))
+    conv, = read_dataset(write_jsonl([SHAREGPT_TOOLS]))
+    for messages, tools in _tool_cases(conv):
+        ours, theirs = (env.from_string(jinja).render(messages=messages, tools=tools or None, add_generation_prompt=True)
+                        for jinja in (get_template(template).jinja, own))
+        assert ours == theirs, (messages, tools)
 
 
 def test_a_template_without_tools_refuses_tool_rows(tokenizers, write_jsonl):

@@ -172,10 +172,11 @@ def test_merged_weights_reload_as_the_trained_model(lora_job, tmp_path):
     assert (out / "tokenizer.json").exists() and AutoConfig.from_pretrained(out).model_type == "llama"
 
 
-def _go_render(template: str, messages: list[dict]) -> str:
+def _go_render(template: str, messages: list[dict], tools: list[dict] = ()) -> str:
     if not shutil.which("go"):
         pytest.fail("Go is needed to render Ollama templates exactly as Ollama does; scripts/test.sh installs golang-go")
-    proc = subprocess.run(["go", "run", "."], cwd=GO_RENDERER, input=json.dumps({"template": template, "messages": messages}),
+    stdin = json.dumps({"template": template, "messages": messages, "tools": list(tools)})
+    proc = subprocess.run(["go", "run", "."], cwd=GO_RENDERER, input=stdin,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "GOFLAGS": "-mod=mod"})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -27,6 +27,7 @@ EXPECTED = {
     "mistral": ("llama", "llama"),
     "gemma2": ("gemma2", "llama"),
     "phi3": ("phi3", "llama"),
+    "qwen3_moe": ("qwen3moe", "gpt2"),
 }
 
 
@@ -74,16 +75,30 @@ def _export(folder: Path, fmt: str, quantization: str, tmp_path: Path) -> dict:
     return export(folder, fmt, quantization, tmp_path / f"{fmt}-{quantization}", None)
 
 
+def _check_experts(reader: gguf.GGUFReader) -> None:
+    """The fixture's 4 experts of width 512, top-2: stacked 3-D tensors, the router kept F32, the expert keys."""
+    fields = reader.fields
+    assert [fields[f"qwen3moe.{k}"].contents() for k in ("expert_count", "expert_used_count",
+                                                         "expert_feed_forward_length")] == [4, 2, 512]
+    tensors = {t.name: t for t in reader.tensors}
+    for proj, shape in (("gate", [256, 512, 4]), ("up", [256, 512, 4]), ("down", [512, 256, 4])):
+        assert tensors[f"blk.0.ffn_{proj}_exps.weight"].shape.tolist() == shape  # ggml order: cols, rows, experts
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
 @pytest.mark.parametrize("quantization", ["f16", "q4_k_m"])
 def test_family_gguf_matches_pytorch(job, quantization, tmp_path):
     family, folder = job
     report = _export(folder, "gguf", quantization, tmp_path)
     v = report["verification"]
     assert v["passed"] and v["tokenization_equal"] and v["stops_like_pytorch"], v["problems"]
-    fields = gguf.GGUFReader(Path(report["output"]) / "model.gguf").fields
+    reader = gguf.GGUFReader(Path(report["output"]) / "model.gguf")
+    fields = reader.fields
     arch, tokenizer = EXPECTED[family]
     assert fields["general.architecture"].contents() == arch
     assert fields["tokenizer.ggml.model"].contents() == tokenizer
+    if family == "qwen3_moe":
+        _check_experts(reader)
     if quantization == "f16":
         assert v["relative_logit_diff"] <= 1e-3 and v["greedy_equal"]
     else:
@@ -111,3 +126,64 @@ def test_family_ollama_template_gives_the_training_tokens(job, tmp_path):
     ollama_ids = ([gg.bos] if gg.add_bos else []) + gg.llm.tokenize(rendered.encode(), add_bos=False, special=True)
     assert ollama_ids == encoder.prompt_ids(CONVERSATION)
     assert json.loads((out / "export_report.json").read_text())["verification"]["passed"]
+
+
+# What target_modules: auto resolves to (job.json's decision): every linear layer but the output layer;
+# Phi-3's fused projections are single layers; a mixture's experts and router are no linear layers.
+LORA_TARGETS = {
+    "qwen2": "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+    "phi3": "down_proj, gate_up_proj, o_proj, qkv_proj",
+    "qwen3_moe": "k_proj, o_proj, q_proj, v_proj",
+}
+
+
+@pytest.mark.parametrize("family", sorted(LORA_TARGETS))
+def test_family_lora_on_auto_targets_exports_merged_and_as_adapter(family, tmp_path):
+    from contract.job_folder import read_job
+
+    folder = train(family, tmp_path, {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto"})
+    decision = read_job(folder)["decisions"]["target_modules"]
+    assert decision["value"] == LORA_TARGETS[family]
+    assert ("the router are left out" in decision["reason"]) == (family == "qwen3_moe")
+    merged = _export(folder / "final", "gguf", "f32", tmp_path)  # the adapter merged as the GGUF streams
+    adapter = _export(folder / "final", "adapter-gguf", None, tmp_path)  # llama.cpp applies it on the base
+    for report in (merged, adapter):
+        v = report["verification"]
+        assert v["passed"] and v["relative_logit_diff"] <= 1e-5 and v["greedy_equal"], v["problems"]
+
+
+# A tool conversation in the data pipeline's form (inputs/data/tools.py): tools, a call, its result.
+TOOLS = [{"type": "function", "function": {"name": "get_dose", "description": "Usual adult dose of a drug",
+                                           "parameters": {"type": "object", "properties": {"drug": {"type": "string"}},
+                                                          "required": ["drug"]}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "How much ibuprofen can I take?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_dose", "arguments": {"drug": "ibuprofen"}}}]},
+    {"role": "tool", "content": '{"dose": "200-400 mg every 4-6 hours"}'},
+]
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen2.5"])
+def test_qwen_tool_format_ollama_template_gives_the_training_tokens(template, tmp_path):
+    """Qwen's tool format (tools block, <tool_call>, <tool_response>): Go's rendering of the Ollama form,
+    tokenized by llama.cpp from a Qwen GGUF, is token for token what training encodes."""
+    from transformers import AutoTokenizer
+
+    from contract.chat_templates import get_template
+    from trainer.data.tokenize import ConversationEncoder
+    from trainer.export import gguf_model
+    from trainer.export.llamacpp import GgufModel
+    from trainer.export.weights import ModelWeights
+    from trainer.models.families import build
+
+    base = build("qwen2", tmp_path / "tiny-qwen2")
+    chat = get_template(template)
+    gguf_model.convert(ModelWeights(base), base, tmp_path / "m.gguf", "f32", "tiny-qwen2", chat.jinja)
+    encoder = ConversationEncoder(AutoTokenizer.from_pretrained(base), chat, 512, False, "truncate")
+    gg = GgufModel(tmp_path / "m.gguf")
+    for messages in (TOOL_TURNS, [{"role": "system", "content": "Answer from the tool."}, *TOOL_TURNS]):
+        rendered = _go_render(chat.ollama_template("", "<|im_end|>"), messages, TOOLS)
+        assert "<tools>" in rendered and "<tool_call>" in rendered and "<tool_response>" in rendered
+        ids = gg.llm.tokenize(rendered.encode(), add_bos=False, special=True)
+        assert ids == encoder.prompt_ids(messages, TOOLS)

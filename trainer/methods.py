@@ -30,16 +30,26 @@ def linear_layers(model) -> list[str]:
                    if isinstance(mod, torch.nn.Linear) and mod is not output})
 
 
+def experts_note(model) -> str:
+    """Why a mixture of experts' experts and router are no LoRA targets ("" for a dense model)."""
+    experts = sorted({name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.dim() == 3})
+    if not experts:
+        return ""
+    return (f"; the experts ({', '.join(experts)}: 3-D parameters, not linear layers) and the router are left out: "
+            "export merges LoRA into linear layers only, and a tuned router changes which experts run")
+
+
 def resolve_targets(model, method: MethodSpec) -> Decision:
     """The LoRA target modules: the strategy's list, checked against the model, or auto's every linear layer."""
     linear = linear_layers(model)
     if method.target_modules == "auto":
-        return Decision(linear, f"auto: every linear layer of {type(model).__name__} but the output layer")
+        return Decision(linear, f"auto: every linear layer of {type(model).__name__} but the output layer"
+                                + experts_note(model))
     missing = [t for t in method.target_modules if t not in linear]
     if missing:
         raise UserError(
             f"method.target_modules {missing} do not exist in this model ({type(model).__name__}); "
-            f"its linear layers are: {', '.join(linear)} (or use target_modules: auto)"
+            f"its linear layers are: {', '.join(linear)} (or use target_modules: auto){experts_note(model)}"
         )
     return Decision(list(method.target_modules), "set in the strategy")
 

@@ -17,6 +17,12 @@ read from llama.cpp's loader (src/models/<arch>.cpp of the pinned version) and i
   soft-capping values and the sliding window are keys of their own; llama.cpp scales the embeddings by
   sqrt(hidden) itself, scales queries by 1/sqrt(head_dim) (so query_pre_attn_scalar must equal it) and
   alternates sliding and full attention starting with a sliding layer, as transformers does.
+- qwen3moe: Qwen3's attention; every layer's MLP is a mixture of experts. The checkpoint's per-expert
+  projections are stacked into one 3-D tensor each (ffn_gate_exps, ffn_up_exps, ffn_down_exps; see
+  weights.py), the router (mlp.gate) is ffn_gate_inp and stays F32 (as llama.cpp's converter and
+  quantizer keep it), and expert count, experts used per token and the expert width are keys.
+  llama.cpp's graph always renormalises the chosen experts' weights and makes every layer sparse, so
+  a config with norm_topk_prob false, mlp_only_layers or decoder_sparse_step > 1 is refused.
 
 The trainer refuses an architecture not listed here before training (trainer/entrypoint.py).
 """
@@ -58,6 +64,20 @@ def _phi3_keys(writer: gguf.GGUFWriter, config: dict) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(original))
 
 
+def _qwen3moe_keys(writer: gguf.GGUFWriter, config: dict) -> None:
+    where = "qwen3_moe config.json"
+    if not config.get("norm_topk_prob"):
+        raise UserError(f"{where}: norm_topk_prob is false, but llama.cpp's qwen3moe graph always renormalises the "
+                        "chosen experts' weights; the export would compute a different model")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise UserError(f"{where}: dense layers (mlp_only_layers {config.get('mlp_only_layers')}, decoder_sparse_step "
+                        f"{config.get('decoder_sparse_step')}) are not in llama.cpp's qwen3moe graph, where every layer "
+                        "is a mixture of experts")
+    writer.add_expert_count(int(config.get("num_experts") or config["num_local_experts"]))
+    writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+    writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+
+
 @dataclass(frozen=True)
 class Architecture:
     family: str
@@ -72,6 +92,11 @@ class Architecture:
     """Family metadata beyond the common keys."""
     name_tag: str = ""
     """Text general.name must contain: llama.cpp keys some tokenizer behaviour on the model's name."""
+    keep_f32: tuple[str, ...] = ()
+    """Ends of Hugging Face weight names written F32 whatever the type asked (a MoE router)."""
+
+    def keeps_f32(self, hf_name: str) -> bool:
+        return hf_name.endswith(self.keep_f32) if self.keep_f32 else False
 
     def gguf_name(self, name: str) -> str:
         return name if self.name_tag in name.lower() else f"{name}-{self.name_tag}"
@@ -89,6 +114,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture("Gemma 2", gguf.MODEL_ARCH.GEMMA2, norm_offset=1.0, keys=_gemma2_keys),
     "Phi3ForCausalLM": Architecture("Phi-3", gguf.MODEL_ARCH.PHI3, ignores_sliding_window=True, keys=_phi3_keys,
                                     name_tag="phi3"),
+    "Qwen3MoeForCausalLM": Architecture("Qwen3-MoE", gguf.MODEL_ARCH.QWEN3MOE, keys=_qwen3moe_keys,
+                                        keep_f32=(".mlp.gate.weight",)),
 }
 
 

@@ -7,7 +7,8 @@ size) is written first, which is why each tensor's output type is decided up fro
 
 Tensor names and keys come from gguf-py; each family's special cases (q/k re-order, norm offsets,
 extra keys, sliding windows) live in architectures.py. A tied lm_head is left out (llama.cpp reuses
-token_embd). 1-D tensors stay F32.
+token_embd). 1-D tensors stay F32. A mixture of experts' per-expert weights arrive stacked (weights.py)
+and are written as 3-D tensors; rows are the last dimension, as for 2-D ones.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def convert(weights: ModelWeights, tokenizer_dir: Path, out: Path, quantization:
         if target is None or (target == "output.weight" and shape.tied):
             continue
         t_shape = weights.shape(hf_name)
-        plan.append((hf_name, target, t_shape, tensor_type(target, t_shape, wanted)))
+        qtype = Q.F32 if shape.spec.keeps_f32(hf_name) else tensor_type(target, t_shape, wanted)
+        plan.append((hf_name, target, t_shape, qtype))
     if rope_factors is not None:
         plan.append((None, "rope_freqs.weight", rope_factors.shape, Q.F32))
     for _, target, t_shape, qtype in plan:

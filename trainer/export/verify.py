@@ -86,10 +86,13 @@ def _reference_greedy(model, ids: list[int], stop_ids: set[int]) -> tuple[list[i
 
 
 def rounded_like_gguf(model, quantization: str):
-    """A merged copy of `model` whose 2-D weights went through the GGUF's float type and back."""
+    """A merged copy of `model` whose matrices (2-D, and a mixture's 3-D experts) went through the GGUF's
+    float type and back, as the GGUF holds them (an architecture's F32 weights, e.g. a router, excepted)."""
     import copy
 
     import torch
+
+    from trainer.export.architectures import architecture_of
 
     if quantization not in ROUNDED:
         return model
@@ -97,9 +100,10 @@ def rounded_like_gguf(model, quantization: str):
     ref = copy.deepcopy(model)
     if hasattr(ref, "merge_and_unload"):
         ref = ref.merge_and_unload()
+    _, spec = architecture_of(ref.config.to_dict())
     with torch.no_grad():
-        for p in ref.parameters():
-            if p.dim() == 2:
+        for name, p in ref.named_parameters():
+            if p.dim() >= 2 and not spec.keeps_f32(name):
                 p.copy_(p.to(dtype).float())
     return ref
 

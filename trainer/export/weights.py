@@ -1,5 +1,11 @@
 """The weights an export writes: a full model folder, or a base model with a LoRA adapter merged in.
 
+Mixture-of-experts checkpoints keep one 2-D tensor per expert (transformers 5 fuses them into 3-D
+parameters in memory and splits them again on save); GGUF keeps one 3-D tensor per projection and
+layer (E, rows, cols). Those are presented here as one stacked tensor, named as the projection
+without the expert index (model.layers.0.mlp.experts.gate_proj.weight), the name gguf-py maps to
+ffn_gate_exps; each expert is read (and merged) in turn.
+
 The merge happens per tensor as it is read (W + scale * B @ A, in float32), so a LoRA job exports
 without ever holding a merged model in memory and without torch. Adapters that change more than
 the target weights (DoRA, modules_to_save, trained embeddings) are refused by name: merging them
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +27,27 @@ from trainer.export.safetensors_io import SafetensorsFolder
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT saves module names under this
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
 
 
 @dataclass(frozen=True)
 class LoraPair:
     a: str  # adapter tensor names
     b: str
+
+
+def stacked_experts(names: list[str]) -> dict[str, list[str]]:
+    """Per-expert tensors grouped by projection: stacked name -> the experts' tensor names, in expert order."""
+    found: dict[str, dict[int, str]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
+        if m:
+            found.setdefault(f"{m['experts']}.{m['proj']}.weight", {})[int(m["index"])] = name
+    for stacked, members in found.items():
+        if sorted(members) != list(range(len(members))):
+            raise UserError(f"experts of {stacked} are numbered {sorted(members)}, not 0..{len(members) - 1}; "
+                            "the checkpoint is incomplete")
+    return {stacked: [members[i] for i in range(len(members))] for stacked, members in found.items()}
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -50,6 +72,8 @@ class ModelWeights:
             raise UserError(f"{model_dir} has no config.json; it is not a Hugging Face model folder")
         self.config = json.loads(config_path.read_text())
         self.base = SafetensorsFolder(model_dir, "model*.safetensors")
+        self.stacks = stacked_experts(self.base.names())
+        self._stacked_as = {m: stacked for stacked, members in self.stacks.items() for m in members}
         self.pairs: dict[str, LoraPair] = {}
         self.scale = 1.0
         self.adapter = None
@@ -69,12 +93,24 @@ class ModelWeights:
                 self.pairs[target] = LoraPair(name, name.replace(".lora_A.", ".lora_B."))
 
     def names(self) -> list[str]:
-        return self.base.names()
+        """The base's tensor names, each projection's experts as one stacked name where the first expert was."""
+        out = []
+        for name in self.base.names():
+            stacked = self._stacked_as.get(name)
+            if stacked is None:
+                out.append(name)
+            elif self.stacks[stacked][0] == name:
+                out.append(stacked)
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.stacks:
+            return (len(self.stacks[name]), *self.base.shape(self.stacks[name][0]))
         return self.base.shape(name)
 
     def float32(self, name: str) -> np.ndarray:
+        if name in self.stacks:
+            return np.stack([self.float32(member) for member in self.stacks[name]])
         w = self.base.float32(name)
         pair = self.pairs.get(name)
         if pair is not None:

@@ -73,6 +73,12 @@ FAMILIES: dict[str, Family] = {
                {**_SPM_NAMES, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, "phi3",
                {"tie_word_embeddings": False}, "Phi-3: fused qkv_proj and gate_up_proj",
                rstrip=("</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+        # Qwen3-30B-A3B's kind: every layer a mixture of experts (no shared expert), top-k weights
+        # renormalised (norm_topk_prob, which llama.cpp's qwen3moe graph always does), untied head.
+        Family("qwen3_moe", "qwen3_moe", "qwen-bpe", _QWEN_SPECIALS, _QWEN_NAMES, "chatml",
+               {"tie_word_embeddings": False, "head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
+                "moe_intermediate_size": 512, "norm_topk_prob": True},
+               "Qwen3-MoE: 4 experts, top-2 routing, experts fused in 3-D parameters"),
     )
 }
 
