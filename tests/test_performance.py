@@ -98,9 +98,10 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
     assert chunked == pytest.approx(own, rel=1e-2)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
-    """The matmul attention (packed batches; unpacked ones take its sdpa fallback) gives sdpa's logits
+@pytest.mark.parametrize("kernel,packed", [("grouped-matmul", True), ("grouped-matmul", False), ("blockwise", True),
+                                           ("blockwise", False)])
+def test_packed_attention_equals_sdpa(tokenizers, kernel, packed):
+    """Our attention kernels (packed batches; unpacked ones take their sdpa fallback) give sdpa's logits
     and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads)."""
     import torch
 
@@ -113,10 +114,10 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
     model = _lora_tiny()
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
-    for impl in ("sdpa", "grouped-matmul"):
-        if impl == "grouped-matmul":
-            use_attention(model, Decision("grouped-matmul", "test"))
-            assert model.get_base_model().config._attn_implementation == attention.NAME
+    for impl in ("sdpa", kernel):
+        if impl == kernel:
+            use_attention(model, Decision(kernel, "test"))
+            assert attention.kernel_of(model.get_base_model().config._attn_implementation) == kernel
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         loss = _forward(model, batch, "cpu", "fp32", chunked_loss=True).loss
         results[impl] = (out.logits.detach(), loss.item(), torch.autograd.grad(loss, trainable))
@@ -128,7 +129,8 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
         assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
-def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
+def test_packed_attention_under_bf16_autocast(tokenizers, kernel):
     import torch
 
     from contract.decisions import Decision
@@ -140,7 +142,7 @@ def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
     trainable = [p for p in model.parameters() if p.requires_grad]
     sdpa = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     sdpa_grads = torch.autograd.grad(sdpa, trainable)
-    use_attention(model, Decision("grouped-matmul", "test"))
+    use_attention(model, Decision(kernel, "test"))
     ours = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     our_grads = torch.autograd.grad(ours, trainable)
     assert ours.item() == pytest.approx(sdpa.item(), rel=2e-3)

@@ -21,33 +21,61 @@ serialize it), so they load anywhere with the default attention.
 from __future__ import annotations
 
 NAME = "llamafarm_packed_cpu"
+BLOCKWISE_NAME = "llamafarm_blockwise_cpu"
 # Queries go in blocks of about this many positions, each against the keys up to its own end: the
 # causal upper triangle is mostly skipped (5/8 of the full score matrix at 4 blocks).
 QUERY_BLOCK = 64
+# The blockwise kernel's query blocks (measured: bench/attention.py).
+BLOCKWISE_QUERY_BLOCK = 64
 
-_registered = None
+_registered: dict = {}
 
 
-def register(compiled: bool = False) -> str:
-    """Make NAME a transformers attention implementation (idempotent); returns NAME.
+def register(kernel: str = "grouped-matmul", compiled: bool = False) -> str:
+    """Make the kernel ("grouped-matmul" or "blockwise", contract/decisions.py choose_attention's
+    values) a transformers attention implementation (idempotent); returns its name.
 
     compiled: the layers around it are torch.compile'd; the function is then excluded from the graph
     (torch would otherwise specialize on its width-dependent query blocks and recompile per width)."""
-    global _registered
-    if _registered != compiled:
+    name, function = {"grouped-matmul": (NAME, grouped_matmul_attention),
+                      "blockwise": (BLOCKWISE_NAME, blockwise_attention)}[kernel]
+    if _registered.get(name) != compiled:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        function = grouped_matmul_attention
         if compiled:
             import torch
 
-            function = torch.compiler.disable(grouped_matmul_attention)
-        AttentionInterface.register(NAME, function)
+            function = torch.compiler.disable(function)
+        AttentionInterface.register(name, function)
         # 2-D padding masks (evaluation batches) become the same 4-D masks sdpa gets.
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = compiled
-    return NAME
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered[name] = compiled
+    return name
+
+
+def kernel_of(implementation: str) -> str | None:
+    """The kernel a model's attn_implementation names, None when it is not one of ours."""
+    return {NAME: "grouped-matmul", BLOCKWISE_NAME: "blockwise"}.get(implementation)
+
+
+def _packed(query, key, attention_mask, dropout, kwargs) -> bool:
+    """A training forward over a packed batch: a 4-D additive float mask, no dropout, no cache."""
+    return (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype.is_floating_point
+            and not dropout and query.shape[2] == key.shape[2] and kwargs.get("softcap") is None)
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _cuts(n: int, block: int) -> list[int]:
+    """Boundaries of about-`block`-row query blocks over n positions (the last no shorter than the others)."""
+    count = max(1, n // block)
+    return [round(i * n / count) for i in range(count + 1)]
 
 
 class _MaskCache:
@@ -64,24 +92,13 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
     returns ((B, L, H, D), None)."""
     import torch
 
-    fast = (
-        attention_mask is not None
-        and attention_mask.dim() == 4
-        and attention_mask.dtype.is_floating_point
-        and not dropout
-        and query.shape[2] == key.shape[2]
-        and kwargs.get("softcap") is None
-    )
-    if not fast:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if not _packed(query, key, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     if _MaskCache.source is not attention_mask or _MaskCache.dtype != query.dtype:
-        cuts = [round(i * n / max(1, n // QUERY_BLOCK)) for i in range(max(1, n // QUERY_BLOCK) + 1)]
+        cuts = _cuts(n, QUERY_BLOCK)
         full = attention_mask.to(query.dtype)[:, :, None].expand(b, kv_heads, group, n, n)
         # Block i of queries sees keys up to its own end only (causal): (B * kv_heads, group * rows, keys)
         _MaskCache.parts = [(q0, q1, full[:, :, :, q0:q1, :q1].reshape(b * kv_heads, group * (q1 - q0), q1))
@@ -99,3 +116,118 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
         outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :q1]).view(b * kv_heads, group, q1 - q0, d))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, heads, n, d)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _BlockCache:
+    """The current batch's query blocks for the blockwise kernel, shared by every layer of a forward
+    (and their backward): (q0, q1, k0, mask) per block, k0 the first key any query of the block may
+    see, mask the block's (B, 1, rows, 1, keys) slice of the mask in the compute dtype."""
+
+    source = None
+    dtype = None
+    blocks: list = []
+
+
+def _blocks(attention_mask, n: int, dtype) -> list:
+    import torch
+
+    if _BlockCache.source is not attention_mask or _BlockCache.dtype != dtype:
+        mask = attention_mask[:, 0]
+        # A key whose mask value is this negative gets exactly zero weight (exp underflows), so a
+        # block's keys before the first one any of its queries may see are skipped: for packed
+        # sequences the block meets only the rows it lies in, not the whole triangle.
+        seen = (mask > torch.finfo(mask.dtype).min / 2).to(torch.uint8)
+        first = seen.argmax(-1)  # (B, L): the first key each query sees (0 when it sees none)
+        cuts = _cuts(n, BLOCKWISE_QUERY_BLOCK)
+        blocks = []
+        for q0, q1 in zip(cuts, cuts[1:]):
+            k0 = int(first[:, q0:q1].min())
+            part = mask[:, q0:q1, k0:q1]
+            blocks.append((q0, q1, k0, part.to(dtype)[:, None, :, None, :]))
+        _BlockCache.blocks, _BlockCache.source, _BlockCache.dtype = blocks, attention_mask, dtype
+    return _BlockCache.blocks
+
+
+def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention-function signature, as grouped_matmul_attention; keeps only q, k and v
+    for backward (see _Blockwise)."""
+    if not _packed(query, key, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    import torch
+
+    blocks = _blocks(attention_mask, query.shape[2], query.dtype)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    with torch.autocast("cpu", enabled=False):  # runs in the query's dtype, as the other kernels do
+        return _blockwise_function().apply(query, key, value, blocks, scale), None
+
+
+_function = None
+
+
+def _blockwise_function():
+    """The torch.autograd.Function, defined on first use (importing this module needs no torch)."""
+    global _function
+    if _function is None:
+        _function = _define_blockwise()
+    return _function
+
+
+def _define_blockwise():
+    import torch
+
+    class _Blockwise(torch.autograd.Function):
+        """Attention per query block, saving for backward only q (pre-scaled), k and v in the grouped
+        layout: (B * kv_heads, positions * group, D) for q, row p * group + g being query head
+        kv * group + g at position p, so a query block is a contiguous run of rows that meets its
+        keys in one matmul per KV head. Backward recomputes each block's scores and softmax and
+        applies the softmax backward (torch's own kernel: dS = P * (dP - rowsum(dP * P)), the
+        rowsum being flash attention's D = rowsum(dO * O)) with float32 accumulation."""
+
+        @staticmethod
+        def forward(ctx, query, key, value, blocks, scale):
+            b, heads, n, d = query.shape
+            kv = key.shape[1]
+            g = heads // kv
+            dtype = query.dtype
+            q = (query.view(b, kv, g, n, d).transpose(2, 3) * scale).reshape(b * kv, n * g, d)
+            k = key.to(dtype).reshape(b * kv, n, d)
+            v = value.to(dtype).reshape(b * kv, n, d)
+            out = torch.empty(b, n, kv, g, d, dtype=dtype)
+            grouped = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
+            for q0, q1, k0, mask in blocks:
+                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
+                grouped[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1]).view(b, kv, q1 - q0, g, d)
+            ctx.save_for_backward(q, k, v)
+            ctx.blocks, ctx.scale, ctx.dims, ctx.dtypes = blocks, scale, (b, kv, g, n, d), (key.dtype, value.dtype)
+            return out.view(b, n, heads, d)
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v = ctx.saved_tensors
+            b, kv, g, n, d = ctx.dims
+            do = grad.reshape(b, n, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b * kv, n * g, d)
+            dq = torch.empty_like(q)
+            dk = torch.zeros(k.shape, dtype=torch.float32)
+            dv = torch.zeros(v.shape, dtype=torch.float32)
+            for q0, q1, k0, mask in ctx.blocks:
+                rows = slice(q0 * g, q1 * g)
+                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
+                dv[:, k0:q1] += torch.bmm(p.transpose(1, 2), do[:, rows])
+                ds = torch._softmax_backward_data(torch.bmm(do[:, rows], v[:, k0:q1].transpose(1, 2)), p, -1,
+                                                  p.dtype)
+                dq[:, rows] = torch.bmm(ds, k[:, k0:q1])
+                dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q[:, rows])
+            dq = (dq * ctx.scale).view(b, kv, n, g, d).transpose(2, 3).reshape(b, kv * g, n, d)
+            return dq, dk.to(ctx.dtypes[0]).view(b, kv, n, d), dv.to(ctx.dtypes[1]).view(b, kv, n, d), None, None
+
+    return _Blockwise
+
+
+def _probabilities(q, k, b, kv, g, q0, q1, k0, mask):
+    """Softmax of one query block's scores against keys k0..q1-1 (the mask added in the compute
+    dtype; torch's softmax accumulates in float32)."""
+    import torch
+
+    scores = torch.bmm(q[:, q0 * g:q1 * g], k[:, k0:q1].transpose(1, 2))
+    scores.view(b, kv, q1 - q0, g, q1 - k0).add_(mask)
+    return torch.softmax(scores, dim=-1)

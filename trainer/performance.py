@@ -39,10 +39,10 @@ COMPILE_SECONDS = 30
 
 def use_attention(model, decision: Decision) -> None:
     """Switch the model to the chosen attention (the inner transformers model under any PEFT wrapper)."""
-    if decision.value == "grouped-matmul":
+    if decision.value in ("grouped-matmul", "blockwise"):
         from trainer import attention
 
-        causal_lm(model).set_attn_implementation(attention.register())
+        causal_lm(model).set_attn_implementation(attention.register(decision.value))
 
 
 def choose_adapter_inputs(method: str, precision: str) -> Decision:
@@ -116,8 +116,9 @@ def use_compile(model, decision: Decision) -> Decision:
 
     from trainer import attention
 
-    if inner.config._attn_implementation == attention.NAME:
-        attention.register(compiled=True)
+    kernel = attention.kernel_of(inner.config._attn_implementation)
+    if kernel:
+        attention.register(kernel, compiled=True)
     if not inner.get_input_embeddings().weight.requires_grad:
         inner.enable_input_require_grads()
     # A compile that fails (a missing header, an unsupported op) falls back to eager with a warning.
