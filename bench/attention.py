@@ -21,8 +21,10 @@ from bench.model import MAX_TOKENS, MIN_TOKENS
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 KERNELS = ("sdpa", "grouped-matmul", "blockwise")
 FULL = {"fp32": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)],
-        # bf16 matmuls are emulated without AVX512-BF16/AMX (~1 GFLOP/s): the smaller cells there
         "bf16": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)]}
+# bf16 matmuls are emulated on CPUs without AVX512-BF16 or AMX (~1 GFLOP/s against ~90 for fp32): there
+# the bf16 cells are cut to these (--all-bf16 runs them all).
+EMULATED_BF16 = [(1, 256), (1, 512), (1, 1024), (4, 256), (4, 512)]
 QUICK = {"fp32": [(1, 256), (4, 512), (4, 1024)], "bf16": [(1, 256), (4, 512)]}
 
 
@@ -74,21 +76,28 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rows", default="64-256", choices=["64-256", "full"])
     p.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
+    p.add_argument("--lengths", nargs="*", type=int, help="only these max_seq_lengths")
+    p.add_argument("--all-bf16", action="store_true", help="every bf16 cell even where bf16 is emulated")
     a = p.parse_args(argv)
 
     import torch
 
+    from contract.decisions import cpu_has_bf16
     from trainer.performance import choose_threads
 
     choose_threads()
-    cells = QUICK if a.quick else FULL
+    cells = QUICK if a.quick else dict(FULL)
+    if not a.quick and not a.all_bf16 and not cpu_has_bf16():
+        cells["bf16"] = EMULATED_BF16
     print(f"rows {a.rows}; per layer, forward + backward, median of {a.rounds} interleaved rounds; "
-          "saved: MB kept for backward beyond q, k, v")
+          "MB: kept for backward besides the inputs q, k, v")
     print(f"{'precision':9} {'batch':>5} {'length':>6} " + " ".join(f"{k + ' s':>16}" for k in KERNELS)
           + " " + " ".join(f"{k + ' MB':>18}" for k in KERNELS[1:]))
     for precision in a.precision:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         for batch, n in cells[precision]:
+            if a.lengths and n not in a.lengths:
+                continue
             torch.manual_seed(0)
             mask = packed_mask(batch, n, a.rows)
             query = torch.randn(batch, HEADS, n, HEAD_DIM, dtype=dtype, requires_grad=True)

@@ -72,10 +72,15 @@ def test_kernel_equals_sdpa_in_fp32(kernel, n, heads, kv_heads):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_in_bf16_is_as_close_to_float64_as_sdpa(kernel):
-    """bf16 inputs: the error against a float64 reference is of sdpa's own bf16 size."""
+@pytest.mark.parametrize("bf16_matmuls", [True, False])
+def test_kernel_in_bf16_is_as_close_to_float64_as_sdpa(monkeypatch, kernel, bf16_matmuls):
+    """bf16 inputs: the error against a float64 reference is of sdpa's own bf16 size. The kernels
+    compute in bf16 on CPUs with bf16 matmuls, in float32 elsewhere (both are run here)."""
     import torch
 
+    from trainer import attention
+
+    monkeypatch.setattr(attention, "_bf16", bf16_matmuls)
     q, k, v, grad = _inputs(2, 9, 3, 150, 64, torch.bfloat16)
     mask = _mask(2, 150, (20, 64, 100))
     exact = _run("sdpa", *(t.detach().double().requires_grad_() for t in (q, k, v)), mask, grad.double())

@@ -97,25 +97,27 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    if _MaskCache.source is not attention_mask or _MaskCache.dtype != query.dtype:
+    compute = _compute_dtype(query.dtype)
+    if _MaskCache.source is not attention_mask or _MaskCache.dtype != compute:
         cuts = _cuts(n, QUERY_BLOCK)
-        full = attention_mask.to(query.dtype)[:, :, None].expand(b, kv_heads, group, n, n)
+        full = attention_mask.to(compute)[:, :, None].expand(b, kv_heads, group, n, n)
         # Block i of queries sees keys up to its own end only (causal): (B * kv_heads, group * rows, keys)
         _MaskCache.parts = [(q0, q1, full[:, :, :, q0:q1, :q1].reshape(b * kv_heads, group * (q1 - q0), q1))
                             for q0, q1 in zip(cuts, cuts[1:])]
-        _MaskCache.source, _MaskCache.dtype = attention_mask, query.dtype
+        _MaskCache.source, _MaskCache.dtype = attention_mask, compute
     # Query heads h = kv * group + g (the order repeat_kv gives) are contiguous per KV head.
-    q = query.reshape(b * kv_heads, group, n, d)
-    k = key.reshape(b * kv_heads, n, d)
-    v = value.reshape(b * kv_heads, n, d)
+    q = query.to(compute).reshape(b * kv_heads, group, n, d)
+    k = key.to(compute).reshape(b * kv_heads, n, d)
+    v = value.to(compute).reshape(b * kv_heads, n, d)
     scale = scaling if scaling is not None else d ** -0.5
     outs = []
-    for q0, q1, mask in _MaskCache.parts:
-        block = q[:, :, q0:q1].reshape(b * kv_heads, group * (q1 - q0), d)
-        scores = torch.baddbmm(mask, block, k[:, :q1].transpose(1, 2), alpha=scale)
-        outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :q1]).view(b * kv_heads, group, q1 - q0, d))
+    with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
+        for q0, q1, mask in _MaskCache.parts:
+            block = q[:, :, q0:q1].reshape(b * kv_heads, group * (q1 - q0), d)
+            scores = torch.baddbmm(mask, block, k[:, :q1].transpose(1, 2), alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :q1]).view(b * kv_heads, group, q1 - q0, d))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, heads, n, d)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format), None
 
 
 class _BlockCache:
@@ -149,16 +151,35 @@ def _blocks(attention_mask, n: int, dtype) -> list:
 
 
 def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention-function signature, as grouped_matmul_attention; keeps only q, k and v
-    for backward (see _Blockwise)."""
+    """transformers attention-function signature, as grouped_matmul_attention; keeps only its inputs
+    q, k and v for backward (see _Blockwise)."""
     if not _packed(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     import torch
 
-    blocks = _blocks(attention_mask, query.shape[2], query.dtype)
+    compute = _compute_dtype(query.dtype)
+    blocks = _blocks(attention_mask, query.shape[2], compute)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    with torch.autocast("cpu", enabled=False):  # runs in the query's dtype, as the other kernels do
-        return _blockwise_function().apply(query, key, value, blocks, scale), None
+    with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
+        return _blockwise_function().apply(query, key, value, blocks, scale, compute), None
+
+
+_bf16 = None
+
+
+def _compute_dtype(dtype):
+    """The inputs' dtype, or float32 for bf16 inputs on a CPU without bf16 matmul instructions
+    (AVX512-BF16 or AMX): emulated bf16 matmuls run ~10x slower than float32 ones there."""
+    import torch
+
+    global _bf16
+    if dtype != torch.bfloat16:
+        return dtype
+    if _bf16 is None:
+        from contract.decisions import cpu_has_bf16
+
+        _bf16 = cpu_has_bf16()
+    return dtype if _bf16 else torch.float32
 
 
 _function = None
@@ -175,37 +196,44 @@ def _blockwise_function():
 def _define_blockwise():
     import torch
 
+    def grouped(query, key, value, scale, compute):
+        """q (pre-scaled), k and v in the compute dtype, in the grouped layout: (B * kv_heads,
+        positions * group, D) for q, row p * group + g being query head kv * group + g at position p,
+        so a query block is a contiguous run of rows that meets its keys in one matmul per KV head."""
+        b, heads, n, d = query.shape
+        kv = key.shape[1]
+        q = (query.view(b, kv, heads // kv, n, d).transpose(2, 3).to(compute) * scale).reshape(b * kv, -1, d)
+        return q, key.to(compute).reshape(b * kv, n, d), value.to(compute).reshape(b * kv, n, d)
+
     class _Blockwise(torch.autograd.Function):
-        """Attention per query block, saving for backward only q (pre-scaled), k and v in the grouped
-        layout: (B * kv_heads, positions * group, D) for q, row p * group + g being query head
-        kv * group + g at position p, so a query block is a contiguous run of rows that meets its
-        keys in one matmul per KV head. Backward recomputes each block's scores and softmax and
-        applies the softmax backward (torch's own kernel: dS = P * (dP - rowsum(dP * P)), the
-        rowsum being flash attention's D = rowsum(dO * O)) with float32 accumulation."""
+        """Attention per query block, keeping for backward only its inputs q, k and v. Backward
+        recomputes each block's scores and softmax and applies the softmax backward (torch's own
+        kernel: dS = P * (dP - rowsum(dP * P)), the rowsum being flash attention's D = rowsum(dO * O))
+        with dK and dV accumulated over the blocks in float32."""
 
         @staticmethod
-        def forward(ctx, query, key, value, blocks, scale):
+        def forward(ctx, query, key, value, blocks, scale, compute):
             b, heads, n, d = query.shape
             kv = key.shape[1]
             g = heads // kv
-            dtype = query.dtype
-            q = (query.view(b, kv, g, n, d).transpose(2, 3) * scale).reshape(b * kv, n * g, d)
-            k = key.to(dtype).reshape(b * kv, n, d)
-            v = value.to(dtype).reshape(b * kv, n, d)
-            out = torch.empty(b, n, kv, g, d, dtype=dtype)
-            grouped = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
+            q, k, v = grouped(query, key, value, scale, compute)
+            out = torch.empty(b, n, kv, g, d, dtype=compute)
+            view = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
             for q0, q1, k0, mask in blocks:
                 p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
-                grouped[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1]).view(b, kv, q1 - q0, g, d)
-            ctx.save_for_backward(q, k, v)
-            ctx.blocks, ctx.scale, ctx.dims, ctx.dtypes = blocks, scale, (b, kv, g, n, d), (key.dtype, value.dtype)
-            return out.view(b, n, heads, d)
+                view[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1]).view(b, kv, q1 - q0, g, d)
+            ctx.save_for_backward(query, key, value)
+            ctx.blocks, ctx.scale, ctx.compute = blocks, scale, compute
+            return out.view(b, n, heads, d).to(query.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            q, k, v = ctx.saved_tensors
-            b, kv, g, n, d = ctx.dims
-            do = grad.reshape(b, n, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b * kv, n * g, d)
+            query, key, value = ctx.saved_tensors
+            b, heads, n, d = query.shape
+            kv = key.shape[1]
+            g = heads // kv
+            q, k, v = grouped(query, key, value, ctx.scale, ctx.compute)
+            do = grad.to(ctx.compute).view(b, n, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b * kv, n * g, d)
             dq = torch.empty_like(q)
             dk = torch.zeros(k.shape, dtype=torch.float32)
             dv = torch.zeros(v.shape, dtype=torch.float32)
@@ -217,8 +245,9 @@ def _define_blockwise():
                                                   p.dtype)
                 dq[:, rows] = torch.bmm(ds, k[:, k0:q1])
                 dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q[:, rows])
-            dq = (dq * ctx.scale).view(b, kv, n, g, d).transpose(2, 3).reshape(b, kv * g, n, d)
-            return dq, dk.to(ctx.dtypes[0]).view(b, kv, n, d), dv.to(ctx.dtypes[1]).view(b, kv, n, d), None, None
+            dq = (dq * ctx.scale).view(b, kv, n, g, d).transpose(2, 3).reshape(b, heads, n, d)
+            return (dq.to(query.dtype), dk.view(key.shape).to(key.dtype), dv.view(value.shape).to(value.dtype),
+                    None, None, None)
 
     return _Blockwise
 
