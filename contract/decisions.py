@@ -170,5 +170,5 @@ def choose_attention(device: str, packed: bool, config, batch_size: int, max_len
                                 f"blockwise kernel; keeps q, k, v and the softmax probabilities for backward "
                                 f"({mb:,.0f} MB)")
     return Decision(kernel, f"packed sequences of up to {max_len} tokens on CPU, over {GROUPED_MATMUL_MAX_LEN}: "
-                            "blockwise, each query block against the keys of its own packed rows; keeps only q, k "
+                            "queries in blocks, each against the keys of its own packed rows only; keeps only q, k "
                             f"and v for backward ({mb:,.0f} MB, linear in the length)")

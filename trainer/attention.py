@@ -1,21 +1,31 @@
-"""Attention for packed training batches on CPU: plain batched matmuls, query heads grouped by KV head.
+"""Attention for packed training batches on CPU: two kernels, query heads grouped by KV head.
 
 Packed sequences carry a block-diagonal causal mask (trainer/data/batching.py). With such a mask,
-torch's CPU scaled_dot_product_attention runs its flash kernel over every block (no causal skip) and
-its backward is slow; for sequences of a few hundred tokens, three batched matmuls and a softmax are
-faster (docs/PERFORMANCE.md has the numbers). Grouping the query heads that share a KV head
-((B*kv_heads, group*L, D) @ (B*kv_heads, D, L)) avoids copying K and V once per query head as
-transformers' eager attention does, and cutting the queries into blocks that only meet the keys up
-to their own end skips most of the causal upper triangle. The mask is added in the compute dtype
-inside the score product (one baddbmm), and the softmax runs in that dtype with float32
-accumulation, rounded once as eager attention's `softmax(float32).to(dtype)` rounds it.
+torch's CPU scaled_dot_product_attention computes every block of the score matrix (no causal skip, no
+skipping of the other packed rows) and its backward is slow. Both kernels here instead group the query
+heads that share a KV head ((B*kv_heads, group*rows, D) @ (B*kv_heads, D, keys): no copy of K and V per
+query head, unlike transformers' eager attention) and cut the queries into blocks of ~64 positions that
+only meet the keys up to their own end, skipping most of the causal upper triangle:
 
-Anything else (no mask, a bool mask, dropout, decoding with a cache) goes to transformers' sdpa
-attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
-The probabilities kept for backward take up to batch x heads x L^2 x 2 bytes per layer (5/8 of that
-at 4 query blocks), which is why contract/decisions.py's choose_attention uses this only for short
-sequences. Models saved after training do not record this implementation (transformers does not
-serialize it), so they load anywhere with the default attention.
+- grouped_matmul_attention: three batched matmuls and a softmax per block under autograd, which keeps
+  the softmax probabilities for backward: batch x heads x ~L^2/2 values per layer, quadratic in L.
+- blockwise_attention (flash-style, _Blockwise): each block also skips the keys before the first one
+  any of its queries may see (read off the mask once per batch: for packed rows, the block meets only
+  the rows it lies in), and only the inputs q, k and v are kept for backward, linear in L. Backward
+  recomputes each block's scores and softmax and applies the softmax backward with dK and dV
+  accumulated in float32.
+
+contract/decisions.py choose_attention picks between them by measured speed (grouped matmuls up to 256
+tokens, blockwise beyond; bench/attention.py, docs/PERFORMANCE.md). The mask is added in the compute
+dtype, and the softmax runs in that dtype with float32 accumulation, rounded once as eager attention's
+`softmax(float32).to(dtype)` rounds it. The compute dtype is the inputs' (under autocast, bf16), except
+on CPUs without bf16 matmul instructions, where bf16 inputs are computed in float32 (emulated bf16
+matmuls are ~10x slower there) and the results cast back.
+
+Anything else (no mask, a bool mask, dropout, decoding with a cache, soft-capping) goes to transformers'
+sdpa attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
+Models saved after training do not record these implementations (transformers does not serialize
+them), so they load anywhere with the default attention.
 """
 
 from __future__ import annotations
