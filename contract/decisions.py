@@ -120,31 +120,55 @@ def chunk_rows(vocab: int) -> int:
     return max(16, _CHUNK_ELEMENTS // vocab)
 
 
-# The trainer's matmul attention keeps (batch x heads x L^2) probabilities per layer; above this, the
-# model's own. `estimate` counts those probabilities when the decision below takes the matmul path.
-ATTENTION_PROBS_LIMIT_MB = 512
+def attention_values(kernel: str, config, max_len: int) -> float:
+    """Values one layer's attention keeps per token for backward, by kernel (choose_attention's values or
+    the model's own): sdpa's CPU kernel with a mask q, k and v at every query head (grouped KV heads
+    repeated) and its output (counted per autograd node on the SmolLM2-135M shape); the grouped matmuls
+    q, k and v and the softmax probabilities of the keys each query block meets (about half of max_len
+    per query head); the blockwise kernel q, k and v only, so its memory grows linearly in the length."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    qkv = (heads + 2 * (getattr(config, "num_key_value_heads", None) or heads)) * head_dim
+    if kernel == "blockwise":
+        return qkv
+    if kernel == "grouped-matmul":
+        blocks = max(1, max_len // 64)  # trainer/attention.py QUERY_BLOCK
+        return qkv + heads * max_len * (blocks + 1) / (2 * blocks)
+    return 4 * heads * head_dim
 
 
-def attention_probs_mb(config, batch_size: int, max_len: int, dtype: str) -> float:
-    """Memory of the softmax probabilities the matmul attention keeps for backward, over all layers."""
+def attention_mb(kernel: str, config, batch_size: int, max_len: int, dtype: str) -> float:
+    """What attention_values comes to over all layers for a batch of max_len-token sequences."""
     size = 4 if dtype == "fp32" else 2
-    return config.num_hidden_layers * batch_size * config.num_attention_heads * max_len**2 * size / 2**20
+    values = attention_values(kernel, config, max_len) * batch_size * max_len * config.num_hidden_layers
+    return values * size / 2**20
+
+
+# Up to this max_seq_length the grouped matmuls, which keep the softmax probabilities for backward, run
+# ~20% faster than the blockwise kernel, which recomputes them (sequences filled by one row; the two tie on
+# packed rows of 64-256 tokens); from 512 tokens the blockwise kernel is as fast or, skipping the keys of
+# other packed rows, up to 8x faster (bench/attention.py, docs/PERFORMANCE.md).
+GROUPED_MATMUL_MAX_LEN = 256
 
 
 def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
-    """Attention kernel for training: trainer/attention.py's grouped matmuls for packed CPU batches whose
-    softmax probabilities (kept for backward) fit in ATTENTION_PROBS_LIMIT_MB, else the model's own."""
+    """Attention kernel for training packed CPU batches (trainer/attention.py): the grouped matmuls for
+    sequences of up to GROUPED_MATMUL_MAX_LEN tokens, the blockwise kernel beyond; else the model's own."""
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if device != "cpu" or not packed:
-        return Decision(impl, "the model's own (the matmul attention is for packed batches on CPU)")
+        return Decision(impl, "the model's own (the packed-batch attention kernels are for CPU)")
     if impl not in ("sdpa", "eager"):
         return Decision(impl, "the model's own")
     if getattr(config, "attn_logit_softcapping", None):
-        return Decision(impl, "the model's own: the matmul attention has no logit soft-capping (Gemma 2)")
-    mb = attention_probs_mb(config, batch_size, max_len, dtype)
-    if mb > ATTENTION_PROBS_LIMIT_MB:
-        return Decision(impl, f"the model's own: matmul attention would keep {mb:,.0f} MB of probabilities for "
-                              f"{max_len}-token sequences (limit {ATTENTION_PROBS_LIMIT_MB} MB)")
-    return Decision("grouped-matmul", f"packed sequences of up to {max_len} tokens on CPU: batched matmuls with "
-                                      f"query heads grouped per KV head beat sdpa's masked kernel; keeps {mb:,.0f} MB "
-                                      "of probabilities for backward")
+        return Decision(impl, "the model's own: the packed-batch attention kernels have no logit soft-capping "
+                              "(Gemma 2)")
+    kernel = "grouped-matmul" if max_len <= GROUPED_MATMUL_MAX_LEN else "blockwise"
+    mb = attention_mb(kernel, config, batch_size, max_len, dtype)
+    if kernel == "grouped-matmul":
+        return Decision(kernel, f"packed sequences of up to {max_len} tokens on CPU, at most {GROUPED_MATMUL_MAX_LEN}: "
+                                "batched matmuls with query heads grouped per KV head, faster there than the "
+                                f"blockwise kernel; keeps q, k, v and the softmax probabilities for backward "
+                                f"({mb:,.0f} MB)")
+    return Decision(kernel, f"packed sequences of up to {max_len} tokens on CPU, over {GROUPED_MATMUL_MAX_LEN}: "
+                            "queries in blocks, each against the keys of its own packed rows only; keeps only q, k "
+                            f"and v for backward ({mb:,.0f} MB, linear in the length)")

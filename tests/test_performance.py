@@ -98,9 +98,10 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
     assert chunked == pytest.approx(own, rel=1e-2)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
-    """The matmul attention (packed batches; unpacked ones take its sdpa fallback) gives sdpa's logits
+@pytest.mark.parametrize("kernel,packed", [("grouped-matmul", True), ("grouped-matmul", False), ("blockwise", True),
+                                           ("blockwise", False)])
+def test_packed_attention_equals_sdpa(tokenizers, kernel, packed):
+    """Our attention kernels (packed batches; unpacked ones take their sdpa fallback) give sdpa's logits
     and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads)."""
     import torch
 
@@ -113,10 +114,10 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
     model = _lora_tiny()
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
-    for impl in ("sdpa", "grouped-matmul"):
-        if impl == "grouped-matmul":
-            use_attention(model, Decision("grouped-matmul", "test"))
-            assert model.get_base_model().config._attn_implementation == attention.NAME
+    for impl in ("sdpa", kernel):
+        if impl == kernel:
+            use_attention(model, Decision(kernel, "test"))
+            assert attention.kernel_of(model.get_base_model().config._attn_implementation) == kernel
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         loss = _forward(model, batch, "cpu", "fp32", chunked_loss=True).loss
         results[impl] = (out.logits.detach(), loss.item(), torch.autograd.grad(loss, trainable))
@@ -128,7 +129,8 @@ def test_grouped_matmul_attention_equals_sdpa(tokenizers, packed):
         assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
-def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
+def test_packed_attention_under_bf16_autocast(tokenizers, kernel):
     import torch
 
     from contract.decisions import Decision
@@ -140,7 +142,7 @@ def test_grouped_matmul_attention_under_bf16_autocast(tokenizers):
     trainable = [p for p in model.parameters() if p.requires_grad]
     sdpa = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     sdpa_grads = torch.autograd.grad(sdpa, trainable)
-    use_attention(model, Decision("grouped-matmul", "test"))
+    use_attention(model, Decision(kernel, "test"))
     ours = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     our_grads = torch.autograd.grad(ours, trainable)
     assert ours.item() == pytest.approx(sdpa.item(), rel=2e-3)
@@ -175,10 +177,14 @@ def test_lever_decisions():
     from contract.decisions import choose_attention
     from trainer.performance import choose_adapter_inputs, choose_chunked_loss
 
-    bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9)
+    bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9,
+                            num_key_value_heads=3, hidden_size=576)
     decision = choose_attention("cpu", True, bench, 5, 256, "bf16")
-    assert decision.value == "grouped-matmul" and "169 MB" in decision.reason  # 30 * 5 * 9 * 256^2 * 2 bytes
-    assert choose_attention("cpu", True, bench, 4, 1024, "bf16").value == "sdpa"  # 2,160 MB: over the limit
+    # q, k, v ((9 + 2 x 3) x 64 per token) and the probabilities (9 heads x 256 x 5/8 at 4 query blocks),
+    # 30 layers x 5 x 256 tokens x 2 bytes
+    assert decision.value == "grouped-matmul" and "176 MB" in decision.reason
+    longer = choose_attention("cpu", True, bench, 4, 1024, "bf16")
+    assert longer.value == "blockwise" and "225 MB" in longer.reason  # q, k and v only: linear in the length
     assert choose_attention("cuda", True, bench, 5, 256, "bf16").value == "sdpa"
     assert choose_attention("cpu", False, bench, 5, 256, "bf16").value == "sdpa"
     flash = SimpleNamespace(**{**vars(bench), "_attn_implementation": "flash_attention_2"})
@@ -257,8 +263,10 @@ def test_compile_decision(monkeypatch):
     assert choose_compile(True, "cuda", None, False, False).value == "on"  # the check is for CPU code only
 
 
-def test_compiled_layers_train_like_eager(tokenizers):
-    """use_compile on the LoRA tiny builtin with the matmul attention, under bf16 autocast: the same loss
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
+def test_compiled_layers_train_like_eager(tokenizers, kernel):
+    """use_compile on the LoRA tiny builtin with our attention kernels (kept out of the compiled graph),
+    under bf16 autocast: the same loss
     and adapter gradients as the same model run eagerly; a second batch width reuses the compiled
     graph (dynamic shapes), and the state-dict keys are unchanged."""
     import dataclasses
@@ -280,7 +288,7 @@ def test_compiled_layers_train_like_eager(tokenizers):
     model = _lora_tiny(torch.bfloat16)
     keys = list(model.state_dict())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    use_attention(model, Decision("grouped-matmul", "test"))
+    use_attention(model, Decision(kernel, "test"))
     use_compile(model, Decision("on", "test"))
     assert list(model.state_dict()) == keys
     graphs = [counters["stats"]["unique_graphs"]]  # the count is per process: other tests may compile too

@@ -1,53 +1,91 @@
-"""Attention for packed training batches on CPU: plain batched matmuls, query heads grouped by KV head.
+"""Attention for packed training batches on CPU: two kernels, query heads grouped by KV head.
 
 Packed sequences carry a block-diagonal causal mask (trainer/data/batching.py). With such a mask,
-torch's CPU scaled_dot_product_attention runs its flash kernel over every block (no causal skip) and
-its backward is slow; for sequences of a few hundred tokens, three batched matmuls and a softmax are
-faster (docs/PERFORMANCE.md has the numbers). Grouping the query heads that share a KV head
-((B*kv_heads, group*L, D) @ (B*kv_heads, D, L)) avoids copying K and V once per query head as
-transformers' eager attention does, and cutting the queries into blocks that only meet the keys up
-to their own end skips most of the causal upper triangle. The mask is added in the compute dtype
-inside the score product (one baddbmm), and the softmax runs in that dtype with float32
-accumulation, rounded once as eager attention's `softmax(float32).to(dtype)` rounds it.
+torch's CPU scaled_dot_product_attention computes every block of the score matrix (no causal skip, no
+skipping of the other packed rows) and its backward is slow. Both kernels here instead group the query
+heads that share a KV head ((B*kv_heads, group*rows, D) @ (B*kv_heads, D, keys): no copy of K and V per
+query head, unlike transformers' eager attention) and cut the queries into blocks of ~64 positions that
+only meet the keys up to their own end, skipping most of the causal upper triangle:
 
-Anything else (no mask, a bool mask, dropout, decoding with a cache) goes to transformers' sdpa
-attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
-The probabilities kept for backward take up to batch x heads x L^2 x 2 bytes per layer (5/8 of that
-at 4 query blocks), which is why contract/decisions.py's choose_attention uses this only for short
-sequences. Models saved after training do not record this implementation (transformers does not
-serialize it), so they load anywhere with the default attention.
+- grouped_matmul_attention: three batched matmuls and a softmax per block under autograd, which keeps
+  the softmax probabilities for backward: batch x heads x ~L^2/2 values per layer, quadratic in L.
+- blockwise_attention (flash-style, _Blockwise): each block also skips the keys before the first one
+  any of its queries may see (read off the mask once per batch: for packed rows, the block meets only
+  the rows it lies in), and only the inputs q, k and v are kept for backward, linear in L. Backward
+  recomputes each block's scores and softmax and applies the softmax backward with dK and dV
+  accumulated in float32.
+
+contract/decisions.py choose_attention picks between them by measured speed (grouped matmuls up to 256
+tokens, blockwise beyond; bench/attention.py, docs/PERFORMANCE.md). The mask is added in the compute
+dtype, and the softmax runs in that dtype with float32 accumulation, rounded once as eager attention's
+`softmax(float32).to(dtype)` rounds it. The compute dtype is the inputs' (under autocast, bf16), except
+on CPUs without bf16 matmul instructions, where bf16 inputs are computed in float32 (emulated bf16
+matmuls are ~10x slower there) and the results cast back.
+
+Anything else (no mask, a bool mask, dropout, decoding with a cache, soft-capping) goes to transformers'
+sdpa attention unchanged, so evaluation and generation behave as with `attn_implementation="sdpa"`.
+Models saved after training do not record these implementations (transformers does not serialize
+them), so they load anywhere with the default attention.
 """
 
 from __future__ import annotations
 
 NAME = "llamafarm_packed_cpu"
+BLOCKWISE_NAME = "llamafarm_blockwise_cpu"
 # Queries go in blocks of about this many positions, each against the keys up to its own end: the
 # causal upper triangle is mostly skipped (5/8 of the full score matrix at 4 blocks).
 QUERY_BLOCK = 64
+# The blockwise kernel's query blocks (measured: bench/attention.py).
+BLOCKWISE_QUERY_BLOCK = 64
 
-_registered = None
+_registered: dict = {}
 
 
-def register(compiled: bool = False) -> str:
-    """Make NAME a transformers attention implementation (idempotent); returns NAME.
+def register(kernel: str = "grouped-matmul", compiled: bool = False) -> str:
+    """Make the kernel ("grouped-matmul" or "blockwise", contract/decisions.py choose_attention's
+    values) a transformers attention implementation (idempotent); returns its name.
 
     compiled: the layers around it are torch.compile'd; the function is then excluded from the graph
     (torch would otherwise specialize on its width-dependent query blocks and recompile per width)."""
-    global _registered
-    if _registered != compiled:
+    name, function = {"grouped-matmul": (NAME, grouped_matmul_attention),
+                      "blockwise": (BLOCKWISE_NAME, blockwise_attention)}[kernel]
+    if _registered.get(name) != compiled:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        function = grouped_matmul_attention
         if compiled:
             import torch
 
-            function = torch.compiler.disable(grouped_matmul_attention)
-        AttentionInterface.register(NAME, function)
+            function = torch.compiler.disable(function)
+        AttentionInterface.register(name, function)
         # 2-D padding masks (evaluation batches) become the same 4-D masks sdpa gets.
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = compiled
-    return NAME
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered[name] = compiled
+    return name
+
+
+def kernel_of(implementation: str) -> str | None:
+    """The kernel a model's attn_implementation names, None when it is not one of ours."""
+    return {NAME: "grouped-matmul", BLOCKWISE_NAME: "blockwise"}.get(implementation)
+
+
+def _packed(query, key, attention_mask, dropout, kwargs) -> bool:
+    """A training forward over a packed batch: a 4-D additive float mask, no dropout, no cache."""
+    return (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype.is_floating_point
+            and not dropout and query.shape[2] == key.shape[2] and kwargs.get("softcap") is None)
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _cuts(n: int, block: int) -> list[int]:
+    """Boundaries of about-`block`-row query blocks over n positions (the last no shorter than the others)."""
+    count = max(1, n // block)
+    return [round(i * n / count) for i in range(count + 1)]
 
 
 class _MaskCache:
@@ -64,38 +102,171 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
     returns ((B, L, H, D), None)."""
     import torch
 
-    fast = (
-        attention_mask is not None
-        and attention_mask.dim() == 4
-        and attention_mask.dtype.is_floating_point
-        and not dropout
-        and query.shape[2] == key.shape[2]
-        and kwargs.get("softcap") is None
-    )
-    if not fast:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if not _packed(query, key, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    if _MaskCache.source is not attention_mask or _MaskCache.dtype != query.dtype:
-        cuts = [round(i * n / max(1, n // QUERY_BLOCK)) for i in range(max(1, n // QUERY_BLOCK) + 1)]
-        full = attention_mask.to(query.dtype)[:, :, None].expand(b, kv_heads, group, n, n)
+    compute = _compute_dtype(query.dtype)
+    if _MaskCache.source is not attention_mask or _MaskCache.dtype != compute:
+        cuts = _cuts(n, QUERY_BLOCK)
+        full = attention_mask.to(compute)[:, :, None].expand(b, kv_heads, group, n, n)
         # Block i of queries sees keys up to its own end only (causal): (B * kv_heads, group * rows, keys)
         _MaskCache.parts = [(q0, q1, full[:, :, :, q0:q1, :q1].reshape(b * kv_heads, group * (q1 - q0), q1))
                             for q0, q1 in zip(cuts, cuts[1:])]
-        _MaskCache.source, _MaskCache.dtype = attention_mask, query.dtype
+        _MaskCache.source, _MaskCache.dtype = attention_mask, compute
     # Query heads h = kv * group + g (the order repeat_kv gives) are contiguous per KV head.
-    q = query.reshape(b * kv_heads, group, n, d)
-    k = key.reshape(b * kv_heads, n, d)
-    v = value.reshape(b * kv_heads, n, d)
+    q = query.to(compute).reshape(b * kv_heads, group, n, d)
+    k = key.to(compute).reshape(b * kv_heads, n, d)
+    v = value.to(compute).reshape(b * kv_heads, n, d)
     scale = scaling if scaling is not None else d ** -0.5
     outs = []
-    for q0, q1, mask in _MaskCache.parts:
-        block = q[:, :, q0:q1].reshape(b * kv_heads, group * (q1 - q0), d)
-        scores = torch.baddbmm(mask, block, k[:, :q1].transpose(1, 2), alpha=scale)
-        outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :q1]).view(b * kv_heads, group, q1 - q0, d))
+    with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
+        for q0, q1, mask in _MaskCache.parts:
+            block = q[:, :, q0:q1].reshape(b * kv_heads, group * (q1 - q0), d)
+            scores = torch.baddbmm(mask, block, k[:, :q1].transpose(1, 2), alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :q1]).view(b * kv_heads, group, q1 - q0, d))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, heads, n, d)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format), None
+
+
+class _BlockCache:
+    """The current batch's query blocks for the blockwise kernel, shared by every layer of a forward
+    (and their backward): (q0, q1, k0, mask) per block, k0 the first key any query of the block may
+    see, mask the block's (B, 1, rows, 1, keys) slice of the mask in the compute dtype."""
+
+    source = None
+    dtype = None
+    blocks: list = []
+
+
+def _blocks(attention_mask, n: int, dtype) -> list:
+    import torch
+
+    if _BlockCache.source is not attention_mask or _BlockCache.dtype != dtype:
+        mask = attention_mask[:, 0]
+        # A key whose mask value is this negative gets exactly zero weight (exp underflows), so a
+        # block's keys before the first one any of its queries may see are skipped: for packed
+        # sequences the block meets only the rows it lies in, not the whole triangle.
+        seen = (mask > torch.finfo(mask.dtype).min / 2).to(torch.uint8)
+        first = seen.argmax(-1)  # (B, L): the first key each query sees (0 when it sees none)
+        cuts = _cuts(n, BLOCKWISE_QUERY_BLOCK)
+        blocks = []
+        for q0, q1 in zip(cuts, cuts[1:]):
+            k0 = int(first[:, q0:q1].min())
+            part = mask[:, q0:q1, k0:q1]
+            blocks.append((q0, q1, k0, part.to(dtype)[:, None, :, None, :]))
+        _BlockCache.blocks, _BlockCache.source, _BlockCache.dtype = blocks, attention_mask, dtype
+    return _BlockCache.blocks
+
+
+def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention-function signature, as grouped_matmul_attention; keeps only its inputs
+    q, k and v for backward (see _Blockwise)."""
+    if not _packed(query, key, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    import torch
+
+    compute = _compute_dtype(query.dtype)
+    blocks = _blocks(attention_mask, query.shape[2], compute)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
+        return _blockwise_function().apply(query, key, value, blocks, scale, compute), None
+
+
+_bf16 = None
+
+
+def _compute_dtype(dtype):
+    """The inputs' dtype, or float32 for bf16 inputs on a CPU without bf16 matmul instructions
+    (AVX512-BF16 or AMX): emulated bf16 matmuls run ~10x slower than float32 ones there."""
+    import torch
+
+    global _bf16
+    if dtype != torch.bfloat16:
+        return dtype
+    if _bf16 is None:
+        from contract.decisions import cpu_has_bf16
+
+        _bf16 = cpu_has_bf16()
+    return dtype if _bf16 else torch.float32
+
+
+_function = None
+
+
+def _blockwise_function():
+    """The torch.autograd.Function, defined on first use (importing this module needs no torch)."""
+    global _function
+    if _function is None:
+        _function = _define_blockwise()
+    return _function
+
+
+def _define_blockwise():
+    import torch
+
+    def grouped(query, key, value, scale, compute):
+        """q (pre-scaled), k and v in the compute dtype, in the grouped layout: (B * kv_heads,
+        positions * group, D) for q, row p * group + g being query head kv * group + g at position p,
+        so a query block is a contiguous run of rows that meets its keys in one matmul per KV head."""
+        b, heads, n, d = query.shape
+        kv = key.shape[1]
+        q = (query.view(b, kv, heads // kv, n, d).transpose(2, 3).to(compute) * scale).reshape(b * kv, -1, d)
+        return q, key.to(compute).reshape(b * kv, n, d), value.to(compute).reshape(b * kv, n, d)
+
+    class _Blockwise(torch.autograd.Function):
+        """Attention per query block, keeping for backward only its inputs q, k and v. Backward
+        recomputes each block's scores and softmax and applies the softmax backward (torch's own
+        kernel: dS = P * (dP - rowsum(dP * P)), the rowsum being flash attention's D = rowsum(dO * O))
+        with dK and dV accumulated over the blocks in float32."""
+
+        @staticmethod
+        def forward(ctx, query, key, value, blocks, scale, compute):
+            b, heads, n, d = query.shape
+            kv = key.shape[1]
+            g = heads // kv
+            q, k, v = grouped(query, key, value, scale, compute)
+            out = torch.empty(b, n, kv, g, d, dtype=compute)
+            view = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
+            for q0, q1, k0, mask in blocks:
+                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
+                view[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1]).view(b, kv, q1 - q0, g, d)
+            ctx.save_for_backward(query, key, value)
+            ctx.blocks, ctx.scale, ctx.compute = blocks, scale, compute
+            return out.view(b, n, heads, d).to(query.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            query, key, value = ctx.saved_tensors
+            b, heads, n, d = query.shape
+            kv = key.shape[1]
+            g = heads // kv
+            q, k, v = grouped(query, key, value, ctx.scale, ctx.compute)
+            do = grad.to(ctx.compute).view(b, n, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b * kv, n * g, d)
+            dq = torch.empty_like(q)
+            dk = torch.zeros(k.shape, dtype=torch.float32)
+            dv = torch.zeros(v.shape, dtype=torch.float32)
+            for q0, q1, k0, mask in ctx.blocks:
+                rows = slice(q0 * g, q1 * g)
+                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
+                dv[:, k0:q1] += torch.bmm(p.transpose(1, 2), do[:, rows])
+                ds = torch._softmax_backward_data(torch.bmm(do[:, rows], v[:, k0:q1].transpose(1, 2)), p, -1,
+                                                  p.dtype)
+                dq[:, rows] = torch.bmm(ds, k[:, k0:q1])
+                dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q[:, rows])
+            dq = (dq * ctx.scale).view(b, kv, n, g, d).transpose(2, 3).reshape(b, heads, n, d)
+            return (dq.to(query.dtype), dk.view(key.shape).to(key.dtype), dv.view(value.shape).to(value.dtype),
+                    None, None, None)
+
+    return _Blockwise
+
+
+def _probabilities(q, k, b, kv, g, q0, q1, k0, mask):
+    """Softmax of one query block's scores against keys k0..q1-1 (the mask added in the compute
+    dtype; torch's softmax accumulates in float32)."""
+    import torch
+
+    scores = torch.bmm(q[:, q0 * g:q1 * g], k[:, k0:q1].transpose(1, 2))
+    scores.view(b, kv, q1 - q0, g, q1 - k0).add_(mask)
+    return torch.softmax(scores, dim=-1)

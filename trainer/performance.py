@@ -5,8 +5,8 @@
   adapter weights stay fp32 (decided in contract/decisions.py, which `estimate` calls too).
 - loss: the output layer and cross-entropy in chunks over labelled positions only (the kernel is
   trainer/chunked_loss.py); decided here per model family.
-- attention: for packed batches on CPU, trainer/attention.py's batched matmuls instead of sdpa's
-  masked kernel, while the probabilities it keeps for backward stay small.
+- attention: for packed batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
+  (grouped matmuls for short sequences, blockwise beyond).
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
 - compile: torch.compile of each decoder layer (one compiled graph serves them all), when the
   estimated training time repays the one-time compile.
@@ -39,10 +39,10 @@ COMPILE_SECONDS = 30
 
 def use_attention(model, decision: Decision) -> None:
     """Switch the model to the chosen attention (the inner transformers model under any PEFT wrapper)."""
-    if decision.value == "grouped-matmul":
+    if decision.value in ("grouped-matmul", "blockwise"):
         from trainer import attention
 
-        causal_lm(model).set_attn_implementation(attention.register())
+        causal_lm(model).set_attn_implementation(attention.register(decision.value))
 
 
 def choose_adapter_inputs(method: str, precision: str) -> Decision:
@@ -102,7 +102,7 @@ def use_compile(model, decision: Decision) -> Decision:
     """Compile each decoder layer in place (state-dict keys unchanged); returns the decision taken.
 
     Every layer runs the same code, so torch compiles one graph for all of them, with dynamic
-    sequence lengths (packed batches vary in width). The matmul attention stays eager: its query
+    sequence lengths (packed batches vary in width). Our attention kernels stay eager: their query
     blocks depend on the width. The first layer's input is made to require grad like the others',
     or torch would compile a second graph for it. Evaluation runs eagerly (see `eager`)."""
     if decision.value != "on":
@@ -116,8 +116,9 @@ def use_compile(model, decision: Decision) -> Decision:
 
     from trainer import attention
 
-    if inner.config._attn_implementation == attention.NAME:
-        attention.register(compiled=True)
+    kernel = attention.kernel_of(inner.config._attn_implementation)
+    if kernel:
+        attention.register(kernel, compiled=True)
     if not inner.get_input_embeddings().weight.requires_grad:
         inner.enable_input_require_grads()
     # A compile that fails (a missing header, an unsupported op) falls back to eager with a warning.

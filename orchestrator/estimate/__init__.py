@@ -33,9 +33,10 @@ CPU_BF16_RUNTIME_MB = 265
 CUDA_CONTEXT_MB = 600
 # Values a Llama layer keeps per token for backward (counted per autograd node on the real SmolLM2-135M
 # shape with the trainer's forward, 2026-12-01; the sum matched the 30-layer runs within 0.1%), in units of
-# the hidden and intermediate sizes. Always: both norms' inputs, the attention's query, key and value (at
-# every query head: grouped KV heads are repeated) and output, the MLP's gate, SiLU and up outputs.
-ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 6, 3
+# the hidden and intermediate sizes. Always: both norms' inputs, the MLP's gate, SiLU and up outputs; and what
+# the attention keeps, which depends on its kernel (contract/decisions.py attention_values; with sdpa, its
+# query, key and value at every query head and its output: 4 x hidden).
+ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 2, 3
 # When the layer's own weights train (full): the inputs of the q/k/v, gate/up and down projections (o_proj's is
 # the attention output, already kept) and both norms' normalised inputs.
 ACT_DENSE_HIDDEN, ACT_DENSE_INTER = 4, 1
@@ -173,7 +174,7 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
     """Values one decoder layer keeps per token for backward (see the ACT_ constants)."""
     from types import SimpleNamespace
 
-    from contract.decisions import choose_attention
+    from contract.decisions import attention_values, choose_attention
 
     cfg, args = strategy.cfg, strategy.cfg.training_args
     h, i = shape.hidden_size, shape.intermediate_size
@@ -189,16 +190,13 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
             groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
             values += sum(shapes[g[0]][0] for g in groups if any(n in targets for n in g))
         values += cfg.method.r * len(targets)
-    # The trainer's matmul attention keeps the softmax probabilities; sdpa's kernels keep only a
-    # log-sum-exp per head. The same decision the trainer makes (contract/decisions.py choose_attention).
+    # What the attention kernel the trainer will choose keeps (the same decision: contract/decisions.py).
     packed = cfg.method.stage == "sft" and cfg.dataset.packing is not False
     config = SimpleNamespace(num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-                             _attn_implementation="sdpa")
+                             num_key_value_heads=shape.num_kv_heads, hidden_size=h, _attn_implementation="sdpa")
     attention = choose_attention(device, packed, config, args.per_device_train_batch_size, args.max_seq_length,
                                  precision)
-    if attention.value == "grouped-matmul":
-        values += shape.num_heads * args.max_seq_length
-    return values
+    return values + attention_values(attention.value, config, args.max_seq_length)
 
 
 def _eval_passes(strategy: Strategy, steps: int, per_epoch: int) -> int:

@@ -1,0 +1,129 @@
+"""trainer/attention.py's kernels for packed CPU batches against transformers' sdpa attention with the
+same block-diagonal mask (outputs and q/k/v gradients), and the blockwise kernel's memory: what it keeps
+for backward grows linearly in the sequence length. The model-level checks (logits and LoRA gradients of
+a packed batch, bf16 autocast) are in tests/test_performance.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+KERNELS = ("grouped-matmul", "blockwise")
+
+
+def _mask(batch: int, n: int, rows: tuple[int, ...], seed: int = 0):
+    """A packed batch's mask as trainer/data/batching.py builds it: each sequence filled with rows of
+    lengths drawn from `rows`; all but the first end in a few padding positions (which attend to
+    themselves only)."""
+    from trainer.data.batching import collate
+
+    rng = random.Random(seed)
+    sequences = []
+    for i in range(batch):
+        seq, room = [], n - (rng.randrange(0, min(5, n)) if i else 0)
+        while room:
+            length = min(room, rng.choice(rows))
+            seq.append(([1] * length, [1] * length))
+            room -= length
+        sequences.append(seq)
+    return collate(sequences, 0, packed=True).attention_mask
+
+
+def _inputs(batch, heads, kv_heads, n, d, dtype, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    q = torch.randn(batch, heads, n, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, kv_heads, n, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, kv_heads, n, d, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, n, heads, d, dtype=dtype)
+    return q, k, v, grad
+
+
+def _run(kernel, q, k, v, mask, grad):
+    """Output (B, L, H, D) and the q, k, v gradients of one kernel, called as transformers calls it."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from trainer import attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = q.shape[1] // k.shape[1], True
+    function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
+                "blockwise": attention.blockwise_attention}[kernel]
+    out, _ = function(module, q, k, v, mask.to(q.dtype))
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n", [1, 37, 64, 130, 200])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (9, 3)])
+def test_kernel_equals_sdpa_in_fp32(kernel, n, heads, kv_heads):
+    """Lengths under, at and past one query block, not divisible by it; packed rows of 1-90 tokens."""
+    import torch
+
+    q, k, v, grad = _inputs(2, heads, kv_heads, n, 16, torch.float32)
+    mask = _mask(2, n, (1, 7, 40, 90))
+    ours, theirs = _run(kernel, q, k, v, mask, grad), _run("sdpa", q, k, v, mask, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()), name
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bf16_matmuls", [True, False])
+def test_kernel_in_bf16_is_as_close_to_float64_as_sdpa(monkeypatch, kernel, bf16_matmuls):
+    """bf16 inputs: the error against a float64 reference is of sdpa's own bf16 size. The kernels
+    compute in bf16 on CPUs with bf16 matmuls, in float32 elsewhere (both are run here)."""
+    import torch
+
+    from trainer import attention
+
+    monkeypatch.setattr(attention, "_bf16", bf16_matmuls)
+    q, k, v, grad = _inputs(2, 9, 3, 150, 64, torch.bfloat16)
+    mask = _mask(2, 150, (20, 64, 100))
+    exact = _run("sdpa", *(t.detach().double().requires_grad_() for t in (q, k, v)), mask, grad.double())
+    ours, theirs = _run(kernel, q, k, v, mask, grad), _run("sdpa", q, k, v, mask, grad)
+    for name, a, b, x in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert a.dtype == torch.bfloat16
+        error, sdpa_error = (a.double() - x).norm() / x.norm(), (b.double() - x).norm() / x.norm()
+        assert error <= max(2 * sdpa_error, 4e-3), (name, error.item(), sdpa_error.item())
+
+
+def test_blockwise_skips_the_keys_no_query_of_a_block_sees():
+    """Rows of 64 tokens packed end to end: each 64-query block meets only its own row's keys."""
+    import torch
+
+    from trainer import attention
+
+    blocks = attention._blocks(_mask(1, 256, (64,)), 256, torch.float32)
+    assert [(q0, q1, k0) for q0, q1, k0, _ in blocks] == [(0, 64, 0), (64, 128, 64), (128, 192, 128),
+                                                         (192, 256, 192)]
+
+
+def _saved_bytes(kernel, n):
+    """Bytes the kernel's forward keeps for backward (each storage once), one packed row of n tokens."""
+    import torch
+
+    q, k, v, grad = _inputs(1, 6, 2, n, 16, torch.float32)
+    mask = _mask(1, n, (n,))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(kernel, q, k, v, mask, grad)
+    return sum(saved.values())
+
+
+def test_blockwise_memory_grows_linearly_in_the_length():
+    """4x the length keeps 4x the bytes for backward with the blockwise kernel; the grouped matmuls'
+    softmax probabilities grow ~16x (13.6x here: the causal blocks keep 5/8 of L^2 at 4 blocks, 17/32
+    at 16)."""
+    blockwise = _saved_bytes("blockwise", 1024) / _saved_bytes("blockwise", 256)
+    grouped = _saved_bytes("grouped-matmul", 1024) / _saved_bytes("grouped-matmul", 256)
+    assert blockwise == pytest.approx(4, rel=0.02)
+    assert grouped > 12
