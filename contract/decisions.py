@@ -65,7 +65,8 @@ def choose_method(method, device: str) -> Decision:
 
 
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on a CPU."""
+    """AVX512-BF16 or AMX: the CPU has bf16 matmul instructions (without them bf16 is emulated, many
+    times slower). Whether bf16 is the faster precision is measured, not read from this."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -73,15 +74,19 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
 
 
-def choose_cpu_precision(requested: str) -> Decision:
-    """Training precision on a CPU (a GPU's is the trainer's to decide: it asks the device)."""
+def choose_cpu_precision(requested: str, rates: dict | None = None) -> Decision:
+    """Training precision on a CPU (a GPU's is the trainer's to decide: it asks the device). auto takes
+    the dtype that ran the model's own matmul faster on this machine (`rates`: contract/precision_probe.py)."""
     if requested == "fp16":
         raise UserError("precision fp16 is not supported for CPU training; use bf16, fp32 or auto")
-    if requested == "auto":
-        if cpu_has_bf16():
-            return Decision("bf16", "the CPU has AVX512-BF16 or AMX; bf16 autocast over fp32 weights")
-        return Decision("fp32", "the CPU has no AVX512-BF16 or AMX, so bf16 would be slower")
-    return Decision(requested, "set in the strategy")
+    if requested != "auto":
+        return Decision(requested, "set in the strategy")
+    fp32, bf16 = rates["fp32"], rates["bf16"]
+    measured = (f"measured on this CPU on the model's {rates['shape']} matmul: bf16 {bf16:,.1f} GFLOP/s, "
+                f"fp32 {fp32:,.1f} GFLOP/s")
+    if bf16 > fp32:
+        return Decision("bf16", f"{measured}; bf16 autocast over fp32 weights")
+    return Decision("fp32", measured)
 
 
 def choose_base_dtype(method: str, precision: str) -> Decision:

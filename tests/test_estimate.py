@@ -41,7 +41,7 @@ def test_shapes_and_parameter_counts():
 
 
 def test_memory_breakdown_golden():
-    # Precision set explicitly: auto depends on the CPU (bf16 where it has AVX512-BF16 or AMX).
+    # Precision set explicitly: auto depends on the CPU (the faster of bf16 and fp32, measured there).
     s = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048, precision="fp32"))
     parts = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu")
     # fp32 weights; 12 bytes per adapter parameter (its gradients fit in the activations' place); per token

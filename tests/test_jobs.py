@@ -131,18 +131,46 @@ def test_device_choice_and_fallback():
         choose_device("cuda", None, none)
 
 
-def test_cpu_precision_follows_the_cpu(monkeypatch):
-    from contract import decisions
+def test_cpu_precision_follows_the_measured_rates():
+    """auto takes the dtype measured faster on the model's shape, whatever the CPU's flags say (an
+    AVX512-BF16 Xeon without AMX runs bf16 at half its fp32 rate); the numbers are in the reason."""
+    from contract.decisions import choose_cpu_precision
 
-    monkeypatch.setattr(decisions, "cpu_has_bf16", lambda: True)
-    assert choose_precision("auto", "cpu").value == "bf16"
-    monkeypatch.setattr(decisions, "cpu_has_bf16", lambda: False)
-    assert choose_precision("auto", "cpu").value == "fp32"
+    xeon = {"fp32": 320.0, "bf16": 170.0, "shape": "512x576x1536"}
+    amx = {"fp32": 300.0, "bf16": 1200.0, "shape": "512x576x1536"}
+    slow = choose_cpu_precision("auto", xeon)
+    assert slow.value == "fp32"
+    assert slow.reason == ("measured on this CPU on the model's 512x576x1536 matmul: bf16 170.0 GFLOP/s, "
+                           "fp32 320.0 GFLOP/s")
+    assert choose_cpu_precision("auto", amx).value == "bf16"
     assert choose_precision("bf16", "cpu").reason == "set in the strategy"
     with pytest.raises(UserError, match="fp16 is not supported for CPU training"):
         choose_precision("fp16", "cpu")
     with pytest.raises(UserError, match="bf16 is not reliable on MPS"):
         choose_precision("bf16", "mps")
+
+
+def test_the_precision_probe_measures_once_per_machine_and_shape(tmp_path, monkeypatch):
+    """The trainer measures both dtypes on the model's own product and caches them; the host's estimate
+    reads the same numbers (it would otherwise start the trainer to measure)."""
+    from types import SimpleNamespace
+
+    from contract import precision_probe
+    from orchestrator.estimate import throughput
+    from trainer import devices
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path))
+    config = SimpleNamespace(hidden_size=64, intermediate_size=96)
+    decision = choose_precision("auto", "cpu", config)
+    rates = precision_probe.cached_rates((512, 64, 96))
+    assert rates["shape"] == "512x64x96" and rates["fp32"] > 0 and rates["bf16"] > 0
+    assert decision.value == ("bf16" if rates["bf16"] > rates["fp32"] else "fp32") and "512x64x96" in decision.reason
+    monkeypatch.setattr(devices, "store_rates", lambda *a: pytest.fail("measured again"))
+    assert devices.precision_rates((512, 64, 96)) == rates
+    from orchestrator.runners import local
+
+    monkeypatch.setattr(local, "run_trainer", lambda *a: pytest.fail("the host measured again"))
+    assert throughput.precision_rates(64, 96) == rates
 
 
 def test_qlora_is_refused_or_falls_back_off_cuda():

@@ -7,6 +7,7 @@ still fails by name).
     python -m trainer evaluate <folder> <dataset> --output result.json [--samples N] [--max-new-tokens N] [--greedy] [--seed N]
     python -m trainer dataset-stats <dataset> < strategy.yaml
     python -m trainer calibrate [--device cpu] [--dtype fp32]
+    python -m trainer probe-precision --hidden H --intermediate I
     python -m trainer merge-base <final> <target>
     python -m trainer export <folder> [--format F] [--quantization Q] [--output DIR] [--name NAME] [--force] [--json]
 """
@@ -38,6 +39,14 @@ def _calibrate(args) -> int:
     from trainer.devices import matmul_rate
 
     print(json.dumps(matmul_rate(args.device, args.dtype)), flush=True)
+    return 0
+
+
+def _probe_precision(args) -> int:
+    from contract.precision_probe import probe_shape
+    from trainer.devices import precision_rates
+
+    print(json.dumps(precision_rates(probe_shape(args.hidden, args.intermediate))), flush=True)
     return 0
 
 
@@ -118,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure this machine's matmul rate (GFLOP/s) for the estimator")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    probe = sub.add_parser("probe-precision", help="fp32 and bf16 GFLOP/s on a model's MLP matmul (cached per machine)")
+    probe.add_argument("--hidden", type=int, required=True)
+    probe.add_argument("--intermediate", type=int, required=True)
     stats = sub.add_parser("dataset-stats", help="token lengths of a dataset under the strategy read from stdin")
     stats.add_argument("dataset", type=Path)
     merge = sub.add_parser("merge-base", help="fold a LoRA job output into its base: a plain model folder at TARGET")
@@ -134,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _train, "calibrate": _calibrate, "generate": _generate, "export": _export,
+COMMANDS = {"train": _train, "calibrate": _calibrate, "probe-precision": _probe_precision, "generate": _generate, "export": _export,
             "evaluate": _evaluate, "merge-base": _merge_base, "dataset-stats": _dataset_stats}
 
 

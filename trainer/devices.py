@@ -6,6 +6,7 @@ from pathlib import Path
 
 from contract.decisions import Decision, choose_cpu_precision
 from contract.errors import UserError
+from contract.precision_probe import cached_rates, probe_shape, shape_text, store_rates
 
 
 def available() -> dict[str, bool]:
@@ -29,7 +30,8 @@ def confirm_device(planned: Decision) -> Decision:
                     "fine_tuner.config.device: cpu and start the job again")
 
 
-def choose_precision(requested: str, device: str) -> Decision:
+def choose_precision(requested: str, device: str, config=None) -> Decision:
+    """config: the model's, whose matmul shape a CPU's auto precision is measured on."""
     import torch
 
     if device == "cuda":
@@ -51,7 +53,40 @@ def choose_precision(requested: str, device: str) -> Decision:
         if requested == "auto":
             return Decision("fp32", "MPS autocast is not reliable for training; fp32 is the safe default")
         return Decision(requested, "set in the strategy")
-    return choose_cpu_precision(requested)
+    if requested != "auto":
+        return choose_cpu_precision(requested)
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    return choose_cpu_precision(requested, precision_rates(probe_shape(config.hidden_size, intermediate)))
+
+
+def precision_rates(shape: tuple[int, int, int]) -> dict:
+    """fp32 and bf16 GFLOP/s of one (rows x in) @ (in x out) product on this CPU, from the machine's cache
+    (contract/precision_probe.py) or measured now: the two dtypes alternate, best of two rounds each,
+    so a moment of someone else's work changes both alike; a round of a slow dtype is one product."""
+    import time
+
+    import torch
+
+    rates = cached_rates(shape)
+    if rates:
+        return rates
+    rows, inner, outer = shape
+    gen = torch.Generator().manual_seed(0)
+    operands = {name: (torch.randn(rows, inner, generator=gen).to(dtype), torch.randn(inner, outer, generator=gen).to(dtype))
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = dict.fromkeys(operands, 0.0)
+    for a, b in operands.values():
+        a @ b  # first call: kernel selection and packing, not timed
+    for _ in range(2):
+        for name, (a, b) in operands.items():
+            count, start = 0, time.perf_counter()
+            while count == 0 or time.perf_counter() - start < 0.1:
+                a @ b
+                count += 1
+            best[name] = max(best[name], 2 * rows * inner * outer * count / (time.perf_counter() - start) / 1e9)
+    rates = {**{name: round(rate, 1) for name, rate in best.items()}, "shape": shape_text(shape)}
+    store_rates(shape, rates)
+    return rates
 
 
 def probe_precision(device: str, precision: str) -> tuple[bool, str]:

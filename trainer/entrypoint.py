@@ -118,8 +118,9 @@ class _Job:
     job: dict
     device: Decision
     method: Decision
-    precision: Decision
     world: object
+    precision: Decision | None = None
+    """Decided once the model's shape is known (`_decide_precision`)."""
     decisions: dict = field(default_factory=dict)
     trainable_parameters: int = 0
 
@@ -141,6 +142,7 @@ def _train(folder: Path, stop_flag) -> None:
     """Open the job, load its tokenizer, data and model, decide the speed levers, fit, save, measure."""
     run = _open(folder)
     model_path, tokenizer, template = _load_tokenizer(run)
+    _decide_precision(run, model_path)
     data = _load_data(run, tokenizer, template)
     resume = _resume_point(folder, run.job, run.world)
     model, ref_model = _load_model(run, model_path, resume)
@@ -153,9 +155,9 @@ def _train(folder: Path, stop_flag) -> None:
 
 
 def _open(folder: Path) -> _Job:
-    """The job folder read once; the plan's device confirmed in this process, the precision decided."""
+    """The job folder read once; the plan's device confirmed in this process."""
     from trainer import distributed
-    from trainer.devices import choose_precision, confirm_device
+    from trainer.devices import confirm_device
 
     strategy, strategy_text = read_job_strategy(folder)
     job = read_job(folder)
@@ -164,12 +166,22 @@ def _open(folder: Path) -> _Job:
         print(f"plan: {line}", flush=True)
     device = confirm_device(plan.device)
     cfg = strategy.cfg
-    precision = choose_precision(cfg.training_args.precision, device.value)
     world = distributed.join(cfg.distributed, device.value, plan.distributed)
-    run = _Job(folder, strategy_text, cfg, job, device, plan.method, precision, world)
-    run.decide("precision", precision)
+    run = _Job(folder, strategy_text, cfg, job, device, plan.method, world)
     _seed_everything(cfg.training_args.seed)
     return run
+
+
+def _decide_precision(run: _Job, model_path) -> None:
+    """On a CPU, auto is measured on the model's own matmul shape, so it waits for the model's config."""
+    from transformers import AutoConfig
+
+    from trainer.devices import choose_precision
+
+    base = run.cfg.base_model
+    config = AutoConfig.from_pretrained(model_path, revision=base.revision, trust_remote_code=base.trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    run.precision = run.decide("precision", choose_precision(run.args.precision, run.device.value, config))
 
 
 def _load_tokenizer(run: _Job):

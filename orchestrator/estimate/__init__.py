@@ -21,7 +21,7 @@ from pathlib import Path
 
 from contract.strategy import Strategy
 from orchestrator.estimate.shapes import ModelShape, shape_for
-from orchestrator.estimate.throughput import busy_note, device_memory_gb, matmul_gflops
+from orchestrator.estimate.throughput import busy_note, device_memory_gb, matmul_gflops, precision_rates
 from contract.decisions import chunk_rows
 
 MB = 1024 * 1024
@@ -100,15 +100,15 @@ def _trainable(shape: ModelShape, strategy: Strategy) -> int:
     return shape.num_layers * sum(method.r * (a + b) for name, (a, b) in shapes.items() if name in targets)
 
 
-def compute_precision(device: str, requested: str) -> str:
-    """The precision the trainer will pick (trainer/devices.py), decided without torch where it can be:
-    on a CPU auto means bf16 exactly when the CPU has AVX512-BF16 or AMX; a GPU is taken at its best."""
+def compute_precision(device: str, requested: str, shape: ModelShape) -> str:
+    """The precision the trainer will pick (trainer/devices.py): on a CPU, auto from the same measured
+    rates on the model's shape; a GPU is taken at its best."""
     from contract.decisions import choose_cpu_precision
 
     if requested != "auto":
         return requested
     if device == "cpu":
-        return choose_cpu_precision(requested).value
+        return choose_cpu_precision(requested, precision_rates(shape.hidden_size, shape.intermediate_size)).value
     return "bf16" if device == "cuda" else "fp32"
 
 
@@ -127,7 +127,7 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     ckpt = args.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     trainable = _trainable(shape, strategy)
     method = cfg.method.type
-    precision = compute_precision(device, args.precision)
+    precision = compute_precision(device, args.precision, shape)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     frozen = 0 if method == "full" else shape.params
     weight_b = _weight_bytes(method, precision)
@@ -258,7 +258,7 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     # runs the forward pass twice.
     backward = 2 if cfg.method.type == "full" else 1
     est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
-    est.device_gflops = matmul_gflops(device, "bf16" if compute_precision(device, args.precision) == "bf16" else "fp32")
+    est.device_gflops = matmul_gflops(device, "bf16" if compute_precision(device, args.precision, shape) == "bf16" else "fp32")
     est.busy = busy_note(device)
     compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)

@@ -84,6 +84,20 @@ def measure(device: str, dtype: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def precision_rates(hidden: int, intermediate: int) -> dict:
+    """This CPU's fp32 and bf16 rates on a model's MLP matmul: the numbers the trainer decides `precision:
+    auto` by (contract/precision_probe.py), read from the machine's cache or measured once by the trainer."""
+    from contract.precision_probe import cached_rates, probe_shape
+    from orchestrator.runners.local import run_trainer
+
+    rates = cached_rates(probe_shape(hidden, intermediate))
+    if rates:
+        return rates
+    print("measuring this CPU's fp32 and bf16 matmul rates on the model's shape once (a few seconds)", file=sys.stderr)
+    out = run_trainer("probe-precision", "--hidden", str(hidden), "--intermediate", str(intermediate))
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def device_memory_gb(device: str) -> float | None:
     """Memory a run can use on the device: available host RAM for cpu (and mps, which shares it),
     the GPU's total for cuda; None when it cannot be known here."""

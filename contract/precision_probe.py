@@ -1,0 +1,72 @@
+"""Measured fp32 and bf16 matmul rates of this machine's CPU on a model's own shape, cached per machine.
+
+`precision: auto` on a CPU takes whichever dtype runs the model's matmuls faster here
+(contract/decisions.py choose_cpu_precision). CPU flags alone cannot say: an AVX512-BF16 Xeon
+without AMX runs bf16 at half its fp32 rate, an AMD EPYC without AVX512-BF16 at 1/70. The trainer
+measures (trainer/devices.py precision_rates, ~1-3 s) and the estimate asks the trainer for the same
+numbers (`python -m trainer probe-precision`); both read and write this cache, which the container
+runner mounts, so a machine and a model shape are measured once. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Rows of the probe's product: a packed step's tokens pass through each linear layer in blocks of at least this.
+PROBE_ROWS = 512
+
+
+def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
+    """(rows, in, out) of the probed product: the MLP's up projection, the model's largest matmul."""
+    return PROBE_ROWS, hidden, intermediate
+
+
+def shape_text(shape: tuple[int, int, int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _file() -> Path:
+    from contract.paths import cache_root
+
+    return cache_root() / "precision_probe.json"
+
+
+def _key(shape: tuple[int, int, int]) -> str:
+    return f"{cpu_model()} | {os.cpu_count()} cores | {shape_text(shape)}"
+
+
+def _read() -> dict:
+    try:
+        return json.loads(_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_rates(shape: tuple[int, int, int]) -> dict | None:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s, "shape": "RxIxO"} measured earlier on this machine, or None."""
+    return _read().get(_key(shape))
+
+
+def store_rates(shape: tuple[int, int, int], rates: dict) -> None:
+    """Kept by an atomic rename, so processes measuring at once never leave a torn file."""
+    entries = _read()
+    entries[_key(shape)] = rates
+    path = _file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    tmp.replace(path)
