@@ -4,7 +4,8 @@
 
 Rows are tokenized with the model's tokenizer (EOS appended), padded to each batch's longest row by
 DataCollatorForLanguageModeling, and trained with the library's defaults except the settings the
-issue fixes (LoRA r 8 / alpha 16 on q_proj,v_proj, lr 3e-4, one epoch, seed). Measuring adds only a
+issue fixes (by default LoRA r 8 / alpha 16 on q_proj,v_proj; --method picks another of bench/model.py's
+METHODS; lr 3e-4, one epoch, seed). Measuring adds only a
 step timer, a real-token counter around the collator, logging every step and no checkpoint saving;
 none of them changes what is computed.
 """
@@ -17,6 +18,8 @@ import resource
 import time
 from pathlib import Path
 
+from bench.model import METHODS
+
 BATCH_SIZE = 8  # the Trainer's default per_device_train_batch_size, stated here to document it
 
 
@@ -24,11 +27,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--eval", required=True)
+    p.add_argument("--eval", help="held-out rows for the loss after training (none: no eval)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU mode (scripts/gpu_check.sh)")
     p.add_argument("--max-steps", type=int, default=-1, help="a short probe; -1 trains the whole epoch")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--max-length", type=int, default=256, help="rows are cut to this many tokens")
+    p.add_argument("--method", choices=list(METHODS), default="lora-qv-r8", help="bench/model.py METHODS")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
@@ -44,10 +50,12 @@ def main(argv=None) -> None:
     if tokenizer.pad_token is None:  # what such scripts do for a tokenizer without one (the collator needs it)
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    method = METHODS[a.method]
+    if method["type"] == "lora":
+        model = get_peft_model(model, LoraConfig(r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"],
+                                                 target_modules=method["target_modules"], task_type="CAUSAL_LM"))
     data = load_dataset("json", data_files=a.data, split="train")
-    data = data.map(lambda r: tokenizer(r["text"] + tokenizer.eos_token, truncation=True, max_length=256),
+    data = data.map(lambda r: tokenizer(r["text"] + tokenizer.eos_token, truncation=True, max_length=a.max_length),
                     remove_columns=["text"])
 
     tokens_per_step: list[int] = []
@@ -75,7 +83,7 @@ def main(argv=None) -> None:
 
     args = TrainingArguments(
         output_dir=str(Path(a.out).parent / "baseline-trainer"),
-        per_device_train_batch_size=BATCH_SIZE,
+        per_device_train_batch_size=a.batch_size,
         learning_rate=3e-4,
         num_train_epochs=1,
         max_steps=a.max_steps,
@@ -93,10 +101,12 @@ def main(argv=None) -> None:
     status = Path("/proc/self/status")
     hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
     peak_rss_mb = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows = [json.loads(line) for line in Path(a.eval).read_text().splitlines()]
-    ids = [tokenizer(r["text"] + tokenizer.eos_token)["input_ids"] for r in rows]
-    with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-        final = eval_loss(model, ids)
+    final = None
+    if a.eval:
+        rows = [json.loads(line) for line in Path(a.eval).read_text().splitlines()]
+        ids = [tokenizer(r["text"] + tokenizer.eos_token)["input_ids"] for r in rows]
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            final = eval_loss(model, ids)
     durations = [t1 - t0 for t0, t1 in zip(step_ends, step_ends[1:])]
     Path(a.out).write_text(json.dumps({
         "name": f"transformers Trainer + PEFT ({a.precision}, padded)",

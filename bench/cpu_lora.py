@@ -39,12 +39,13 @@ def _run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> No
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: str, max_steps: int, env: dict,
-                 device: str = "cpu") -> dict:
+def run_baseline(work: Path, model: Path, data: Path, evals: Path | None, precision: str, max_steps: int, env: dict,
+                 device: str = "cpu", extra: tuple[str, ...] = ()) -> dict:
+    """`extra`: more bench.baseline flags (the matrix's --batch-size, --max-length, --method)."""
     out = work / f"baseline-{precision}-{'probe' if max_steps > 0 else 'full'}.json"
-    _run([sys.executable, "-m", "bench.baseline", "--model", str(model), "--data", str(data), "--eval", str(evals),
-          "--precision", precision, "--max-steps", str(max_steps), "--device", device, "--out", str(out)],
-         env=env, log=out.with_suffix(".log"))
+    _run([sys.executable, "-m", "bench.baseline", "--model", str(model), "--data", str(data),
+          *(["--eval", str(evals)] if evals else []), "--precision", precision, "--max-steps", str(max_steps),
+          "--device", device, "--out", str(out), *extra], env=env, log=out.with_suffix(".log"))
     r = json.loads(out.read_text())
     r["tokens_per_second"], r["timed_tokens"], r["timed_seconds"] = measure.after_warmup(r["step_seconds"],
                                                                                          r["step_tokens"])
@@ -53,14 +54,14 @@ def run_baseline(work: Path, model: Path, data: Path, evals: Path, precision: st
 
 
 def run_project(work: Path, model: Path, data: Path, evals: Path | None, env: dict, sets: tuple[str, ...] = (),
-                strategy: str = "bench_cpu_lora") -> dict:
+                strategy: str = "bench_cpu_lora", strategy_file: Path = ROOT / "bench" / "strategy.yaml") -> dict:
     """`sets`: more --set PATH=VALUE for the strategy (the GPU mode sets device and precision).
     `evals`: None for no held-out set (eval_loss None)."""
     home = work / "home"
     env = {**env, "LLAMAFARM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     log = work / "project.log"
     _run([sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", strategy,
-          "--strategy-file", str(ROOT / "bench" / "strategy.yaml"), "--dataset", str(data),
+          "--strategy-file", str(strategy_file), "--dataset", str(data),
           "--set", f"base_model.huggingface_id={model}", *(["--set", f"dataset.eval_file={evals}"] if evals else []),
           *(arg for s in sets for arg in ("--set", s)),
           "--runner", "local", "--foreground", "--ignore-estimate"], env=env, log=log)

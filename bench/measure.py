@@ -55,19 +55,20 @@ def matmul_peak(thread_counts: list[int], seconds: float = 1.0) -> dict[str, flo
     return out
 
 
-def lora_flops(config: dict, lengths: list[int]) -> float:
+def lora_flops(config: dict, lengths: list[int], weight_gradients: bool = False) -> float:
     """Model FLOPs for one LoRA training pass over rows of these lengths (real tokens only).
 
     Frozen weights need a forward and an input-gradient product (2 + 2 FLOPs per weight and token),
-    no weight gradient; attention scores and values cost 2 * 2 * d per key, three times for forward
-    and backward, over a causal context that averages (n + 1) / 2 keys."""
+    no weight gradient (`weight_gradients`: full fine-tuning, 2 more); attention scores and values cost
+    2 * 2 * d per key, three times for forward and backward, over a causal context that averages
+    (n + 1) / 2 keys."""
     d, layers, inter, vocab = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
     kv = d * config["num_key_value_heads"] // config["num_attention_heads"]
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter
     weights = layers * per_layer + vocab * d
     tokens = sum(lengths)
     keys = sum(n * (n + 1) / 2 for n in lengths)
-    return 4 * weights * tokens + 3 * 4 * d * layers * keys
+    return (6 if weight_gradients else 4) * weights * tokens + 3 * 4 * d * layers * keys
 
 
 def after_warmup(step_seconds: list[float], step_tokens: list[int]) -> tuple[float, int, float]:

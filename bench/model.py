@@ -52,24 +52,35 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def make_rows(tokenizer, target_tokens: int, seed: int) -> list[dict]:
-    """Text rows of corpus words, each 64-256 tokens once tokenized with BOS and EOS, summing to
-    about `target_tokens`. Lengths are drawn uniformly, so padding a batch to its longest row wastes
-    about a third of the positions, as it does with real instruction data of mixed length."""
+# The training methods the benchmarks compare, as both sides set them (bench/baseline.py, bench/matrix.py):
+# LoRA on q,v at rank 8 (the common default), LoRA on every linear layer at rank 16 with dropout (what
+# real-model guides recommend), and full fine-tuning.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "lora-qv-r8": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "lora-all-r16": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR},
+    "full": {"type": "full"},
+}
+
+
+def make_rows(tokenizer, target_tokens: int, seed: int, lengths: tuple[int, int] = (MIN_TOKENS, MAX_TOKENS)) -> list[dict]:
+    """Text rows of corpus words, each `lengths` (64-256) tokens once tokenized with BOS and EOS,
+    summing to about `target_tokens`. Lengths are drawn uniformly, so padding a batch to its longest row
+    wastes about a third of the positions, as it does with real instruction data of mixed length."""
     from inputs.models.builtin import CORPUS
 
     words = CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(seed)
     rows, total = [], 0
     while total < target_tokens:
-        want = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        want = rng.randint(*lengths)
         start = rng.randrange(len(words))
         take, n = 0, 0
         while n < want:  # add words until the row is `want` tokens or just over
             take += 1
             text = " ".join(words[(start + i) % len(words)] for i in range(take))
             n = len(tokenizer(text)["input_ids"]) + 1  # + EOS
-        if n > MAX_TOKENS:
+        if n > lengths[1]:
             take -= 1
             text = " ".join(words[(start + i) % len(words)] for i in range(take))
             n = len(tokenizer(text)["input_ids"]) + 1

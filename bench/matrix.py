@@ -1,0 +1,140 @@
+"""Speed on the settings users write: sequence length x batch x method, llamafarm against the Trainer + PEFT script.
+
+    .venv/bin/python -m bench.matrix --quick          # 4 cells, about 15 minutes on 2 cores
+    .venv/bin/python -m bench.matrix                  # every cell: 4 lengths x 3 batches x 3 methods (hours)
+    .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
+
+A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS). Each cell trains the SmolLM2-135M-
+shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
+data has) for STEPS optimizer steps per side, one side after the other in the same run:
+- the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32
+  and bf16 ran the matmul faster on this machine (the harder baseline);
+- llamafarm, `finetune start` with bench/strategy.yaml and only the cell's settings set
+  (per_device_train_batch_size, max_seq_length, the method); everything else is the project's
+  defaults and its own decisions (precision, packing, attention, compile), printed per cell.
+Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
+peak, the ratio; at the end a markdown table (docs/PERFORMANCE.md) and result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench import measure
+from bench.cpu_lora import ROOT, run_baseline, run_project
+from bench.model import METHODS, SHAPE, build_model, make_rows, write_rows
+
+LENGTHS = (256, 512, 1024, 2048)
+BATCHES = (1, 4, 8)
+QUICK = ("256x8:lora-qv-r8", "512x4:lora-qv-r8", "512x4:lora-all-r16", "512x4:full")
+STEPS = measure.WARMUP_STEPS + 3  # per side: the warm-up steps untimed, three timed
+TARGETS = {"quick": 2.0, "full": 1.5}  # the least ratio per cell (issue #24)
+
+
+def parse_cell(text: str) -> tuple[int, int, str]:
+    try:
+        shape, method = text.split(":")
+        length, batch = (int(n) for n in shape.split("x"))
+    except ValueError:
+        sys.exit(f"cell {text!r}: expected LENGTHxBATCH:METHOD, e.g. 512x4:lora-qv-r8")
+    if method not in METHODS:
+        sys.exit(f"cell {text!r}: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return length, batch, method
+
+
+def all_cells() -> list[str]:
+    return [f"{length}x{batch}:{method}" for method in METHODS for length in LENGTHS for batch in BATCHES]
+
+
+def write_strategy(folder: Path, length: int, batch: int, method: str) -> Path:
+    """bench/strategy.yaml's bench_cpu_lora with the cell's method, batch and length (a method block is
+    replaced whole: full fine-tuning takes none of LoRA's keys)."""
+    import yaml
+
+    strategy = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]
+    config = strategy["fine_tuner"]["config"]
+    config["method"] = dict(METHODS[method])
+    config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=STEPS)
+    path = folder / "strategy.yaml"
+    path.write_text(yaml.safe_dump({"bench_matrix": strategy}, sort_keys=False))
+    return path
+
+
+def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict) -> dict:
+    length, batch, method = parse_cell(cell)
+    folder = work / cell.replace(":", "-")
+    folder.mkdir()
+    # Enough rows for STEPS packed steps of batch x length tokens (the baseline needs fewer).
+    rows = make_rows(tokenizer, int(1.3 * STEPS * batch * length) + length, seed=length + batch,
+                     lengths=(max(16, length // 4), length))
+    data = write_rows(rows, folder / "train.jsonl")
+    lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
+    flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method == "full") / sum(lengths)
+    extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
+    baseline = run_baseline(folder, model, data, None, precision, STEPS, env, extra=extra)
+    ours = run_project(folder, model, data, None, env, strategy="bench_matrix",
+                       strategy_file=write_strategy(folder, length, batch, method))
+    decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing")}
+    result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
+              "baseline": baseline, "project": ours, "decisions": decisions,
+              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"]}
+    print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {baseline['tokens_per_second']:.0f} real "
+          f"tokens/s = {result['ratio']:.2f}x; peak RSS {ours['peak_rss_mb']:,.0f} vs {baseline['peak_rss_mb']:,.0f} MB; "
+          f"{decisions}", flush=True)
+    return result
+
+
+def table(results: list[dict], peak: float) -> str:
+    lines = ["| length | batch | method | Trainer+PEFT tokens/s | llamafarm tokens/s | ratio | peak RSS MB (PEFT / ours) "
+             "| MFU (PEFT / ours) | llamafarm decisions |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        b, o = r["baseline"], r["project"]
+        mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) for side in (b, o)]
+        d = r["decisions"]
+        lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {b['tokens_per_second']:.0f} | "
+                     f"{o['tokens_per_second']:.0f} | {r['ratio']:.2f}x | {b['peak_rss_mb']:,.0f} / {o['peak_rss_mb']:,.0f} | "
+                     f"{mfu[0]:.0f}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, compile {d['compile']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
+    a = p.parse_args(argv)
+    cells = a.cells.split(",") if a.cells else list(QUICK) if a.quick else all_cells()
+    for cell in cells:
+        parse_cell(cell)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    work = Path(a.workdir).expanduser().resolve()
+    run_dir = work / time.strftime("matrix-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    cores = len(os.sched_getaffinity(0))
+    peaks = measure.matmul_peak(sorted({cores, 1}))
+    precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+    print(f"machine: {measure.cpu_model()}, {cores} cores, torch {torch.__version__}; matmul peak {peaks} GFLOP/s; "
+          f"baseline precision {precision}; {len(cells)} cells, {STEPS} steps per side", flush=True)
+    model = build_model(work / "smollm2-135m-shape")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ)) for cell in cells]
+    peak = max(peaks.values())
+    target = TARGETS["quick" if a.quick else "full"]
+    print("\n" + table(results, peak))
+    short = [r["cell"] for r in results if r["ratio"] < target]
+    print(f"\nmatmul peak for MFU: {peak} GFLOP/s; cells under {target}x: {', '.join(short) or 'none'}")
+    (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
+    print(f"result: {run_dir / 'result.json'}")
+    return 1 if short else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
