@@ -54,17 +54,18 @@ def run_baseline(work: Path, model: Path, data: Path, evals: Path | None, precis
 
 
 def run_project(work: Path, model: Path, data: Path, evals: Path | None, env: dict, sets: tuple[str, ...] = (),
-                strategy: str = "bench_cpu_lora", strategy_file: Path = ROOT / "bench" / "strategy.yaml") -> dict:
+                strategy: str = "bench_cpu_lora", strategy_file: Path = ROOT / "bench" / "strategy.yaml",
+                runner: str = "local") -> dict:
     """`sets`: more --set PATH=VALUE for the strategy (the GPU mode sets device and precision).
-    `evals`: None for no held-out set (eval_loss None)."""
-    home = work / "home"
+    `evals`: None for no held-out set (eval_loss None). `runner`: local, or container (bench.matrix --runners)."""
+    home = work / ("home" if runner == "local" else f"home-{runner}")
     env = {**env, "LLAMAFARM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    log = work / "project.log"
+    log = work / ("project.log" if runner == "local" else f"project-{runner}.log")
     _run([sys.executable, "-m", "orchestrator.cli", "finetune", "start", "--strategy", strategy,
           "--strategy-file", str(strategy_file), "--dataset", str(data),
           "--set", f"base_model.huggingface_id={model}", *(["--set", f"dataset.eval_file={evals}"] if evals else []),
           *(arg for s in sets for arg in ("--set", s)),
-          "--runner", "local", "--foreground", "--ignore-estimate"], env=env, log=log)
+          "--runner", runner, "--foreground", "--ignore-estimate"], env=env, log=log)
     job_dir = max((home / "jobs").iterdir(), key=lambda p: p.stat().st_mtime)
     job = json.loads((job_dir / "job.json").read_text())
     metrics = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]

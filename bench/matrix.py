@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.matrix --quick          # 4 cells, about 15 minutes on 2 cores
     .venv/bin/python -m bench.matrix                  # every cell: 4 lengths x 3 batches x 3 methods (hours)
     .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
+    .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS). Each cell trains the SmolLM2-135M-
 shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
@@ -65,7 +66,7 @@ def write_strategy(folder: Path, length: int, batch: int, method: str) -> Path:
     return path
 
 
-def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict) -> dict:
+def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str]) -> dict:
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
@@ -77,15 +78,18 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method == "full") / sum(lengths)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
     baseline = run_baseline(folder, model, data, None, precision, STEPS, env, extra=extra)
-    ours = run_project(folder, model, data, None, env, strategy="bench_matrix",
-                       strategy_file=write_strategy(folder, length, batch, method))
+    strategy = write_strategy(folder, length, batch, method)
+    sides = {runner: run_project(folder, model, data, None, env, strategy="bench_matrix", strategy_file=strategy,
+                                 runner=runner) for runner in runners}
+    ours = sides[runners[0]]
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
-              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"]}
+              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
+              "runners": {runner: side["tokens_per_second"] for runner, side in sides.items()}}
     print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {baseline['tokens_per_second']:.0f} real "
           f"tokens/s = {result['ratio']:.2f}x; peak RSS {ours['peak_rss_mb']:,.0f} vs {baseline['peak_rss_mb']:,.0f} MB; "
-          f"{decisions}", flush=True)
+          f"{decisions}; per runner {', '.join(f'{k} {v:.0f}' for k, v in result['runners'].items())} tokens/s", flush=True)
     return result
 
 
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
+    p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
+                   "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
     cells = a.cells.split(",") if a.cells else list(QUICK) if a.quick else all_cells()
@@ -125,12 +131,17 @@ def main(argv=None) -> int:
           f"baseline precision {precision}; {len(cells)} cells, {STEPS} steps per side", flush=True)
     model = build_model(work / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ)) for cell in cells]
+    runners = a.runners.split(",")
+    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners) for cell in cells]
     peak = max(peaks.values())
     target = TARGETS["quick" if a.quick else "full"]
     print("\n" + table(results, peak))
     short = [r["cell"] for r in results if r["ratio"] < target]
     print(f"\nmatmul peak for MFU: {peak} GFLOP/s; cells under {target}x: {', '.join(short) or 'none'}")
+    for runner in runners[1:]:
+        for r in results:
+            print(f"{r['cell']}: {runner} runner {r['runners'][runner]:.0f} tokens/s = "
+                  f"{r['runners'][runner] / r['runners'][runners[0]]:.3f}x the {runners[0]} runner")
     (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
     print(f"result: {run_dir / 'result.json'}")
     return 1 if short else 0
