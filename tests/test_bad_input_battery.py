@@ -105,7 +105,7 @@ def _cases():
         ("qlora on cpu", lambda w: s("qlora_cpu", "--strategy-file", w["mine"], "--dataset", QA),
          "qlora needs CUDA but device is cpu; use lora, or set method.fallback_to_lora: true"),
         ("unknown template", lambda w: s("bad_template", "--strategy-file", w["mine"], "--dataset", QA),
-         "unknown template 'vicuna'; valid: auto, alpaca, chatml, chatml-smollm2, gemma, llama2, llama3, mistral, mistral-v3, phi3"),
+         "unknown template 'vicuna'; valid: auto, alpaca, chatml, chatml-smollm2, gemma, llama2, llama3, mistral, mistral-v3, phi3, qwen2.5"),
         ("eval_steps without eval data", lambda w: s("eval_steps_no_eval", "--strategy-file", w["mine"], "--dataset", QA),
          "training_args.eval_steps need eval data: set dataset.eval_fraction or dataset.eval_file"),
         ("two eval sources", lambda w: s("two_eval_sources", "--strategy-file", w["mine"], "--dataset", QA),

@@ -96,7 +96,7 @@ def test_registry_names_are_checked_and_listed():
     assert info.value.problems == [
         "fine_tuner.type: unknown backend 'axolotl'; valid: pytorch, llamafactory",
         f"fine_tuner.config.runner: unknown runner 'kubernetes'; valid: auto, {', '.join(RUNNERS)}",
-        "fine_tuner.config.dataset.template: unknown template 'vicuna'; valid: auto, alpaca, chatml, chatml-smollm2, gemma, llama2, llama3, mistral, mistral-v3, phi3",
+        "fine_tuner.config.dataset.template: unknown template 'vicuna'; valid: auto, alpaca, chatml, chatml-smollm2, gemma, llama2, llama3, mistral, mistral-v3, phi3, qwen2.5",
         "fine_tuner.config.method.type: qlora needs CUDA but device is cpu; use lora, or set method.fallback_to_lora: true",
     ]
 
