@@ -7,7 +7,7 @@
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS). Each cell trains the SmolLM2-135M-
 shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
-data has) for STEPS optimizer steps per side, one side after the other in the same run:
+data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run:
 - the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32
   and bf16 ran the matmul faster on this machine (the harder baseline);
 - llamafarm, `finetune start` with bench/strategy.yaml and only the cell's settings set
@@ -33,7 +33,7 @@ from bench.model import METHODS, SHAPE, build_model, make_rows, write_rows
 LENGTHS = (256, 512, 1024, 2048)
 BATCHES = (1, 4, 8)
 QUICK = ("256x8:lora-qv-r8", "512x4:lora-qv-r8", "512x4:lora-all-r16", "512x4:full")
-STEPS = measure.WARMUP_STEPS + 3  # per side: the warm-up steps untimed, three timed
+TIMED_STEPS = 3  # per side, after measure.WARMUP_STEPS untimed ones (--steps)
 TARGETS = {"quick": 2.0, "full": 1.5}  # the least ratio per cell (issue #24)
 
 
@@ -52,7 +52,7 @@ def all_cells() -> list[str]:
     return [f"{length}x{batch}:{method}" for method in METHODS for length in LENGTHS for batch in BATCHES]
 
 
-def write_strategy(folder: Path, length: int, batch: int, method: str) -> Path:
+def write_strategy(folder: Path, length: int, batch: int, method: str, steps: int) -> Path:
     """bench/strategy.yaml's bench_cpu_lora with the cell's method, batch and length (a method block is
     replaced whole: full fine-tuning takes none of LoRA's keys)."""
     import yaml
@@ -60,25 +60,26 @@ def write_strategy(folder: Path, length: int, batch: int, method: str) -> Path:
     strategy = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]
     config = strategy["fine_tuner"]["config"]
     config["method"] = dict(METHODS[method])
-    config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=STEPS)
+    config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=steps)
     path = folder / "strategy.yaml"
     path.write_text(yaml.safe_dump({"bench_matrix": strategy}, sort_keys=False))
     return path
 
 
-def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str]) -> dict:
+def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
+             steps: int) -> dict:
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
-    # Enough rows for STEPS packed steps of batch x length tokens (the baseline needs fewer).
-    rows = make_rows(tokenizer, int(1.3 * STEPS * batch * length) + length, seed=length + batch,
+    # Enough rows for `steps` packed steps of batch x length tokens (the baseline needs fewer).
+    rows = make_rows(tokenizer, int(1.3 * steps * batch * length) + length, seed=length + batch,
                      lengths=(max(16, length // 4), length))
     data = write_rows(rows, folder / "train.jsonl")
     lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
     flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method == "full") / sum(lengths)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
-    baseline = run_baseline(folder, model, data, None, precision, STEPS, env, extra=extra)
-    strategy = write_strategy(folder, length, batch, method)
+    baseline = run_baseline(folder, model, data, None, precision, steps, env, extra=extra)
+    strategy = write_strategy(folder, length, batch, method, steps)
     sides = {runner: run_project(folder, model, data, None, env, strategy="bench_matrix", strategy_file=strategy,
                                  runner=runner) for runner in runners}
     ours = sides[runners[0]]
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
+    p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per side (more: steadier, slower)")
     p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
                    "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
@@ -125,14 +127,15 @@ def main(argv=None) -> int:
     run_dir = work / time.strftime("matrix-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     cores = len(os.sched_getaffinity(0))
+    steps = measure.WARMUP_STEPS + a.steps
     peaks = measure.matmul_peak(sorted({cores, 1}))
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
     print(f"machine: {measure.cpu_model()}, {cores} cores, torch {torch.__version__}; matmul peak {peaks} GFLOP/s; "
-          f"baseline precision {precision}; {len(cells)} cells, {STEPS} steps per side", flush=True)
+          f"baseline precision {precision}; {len(cells)} cells, {steps} steps per side", flush=True)
     model = build_model(work / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
-    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners) for cell in cells]
+    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps) for cell in cells]
     peak = max(peaks.values())
     target = TARGETS["quick" if a.quick else "full"]
     print("\n" + table(results, peak))
