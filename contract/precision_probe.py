@@ -16,11 +16,15 @@ from pathlib import Path
 
 # Rows of the probe's product: a packed step's tokens pass through each linear layer in blocks of at least this.
 PROBE_ROWS = 512
+# The probe's product is the model's MLP up projection cut to at most this wide and this tall: a big
+# model's product would take minutes where bf16 is emulated (~1 GFLOP/s), and at these sizes the kernels
+# already run at the rate of the larger products (one product here is ~1.5 GFLOP).
+MAX_PROBE_IN, MAX_PROBE_OUT = 1024, 1536
 
 
 def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
-    """(rows, in, out) of the probed product: the MLP's up projection, the model's largest matmul."""
-    return PROBE_ROWS, hidden, intermediate
+    """(rows, in, out) of the probed product: the MLP's up projection, the model's largest matmul (capped)."""
+    return PROBE_ROWS, min(hidden, MAX_PROBE_IN), min(intermediate, MAX_PROBE_OUT)
 
 
 def shape_text(shape: tuple[int, int, int]) -> str:
