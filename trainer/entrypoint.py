@@ -181,7 +181,10 @@ def _decide_precision(run: _Job, model_path) -> None:
     base = run.cfg.base_model
     config = AutoConfig.from_pretrained(model_path, revision=base.revision, trust_remote_code=base.trust_remote_code)
     config = getattr(config, "text_config", None) or config
-    run.precision = run.decide("precision", choose_precision(run.args.precision, run.device.value, config))
+    # Local rank 0 measures and caches the rates; the other processes read them, so every rank decides alike.
+    with run.world.local_first():
+        precision = choose_precision(run.args.precision, run.device.value, config)
+    run.precision = run.decide("precision", precision)
 
 
 def _load_tokenizer(run: _Job):
