@@ -20,3 +20,14 @@ def has_mps() -> bool:
 
 def available_devices() -> dict[str, bool]:
     return {"cuda": has_cuda(), "mps": has_mps(), "cpu": True}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what Python's platform module reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from contract.platform import cpu_model
+
 # Rows of the probe's product: a packed step's tokens pass through each linear layer in blocks of at least this.
 PROBE_ROWS = 512
 # The probe's product is the model's MLP up projection cut to at most this wide and this tall: a big
@@ -29,18 +31,6 @@ def probe_shape(hidden: int, intermediate: int) -> tuple[int, int, int]:
 
 def shape_text(shape: tuple[int, int, int]) -> str:
     return "x".join(str(n) for n in shape)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _file() -> Path:
