@@ -63,8 +63,6 @@ def precision_rates(shape: tuple[int, int, int]) -> dict:
     """fp32 and bf16 GFLOP/s of one (rows x in) @ (in x out) product on this CPU, from the machine's cache
     (contract/precision_probe.py) or measured now: the two dtypes alternate, best of two rounds each,
     so a moment of someone else's work changes both alike; a round of a slow dtype is one product."""
-    import time
-
     import torch
 
     rates = cached_rates(shape)
@@ -79,11 +77,7 @@ def precision_rates(shape: tuple[int, int, int]) -> dict:
         a @ b  # first call: kernel selection and packing, not timed
     for _ in range(2):
         for name, (a, b) in operands.items():
-            count, start = 0, time.perf_counter()
-            while count == 0 or time.perf_counter() - start < 0.1:
-                a @ b
-                count += 1
-            best[name] = max(best[name], 2 * rows * inner * outer * count / (time.perf_counter() - start) / 1e9)
+            best[name] = max(best[name], product_rate(a, b, 0.1))
     rates = {**{name: round(rate, 1) for name, rate in best.items()}, "shape": shape_text(shape)}
     store_rates(shape, rates)
     return rates
@@ -130,6 +124,21 @@ def scheduler_snapshot() -> tuple[int, int] | None:
     return (ran, waited) if ran else None
 
 
+def product_rate(a, b, seconds: float) -> float:
+    """GFLOP/s of `a @ b` repeated for about `seconds` (at least once; a GPU is waited for)."""
+    import time
+
+    import torch
+
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if a.is_cuda:
+        torch.cuda.synchronize()
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * count / (time.perf_counter() - start) / 1e9
+
+
 def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10) -> dict:
     """Sustained matmul rate on `device` (square products sized like a small model's layers), as the best
     of short windows so that a moment of someone else's work does not count; and, on Linux, the share of
@@ -146,13 +155,7 @@ def matmul_rate(device: str, dtype: str, seconds: float = 1.5, windows: int = 10
         a @ b
     before, best, probe_start = scheduler_snapshot(), 0.0, time.perf_counter()
     while time.perf_counter() - probe_start < seconds:  # slow kernels (bf16 on old CPUs) get fewer windows
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / windows:
-            a @ b
-            count += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9)
+        best = max(best, product_rate(a, b, seconds / windows))
     contention = core_wait_share(before) if device == "cpu" else None
     return {"gflops": round(best, 1), "contention": contention}
 
