@@ -196,13 +196,13 @@ def cpu_image():
     return client
 
 
-def _wait(folder: Path, done, what: str, timeout: float = 240):
+def _wait(folder: Path, done, what: str, timeout: float = 240, poll: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = read_job(folder)
         if done(job):
             return job
-        time.sleep(0.5)
+        time.sleep(poll)
     log = (folder / "train.log").read_text() if (folder / "train.log").exists() else ""
     pytest.fail(f"timed out waiting for {what}; job: {read_job(folder)}\ntrain.log:\n{log[-3000:]}")
 
@@ -315,12 +315,16 @@ def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cp
     from test_resume import STRATEGY, _weights_digest
 
     strategy_file = tmp_path / "repro.yaml"
-    strategy_file.write_text(json.dumps(STRATEGY))
+    # 150 steps (~7 s here): seeing a step, then killing through the engine, takes up to a second on a busy
+    # machine; with 12 steps a fast machine finished the job first (CI saw it complete).
+    strategy = json.loads(json.dumps(STRATEGY))
+    strategy["repro"]["fine_tuner"]["config"]["training_args"]["max_steps"] = 150
+    strategy_file.write_text(json.dumps(strategy))
     reference = _container_job(run_cli, strategy_file, "--foreground")
     assert read_job(reference)["status"] == "completed"
 
     folder = _container_job(run_cli, strategy_file)
-    _wait(folder, _at_step(folder, random.Random().randint(3, 7)), "the step to kill the trainer at")
+    _wait(folder, _at_step(folder, random.Random().randint(3, 7)), "the step to kill the trainer at", poll=0.05)
     cpu_image.containers.get(f"llamafarm-{folder.name}").kill(signal="SIGKILL")
     job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to fail")
     assert job["status"] == "failed" and "exited with code 137" in job["error"], job

@@ -29,7 +29,8 @@ STRATEGY = {
                 # Dropout on: resuming must restore the RNG, not only the weights.
                 "method": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1,
                            "target_modules": ["q_proj", "v_proj", "down_proj"]},
-                "training_args": {"max_steps": 12, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                # 60 steps (~3 s here) so the kill at step 3-9 lands with 50+ steps to spare on any machine.
+                "training_args": {"max_steps": 60, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                                   "learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1,
                                   "max_seq_length": 128, "save_steps": 2, "save_total_limit": 3, "seed": 3,
                                   "precision": "fp32"},
@@ -101,7 +102,8 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     assert (job["status"], job["resumes"], job["resume_from"]) == ("completed", 1, f"checkpoints/{newest.name}")
     assert _weights_digest(killed / "final") == reference, f"killed at step >= {kill_at}, resumed from {newest.name}"
     steps = [m["step"] for m in read_metrics(killed) if "loss" in m]
-    assert steps == list(range(1, 13)), "metrics cut back to the checkpoint, then continued"
+    max_steps = STRATEGY["repro"]["fine_tuner"]["config"]["training_args"]["max_steps"]
+    assert steps == list(range(1, max_steps + 1)), "metrics cut back to the checkpoint, then continued"
     elapsed = [m["elapsed"] for m in read_metrics(killed) if "loss" in m]
     assert elapsed == sorted(elapsed), "elapsed runs on across the resume, never back to 0:00:00"
     assert f"resume: from {newest.name}" in (killed / "train.log").read_text()

@@ -5,7 +5,10 @@ Three checks, on the strategy's export.verify_prompts rendered through the train
 2. next-token logits over the prompt and PyTorch's greedy answer: within an absolute tolerance for
    float types at every position; for quantized types (whose error is by design) top-1 agreement at
    the answer positions: the answer they pick must not change;
-3. greedy continuation: float types produce the same tokens; every type stops where PyTorch stops.
+3. stops: fed PyTorch's answer, llama.cpp predicts a stop token exactly where PyTorch does, at every
+   answer position where PyTorch's pick is clear; float types' greedy continuations are also equal.
+   (A quantized type's free greedy run may take another word at a near-tie and then end elsewhere,
+   which says nothing about its stop tokens: which near-ties flip depends on the CPU's kernels.)
 A failure raises with the figures; the report records them either way.
 """
 
@@ -148,10 +151,13 @@ def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quant
         clear = (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
         agree += int(((ref[answer].argmax(-1) == got[answer].argmax(-1)) & clear).sum())
         total += int(clear.sum())
+        stops = list(stop_ids)
+        if ((np.isin(ref[answer].argmax(-1), stops) != np.isin(got[answer].argmax(-1), stops)) & clear).any():
+            report.stops_like_pytorch = False
         gg_tokens, gg_stopped = gg.greedy(ids, GREEDY_TOKENS, stop_ids)
         if ref_tokens != gg_tokens:
             report.greedy_equal = False
-        if ref_stopped != gg_stopped:
+        if report.tolerance is not None and ref_stopped != gg_stopped:
             report.stops_like_pytorch = False
         report.samples.append({
             "prompt": prompt, "pytorch": tokenizer.decode(ref_tokens), "llama_cpp": gg.detokenize(gg_tokens),

@@ -2,7 +2,10 @@
 dequantized once by transformers' GGUF loader into a plain Hugging Face folder in the machine-wide
 cache, then checked against llama.cpp on the source file: the rebuilt tokenizer must tokenize probe
 text exactly as llama.cpp does, and the next-token choice (top-1) must agree at 99% of the positions
-of a probe conversation. A mismatch is an error: training on a model that is not the one the user
+of a probe conversation where the pick is clear (the export check's CLEAR_MARGIN): llama.cpp rounds
+activations to 8 bits in its quantized matmuls, and which near-ties flip depends on the CPU's kernels
+(measured on the real SmolLM2 Q4_1 file: 100% of clear positions on two CPU kinds, 97.2% of all
+positions on one, the two flips at logit gaps of 0.07 and 0.10). A mismatch is an error: training on a model that is not the one the user
 has would be worse than not training.
 """
 
@@ -59,14 +62,14 @@ def dequantize(source: Path, out: Path) -> None:
 
 
 def verify_against_llamacpp(source: Path, folder: Path) -> dict:
-    """Tokenization equal to llama.cpp's on probe text, and top-1 agreement >= 99% on a probe
-    conversation; raises UserError otherwise."""
+    """Tokenization equal to llama.cpp's on probe text, and top-1 agreement >= 99% at the clear positions
+    of a probe conversation; raises UserError otherwise."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.export.llamacpp import llama_cpp_module
-    from trainer.export.verify import TOKENIZER_PROBES  # the probes every export is checked with
+    from trainer.export.verify import CLEAR_MARGIN, TOKENIZER_PROBES  # as every export is checked
 
     llama_cpp = llama_cpp_module("checking a GGUF base model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -85,12 +88,15 @@ def verify_against_llamacpp(source: Path, folder: Path) -> dict:
     theirs = np.array(llm.scores[: len(ids)], dtype=np.float32).argmax(-1)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        ours = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).numpy()
-    agreement = float((ours == theirs).mean())
+        logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
+    agreement = float((logits.argmax(-1) == theirs)[clear].mean()) if clear.any() else 1.0
+    where = f"{int(clear.sum())} of {len(ids)} positions (those where the pick leads by >= {CLEAR_MARGIN} logit)"
     if agreement < MIN_TOP1_AGREEMENT:
         raise UserError(f"{source}: the dequantized model picks the same next token as llama.cpp at only "
-                        f"{agreement:.1%} of {len(ids)} positions (at least {MIN_TOP1_AGREEMENT:.0%} needed); not trained on")
+                        f"{agreement:.1%} of {where}; at least {MIN_TOP1_AGREEMENT:.0%} needed; not trained on")
     print(f"checked against llama.cpp: tokenizer equal on {1 + len(TOKENIZER_PROBES)} probes, "
-          f"top-1 agreement {agreement:.1%} over {len(ids)} positions", flush=True)
+          f"top-1 agreement {agreement:.1%} over {where}", flush=True)
     return {"tokenizer_probes_equal": 1 + len(TOKENIZER_PROBES), "top1_agreement": round(agreement, 4),
-            "positions": len(ids)}
+            "positions": len(ids), "clear_positions": int(clear.sum())}
