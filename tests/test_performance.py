@@ -305,3 +305,66 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel):
             assert (c - e).norm() <= 0.05 * e.norm()
     assert graphs[1] > graphs[0], "the first batch compiled the layers"
     assert graphs[2] == graphs[1], "the narrower batch compiled nothing new"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_lora_dropout_is_torchs_dropout_with_another_generator(dtype):
+    """Same keep rate, same scaled value in the input's dtype, gradient through the same mask, identity in
+    eval, and the mask a function of torch's RNG state (so seeds and resume govern it)."""
+    import torch
+
+    from trainer.lora_dropout import FastDropout
+
+    dtype = getattr(torch, dtype)
+    x = torch.ones(1000, 1000, dtype=dtype, requires_grad=True)
+    dropout = FastDropout(0.1)
+    torch.manual_seed(7)
+    y = dropout(x)
+    kept_value = torch.nn.functional.dropout(torch.ones(100, dtype=dtype), 0.1, True).max()
+    assert set(torch.unique(y).tolist()) == {0.0, kept_value.item()}
+    # 1e6 draws: the dropped share's standard deviation is 3e-4, so 0.1 +- 2e-3 is over six of them.
+    assert abs((y == 0).float().mean().item() - 0.1) < 2e-3
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, y.detach()), "the gradient passes through the same mask, scaled alike"
+    torch.manual_seed(7)
+    assert torch.equal(dropout(x), y), "same torch seed, same mask"
+    assert not torch.equal(dropout(x), y), "the next call draws a new mask"
+    assert dropout.eval()(x) is x
+
+
+def test_lora_dropout_and_optimizer_decisions():
+    import torch
+
+    from trainer.lora_dropout import FastDropout
+    from trainer.performance import choose_lora_dropout, choose_optimizer, use_lora_dropout
+
+    fast = choose_lora_dropout("lora", 0.05, "cpu", compiled=False)
+    assert fast.value == "fast-mask"
+    assert choose_lora_dropout("lora", 0.05, "cpu", compiled=True).value == "torch"  # inductor draws its own
+    assert choose_lora_dropout("lora", 0.05, "cuda", compiled=False).value == "torch"
+    assert choose_lora_dropout("lora", 0.0, "cpu", compiled=False).value == "none"
+    assert choose_lora_dropout("full", 0.05, "cpu", compiled=False).value == "none"
+    model = _lora_tiny()
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.05)
+    use_lora_dropout(model, fast)
+    kinds = {type(d) for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}
+    assert kinds == {FastDropout}
+
+    assert choose_optimizer("cpu", "none").value == "adamw-fused"
+    assert choose_optimizer("cuda", "ddp").value == "adamw-fused"
+    assert choose_optimizer("cpu", "fsdp").value == "adamw"
+    assert choose_optimizer("mps", "none").value == "adamw"
+    # The fused kernel makes the same update as the per-tensor loop.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(3)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for fused, group in ((True, params), (None, copies)):
+        optimizer = torch.optim.AdamW(group, lr=1e-2, weight_decay=0.1, fused=fused)
+        for step in range(3):
+            for p in group:
+                p.grad = torch.full_like(p, 0.5 + step) * p.detach().sign()
+            optimizer.step()
+    for a, b in zip(params, copies):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -18,7 +18,7 @@ only meet the keys up to their own end, skipping most of the causal upper triang
 contract/decisions.py choose_attention picks between them by measured speed (grouped matmuls up to 256
 tokens, blockwise beyond; bench/attention.py, docs/PERFORMANCE.md). The mask is added in the compute
 dtype, and the softmax runs in that dtype with float32 accumulation, rounded once as eager attention's
-`softmax(float32).to(dtype)` rounds it. The compute dtype is the inputs' (under autocast, bf16), except
+`softmax(float32).to(dtype)` rounds it. The compute dtype is autocast's when it is on, else the inputs', except
 on CPUs without bf16 matmul instructions, where bf16 inputs are computed in float32 (emulated bf16
 matmuls are ~10x slower there) and the results cast back.
 
@@ -178,11 +178,16 @@ _bf16 = None
 
 
 def _compute_dtype(dtype):
-    """The inputs' dtype, or float32 for bf16 inputs on a CPU without bf16 matmul instructions
-    (AVX512-BF16 or AMX): emulated bf16 matmuls run ~10x slower than float32 ones there."""
+    """Autocast's dtype when it is on (eager attention's matmuls would run in it; and with float32
+    weights the rotary embedding hands over q and k in float32, which would make a full fine-tune's
+    attention several times slower than its bf16 matmuls), else the inputs' dtype; float32 for bf16 on a
+    CPU without bf16 matmul instructions (AVX512-BF16 or AMX): emulated bf16 matmuls run ~10x slower
+    than float32 ones there."""
     import torch
 
     global _bf16
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
     if dtype != torch.bfloat16:
         return dtype
     if _bf16 is None:

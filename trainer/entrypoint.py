@@ -290,6 +290,7 @@ class _Levers:
     packed: bool
     adapter_inputs: Decision
     chunked_loss: bool
+    fused_optimizer: bool
 
 
 def _decide_levers(run: _Job, model) -> _Levers:
@@ -317,8 +318,11 @@ def _decide_levers(run: _Job, model) -> _Levers:
     compiled = performance.use_compile(model, performance.choose_compile(
         args.torch_compile, device, train_estimate, run.world.active, args.gradient_checkpointing))
     run.decide("compile", compiled)
+    performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
+        run.method.value, getattr(run.cfg.method, "dropout", 0.0), device, compiled.value == "on")))
+    optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.choose_threads())
-    return _Levers(packed, adapter_inputs, chunked_loss.value == "on")
+    return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 
 
 def _sequences(run: _Job, data, packed: bool) -> list:
@@ -383,7 +387,7 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
     fit = loop.Fit(trained, sequences, data.eval, args, objective, device, precision, levers.packed, folder,
-                   loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink, world)
+                   loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink, world, levers.fused_optimizer)
     try:
         with performance.adapter_inputs(model, levers.adapter_inputs):
             result = loop.train(fit, resume[1:] if resume else None)

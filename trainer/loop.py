@@ -198,6 +198,8 @@ class Fit:
     hooks: Hooks
     sink: object
     world: World = field(default_factory=World)
+    fused_optimizer: bool = False
+    """AdamW's fused kernel (trainer.performance.choose_optimizer)."""
 
 
 class _Window:
@@ -225,7 +227,8 @@ class _Run:
         self.fit, args = fit, fit.args
         self.per_epoch, self.total_steps = plan_steps(len(fit.sequences), args, fit.world.size)
         self.trainable = [p for p in fit.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                           fused=fit.fused_optimizer or None)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=round(args.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)

@@ -10,6 +10,9 @@
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
 - compile: torch.compile of each decoder layer (one compiled graph serves them all), when the
   estimated training time repays the one-time compile.
+- LoRA dropout: on CPU, eager, the mask is drawn by trainer/lora_dropout.py (numpy's PCG64) instead of
+  torch's one-draw-per-element generator.
+- optimizer: torch's fused AdamW kernel (one pass over all parameters) where it runs.
 - threads: torch's intra-op threads, one per core this process may use, or one when a short probe
   shows other processes holding the cores.
 
@@ -91,6 +94,36 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
                                f"faster steps repay the ~{COMPILE_SECONDS} s compile only after ~{payback:,.0f} s")
     return Decision("on", f"the run is estimated at {estimated_seconds:,.0f} s: ~{100 * COMPILE_GAIN:.0f}% faster "
                           f"steps repay the ~{COMPILE_SECONDS} s compile after ~{payback:,.0f} s")
+
+
+def choose_lora_dropout(method: str, dropout: float, device: str, compiled: bool) -> Decision:
+    """Who draws the LoRA dropout mask (method.dropout > 0): torch's nn.Dropout or our fast CPU mask."""
+    if method not in ("lora", "qlora") or not dropout:
+        return Decision("none", "no LoRA dropout in this strategy")
+    if device != "cpu":
+        return Decision("torch", f"torch's dropout: on {device} its mask is drawn in parallel")
+    if compiled:
+        return Decision("torch", "the compiled layers draw the mask inside their fused kernels (inductor's own generator)")
+    return Decision("fast-mask", f"p {dropout}: masks from numpy's PCG64 in 16-bit lanes, seeded from torch's "
+                                 "generator (~4x faster than torch's one-draw-per-element CPU mask)")
+
+
+def use_lora_dropout(model, decision: Decision) -> None:
+    if decision.value == "fast-mask":
+        from trainer.lora_dropout import use_fast_dropout
+
+        use_fast_dropout(model)
+
+
+def choose_optimizer(device: str, distributed_mode: str) -> Decision:
+    """AdamW's fused kernel (one multithreaded pass over all parameters) or torch's per-tensor loop.
+    Measured on 2 cores for a 135M-parameter full fine-tune: 34 ms against 244 ms per step."""
+    if device not in ("cpu", "cuda"):
+        return Decision("adamw", f"torch's default AdamW: the fused kernel was not measured on {device}")
+    if distributed_mode == "fsdp":
+        return Decision("adamw", "torch's default AdamW: the fused kernel was not measured on FSDP's sharded parameters")
+    return Decision("adamw-fused", f"AdamW's fused {device} kernel: one pass over all parameters (the same "
+                                   "update; the Trainer's default optimizer too)")
 
 
 def _cpp_compiler() -> str | None:
