@@ -83,7 +83,8 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     sides = {runner: run_project(folder, model, data, None, env, strategy="bench_matrix", strategy_file=strategy,
                                  runner=runner) for runner in runners}
     ours = sides[runners[0]]
-    decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing")}
+    decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing",
+                                                                     "lora_dropout")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
               "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
@@ -103,8 +104,14 @@ def table(results: list[dict], peak: float) -> str:
         d = r["decisions"]
         lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {b['tokens_per_second']:.0f} | "
                      f"{o['tokens_per_second']:.0f} | {r['ratio']:.2f}x | {b['peak_rss_mb']:,.0f} / {o['peak_rss_mb']:,.0f} | "
-                     f"{mfu[0]:.0f}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, compile {d['compile']} |")
+                     f"{mfu[0]:.0f}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, compile {d['compile']}"
+                     f"{_dropout(d)} |")
     return "\n".join(lines)
+
+
+def _dropout(decisions: dict) -> str:
+    value = decisions.get("lora_dropout")
+    return f", dropout {value}" if value not in (None, "none") else ""
 
 
 def main(argv=None) -> int:

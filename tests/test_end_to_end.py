@@ -78,7 +78,7 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
                            "sequences": 91, "padding_fraction": 0.0109, "cache_hit": False}
     assert "device: cpu (set in the strategy)" in log and "precision: fp32 (set in the strategy)" in log
     assert "base model: spm = builtin:tiny-llama-spm (builtin" in log, "the display name is used, not ignored"
-    assert "packing: on (auto; block-diagonal masks with sdpa attention)" in log
+    assert "packing: on (auto; block-diagonal masks, which the model's sdpa attention and the kernels of the attention decision take)" in log
     assert "attention: grouped-matmul (packed sequences of up to" in log
     assert "compile: off (the run is estimated at" in log, "auto weighs the compile against the estimate"
 

@@ -77,7 +77,10 @@ def choose_packing(setting, model, stage: str = "sft"):
         raise UserError(f"dataset.packing: true needs sdpa or eager attention, but the model uses {impl}; set packing: auto")
     if not supported:
         return Decision("off", f"auto; {impl} attention does not take block-diagonal masks")
-    return Decision("on", "set in the strategy" if setting is True else f"auto; block-diagonal masks with {impl} attention")
+    if setting is True:
+        return Decision("on", "set in the strategy")
+    return Decision("on", f"auto; block-diagonal masks, which the model's {impl} attention and the kernels of "
+                          "the attention decision take")
 
 
 def _reference_model(model, stage: str, method: str, device: str, decisions: dict):
