@@ -18,7 +18,7 @@ import resource
 import time
 from pathlib import Path
 
-from bench.model import METHODS
+from bench.model import METHOD_NAMES, method_settings
 
 BATCH_SIZE = 8  # the Trainer's default per_device_train_batch_size, stated here to document it
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--max-length", type=int, default=256, help="rows are cut to this many tokens")
-    p.add_argument("--method", choices=list(METHODS), default="lora-qv-r8", help="bench/model.py METHODS")
+    p.add_argument("--method", choices=METHOD_NAMES, default="lora-qv-r8", help="bench/model.py METHOD_NAMES")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
@@ -50,7 +50,9 @@ def main(argv=None) -> None:
     if tokenizer.pad_token is None:  # what such scripts do for a tokenizer without one (the collator needs it)
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model)
-    method = METHODS[a.method]
+    method, checkpointing = method_settings(a.method)
+    if checkpointing and method["type"] == "lora":
+        model.enable_input_require_grads()  # what such scripts do: checkpointed layers need an input that requires grad
     if method["type"] == "lora":
         model = get_peft_model(model, LoraConfig(r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"],
                                                  target_modules=method["target_modules"], task_type="CAUSAL_LM"))
@@ -88,6 +90,7 @@ def main(argv=None) -> None:
         num_train_epochs=1,
         max_steps=a.max_steps,
         bf16=a.precision == "bf16",
+        gradient_checkpointing=checkpointing,
         use_cpu=a.device == "cpu",  # the Trainer refuses bf16 without a GPU unless told it is on the CPU
         seed=a.seed,
         logging_steps=1,

@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
     .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
 
-A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS). Each cell trains the SmolLM2-135M-
+A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; lora-all-r16-gc and full-gc are those with
+gradient checkpointing on both sides, a --cells choice outside the full matrix). Each cell trains the SmolLM2-135M-
 shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
 data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run:
 - the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from bench import measure
 from bench.cpu_lora import ROOT, run_baseline, run_project
-from bench.model import METHODS, SHAPE, build_model, make_rows, write_rows
+from bench.model import METHOD_NAMES, METHODS, SHAPE, build_model, make_rows, method_settings, write_rows
 
 LENGTHS = (256, 512, 1024, 2048)
 BATCHES = (1, 4, 8)
@@ -43,8 +44,8 @@ def parse_cell(text: str) -> tuple[int, int, str]:
         length, batch = (int(n) for n in shape.split("x"))
     except ValueError:
         sys.exit(f"cell {text!r}: expected LENGTHxBATCH:METHOD, e.g. 512x4:lora-qv-r8")
-    if method not in METHODS:
-        sys.exit(f"cell {text!r}: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method not in METHOD_NAMES:
+        sys.exit(f"cell {text!r}: unknown method {method!r}; valid: {', '.join(METHOD_NAMES)}")
     return length, batch, method
 
 
@@ -59,7 +60,9 @@ def write_strategy(folder: Path, length: int, batch: int, method: str, steps: in
 
     strategy = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]
     config = strategy["fine_tuner"]["config"]
-    config["method"] = dict(METHODS[method])
+    config["method"], checkpointing = method_settings(method)
+    if checkpointing:
+        config["training_args"]["gradient_checkpointing"] = True
     config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=steps)
     path = folder / "strategy.yaml"
     path.write_text(yaml.safe_dump({"bench_matrix": strategy}, sort_keys=False))
@@ -76,7 +79,7 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                      lengths=(max(16, length // 4), length))
     data = write_rows(rows, folder / "train.jsonl")
     lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
-    flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method == "full") / sum(lengths)
+    flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
     baseline = run_baseline(folder, model, data, None, precision, steps, env, extra=extra)
     strategy = write_strategy(folder, length, batch, method, steps)

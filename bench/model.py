@@ -61,6 +61,16 @@ METHODS = {
     "lora-all-r16": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ALL_LINEAR},
     "full": {"type": "full"},
 }
+# Gradient checkpointing is a training setting, not a method: "<method>-gc" runs the method with
+# training_args.gradient_checkpointing on our side and the Trainer's gradient_checkpointing=True on the
+# baseline's. Not in the full matrix (the issue's 36 cells); a --cells choice.
+CHECKPOINTED = ("lora-all-r16-gc", "full-gc")
+METHOD_NAMES = (*METHODS, *CHECKPOINTED)
+
+
+def method_settings(name: str) -> tuple[dict, bool]:
+    """(the strategy's method block, whether gradient checkpointing is on) for a METHOD_NAMES entry."""
+    return dict(METHODS[name.removesuffix("-gc")]), name in CHECKPOINTED
 
 
 def make_rows(tokenizer, target_tokens: int, seed: int, lengths: tuple[int, int] = (MIN_TOKENS, MAX_TOKENS)) -> list[dict]:

@@ -39,3 +39,33 @@ def test_each_answer_scores_as_if_alone():
         alone, n = sequence_logps(model, objective.collate([PairRows(row, row)]), "cpu", nullcontext())
         assert counts[i] == n[0] == len(row[0]) - max(4 if i % 2 == 0 else 3, 1)
         assert torch.allclose(together[i], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_log_probs_equal_the_models_own(precision, monkeypatch):
+    """The chunked head (answer positions only, logits recomputed in backward) gives the same per-row
+    log-probs and the same gradients as log_softmax over the model's own logits, with chunks smaller
+    than a row so the chunk edges are crossed."""
+    from contextlib import nullcontext
+
+    from trainer import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "chunk_rows", lambda vocab: 5)
+    model = _model().train()
+    pairs = [PairRows(_row(range(3, 15), 4), _row(range(5, 11), 4)),
+             PairRows(_row(range(20, 29), 3), _row(range(1, 20), 3))]
+    batch = PreferenceObjective("dpo", None, pad_id=0, device="cpu", autocast=nullcontext).collate(pairs)
+    weights = torch.linspace(-1.0, 2.0, 4)  # a different upstream gradient per row, as DPO's loss gives
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        logps, counts = sequence_logps(model, batch, "cpu", autocast, chunked=chunked)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_counts, plain_grads), (chunked_logps, chunked_counts, chunked_grads) = results
+    assert torch.equal(plain_counts, chunked_counts)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(chunked_logps, plain, **tolerance)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, **tolerance, msg=name)

@@ -29,6 +29,43 @@ def forward_loss(model, input_ids, attention_mask, position_ids, labels):
                                                      targets[keep]))
 
 
+def answer_log_probs(model, input_ids, attention_mask, position_ids, labels, ignore_index: int = -100):
+    """(sum of the labelled tokens' log-probs, their count) per row, via the chunked head: preference
+    stages' log-probabilities without the (rows x length x vocabulary) float32 logits."""
+    import torch
+
+    inner = causal_lm(model)
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    token_logps = linear_log_probs(hidden[:, :-1][keep], inner.get_output_embeddings().weight, targets[keep])
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), keep.sum(-1)
+
+
+def linear_log_probs(hidden, weight, targets):
+    """log_softmax(hidden @ weight.T)[i, targets[i]] for every row i, float32, computed chunk by chunk;
+    backward recomputes each chunk's logits (the upstream gradient per row is known only then)."""
+    import torch
+
+    hidden, weight = _compute_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearLogProbs.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
+
+
+def _compute_dtype(hidden, weight):
+    """The products run in the autocast dtype under autocast (as nn.Linear would), else the weight's."""
+    import torch
+
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype)
+    return (hidden.to(weight.dtype) if weight.dtype != hidden.dtype else hidden), weight
+
+
 def linear_cross_entropy(hidden, weight, targets):
     """mean(cross_entropy(hidden @ weight.T, targets)), computed chunk by chunk.
 
@@ -36,13 +73,8 @@ def linear_cross_entropy(hidden, weight, targets):
     loss are always float32."""
     import torch
 
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        hidden = hidden.to(weight.dtype)
-    with torch.autocast(device, enabled=False):
+    hidden, weight = _compute_dtype(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
 
 
@@ -105,15 +137,56 @@ def _make_function():
     return LinearCrossEntropy
 
 
-class _Lazy:
-    """Builds the autograd Function on first use, so importing this module imports no torch."""
+def _make_log_probs_function():
+    import torch
 
-    _fn = None
+    class LinearLogProbs(torch.autograd.Function):
+        """Forward keeps only the inputs; backward recomputes each chunk's logits and softmax, the
+        one extra product of the output layer per chunk that keeps the full logits out of memory."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                logits = (hidden[start : start + chunk] @ weight.t()).float()
+                y = targets[start : start + chunk]
+                out[start : start + chunk] = logits.gather(-1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            ctx.save_for_backward(hidden, weight, targets)
+            ctx.chunk = chunk
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            hidden, weight, targets = ctx.saved_tensors
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                h, y, g = (t[start : start + ctx.chunk] for t in (hidden, targets, grad))
+                # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
+                d_logits = torch.softmax((h @ weight.t()).float(), dim=-1).neg_()
+                d_logits[torch.arange(len(y), device=y.device), y] += 1
+                d_logits = (d_logits * g[:, None]).to(weight.dtype)
+                if need_h:
+                    grad_h[start : start + ctx.chunk] = d_logits @ weight
+                if need_w:
+                    grad_w += (d_logits.t() @ h).float()
+            return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+
+    return LinearLogProbs
+
+
+class _Lazy:
+    """Builds an autograd Function on first use, so importing this module imports no torch."""
+
+    def __init__(self, make) -> None:
+        self._make, self._fn = make, None
 
     def apply(self, *args):
-        if _Lazy._fn is None:
-            _Lazy._fn = _make_function()
-        return _Lazy._fn.apply(*args)
+        if self._fn is None:
+            self._fn = self._make()
+        return self._fn.apply(*args)
 
 
-_LinearCrossEntropy = _Lazy()
+_LinearCrossEntropy = _Lazy(_make_function)
+_LinearLogProbs = _Lazy(_make_log_probs_function)

@@ -310,9 +310,10 @@ def _decide_levers(run: _Job, model) -> _Levers:
     chunked_loss = performance.choose_chunked_loss(model)
     if run.world.active and chunked_loss.value == "on":
         chunked_loss = distributed.NO_CHUNKED_LOSS
-    if run.cfg.method.stage != "sft":
-        chunked_loss = Decision("off", f"method.stage {run.cfg.method.stage}: the answers' log-probabilities come "
-                                       "from the model's own logits (trainer/preference.py)")
+    if run.cfg.method.stage != "sft" and chunked_loss.value == "on":
+        chunked_loss = Decision("on", f"method.stage {run.cfg.method.stage}: the answers' log-probabilities from the "
+                                      "output layer in chunks over answer positions only, for the policy and the "
+                                      "reference; the full logits are never built")
     run.decide("chunked_loss", chunked_loss)
     estimate = estimate_of(run.job)
     # Training time only: evaluation runs eager, so compiling does not shorten it.
@@ -383,7 +384,7 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
         from trainer.preference import PreferenceObjective
 
         objective = PreferenceObjective(run.cfg.method.stage, run.cfg.method, pad_id, device,
-                                        lambda: loop._autocast(device, precision), ref_model)
+                                        lambda: loop._autocast(device, precision), ref_model, levers.chunked_loss)
     else:
         objective = loop.TokenObjective(pad_id, levers.packed, device, precision, levers.chunked_loss)
     if world.active:

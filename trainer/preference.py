@@ -69,10 +69,17 @@ def kto_loss(logps, ref_logps, desirable, kl, beta: float, desirable_weight: flo
 # --- the objective -------------------------------------------------------------------------------
 
 
-def sequence_logps(model, batch, device: str, autocast):
-    """(sum of the answer tokens' log-probs, number of answer tokens) for every row of a batch."""
+def sequence_logps(model, batch, device: str, autocast, chunked: bool = False):
+    """(sum of the answer tokens' log-probs, number of answer tokens) for every row of a batch; `chunked`:
+    through trainer/chunked_loss.py's head over answer positions only (no full logits)."""
     import torch
 
+    if chunked:
+        from trainer.chunked_loss import answer_log_probs
+
+        with autocast:
+            return answer_log_probs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                    batch.position_ids.to(device), batch.labels.to(device), IGNORE_INDEX)
     with autocast:
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                        position_ids=batch.position_ids.to(device)).logits
@@ -94,6 +101,7 @@ class PreferenceObjective:
     device: str
     autocast: object  # () -> context manager
     ref_model: object = None  # full fine-tuning's frozen copy; None: LoRA's adapter is switched off
+    chunked: bool = False  # log-probabilities through the chunked head (the chunked_loss decision)
 
     def units(self, batch) -> int:
         """Pairs (or KTO rows) in a micro-batch: the loss is their mean, accumulation weighs by them."""
@@ -121,7 +129,7 @@ class PreferenceObjective:
                     yield model
 
     def _logps(self, model, batch):
-        return sequence_logps(model, batch, self.device, self.autocast())
+        return sequence_logps(model, batch, self.device, self.autocast(), self.chunked)
 
     def loss(self, model, batch):
         """(loss tensor, metrics as name -> (sum, count)) for one micro-batch."""

@@ -30,6 +30,13 @@ CPU_OVERHEAD_MB = 430
 # ... and what bf16 autocast adds to it on a CPU (oneDNN's bf16 kernels and their buffers): measured
 # here as the difference of two tiny LoRA runs, fp32 487 MB and bf16 752 MB peak RSS.
 CPU_BF16_RUNTIME_MB = 265
+# ... and a full fine-tune's more: its weight gradients and (under autocast, trainer/attention.py) its
+# attention run as bf16 matmuls too, and oneDNN keeps kernels per matmul shape, so packed batches of many
+# widths grow its cache (a bf16 bmm at 65 widths: +96 MB RSS, fp32 +22). Measured 2026-12-01 on a Zen CPU
+# with AVX512-BF16, peak RSS over the estimate without this term: tiny full 30 steps +95 MB, tiny_demo 60
+# steps +258 MB, SmolLM2 full 4 steps +459 MB; it grows with the widths a run meets, up to the cache's
+# 1,024 kernels.
+CPU_BF16_FULL_KERNELS_MB = 200
 CUDA_CONTEXT_MB = 600
 # Values a Llama layer keeps per token for backward (counted per autograd node on the real SmolLM2-135M
 # shape with the trainer's forward, 2026-12-01; the sum matched the 30-layer runs within 0.1%), in units of
@@ -147,14 +154,16 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     # The trainer's chunked loss (trainer/performance.py, on for the Llama-family shapes estimated here,
     # off under distributed) holds one chunk of rows: fp32 logits, log-softmax and their gradient, or
     # with bf16/fp16 logits the logits and the softmax in that dtype.
-    chunked = cfg.distributed.mode == "none" and not preference  # preference log-probs take the full logits
+    # Preference stages' log-probabilities take the same chunks (trainer/chunked_loss.py answer_log_probs):
+    # their backward holds a chunk's float32 logits, softmax and gradient.
+    chunked = cfg.distributed.mode == "none"
     rows = min(tokens, chunk_rows(shape.vocab_size)) if chunked else tokens
-    logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 else 4 * 3)
+    logits = rows * shape.vocab_size * (2 * 2 if chunked and act_bytes == 2 and not preference else 4 * 3)
     if chunked and method == "full":  # the output layer trains: the chunked loss sums its gradient in float32
         logits += shape.vocab_size * shape.hidden_size * 4
     overhead = (CUDA_CONTEXT_MB if device == "cuda" else CPU_OVERHEAD_MB) * MB
     if device == "cpu" and precision == "bf16":
-        overhead += CPU_BF16_RUNTIME_MB * MB
+        overhead += (CPU_BF16_RUNTIME_MB + (CPU_BF16_FULL_KERNELS_MB if method == "full" else 0)) * MB
     # fp32 weight and two AdamW moments; the gradient (4 more bytes) lives from backward to the optimizer step,
     # when the activations are being freed (the loop sets gradients to None after each step), so the peak is the
     # larger of the two: gradients add only what exceeds the activations and the loss chunk.
