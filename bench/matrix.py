@@ -81,7 +81,11 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
     flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
-    baseline = run_baseline(folder, model, data, None, precision, steps, env, extra=extra)
+    try:
+        baseline = run_baseline(folder, model, data, None, precision, steps, env, extra=extra)
+    except SystemExit as failed:  # e.g. killed for memory (-9): the padded script cannot run this cell here
+        baseline = {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None}
+        print(f"{cell}: the baseline did not finish ({baseline['failed']}); llamafarm's side runs on", flush=True)
     strategy = write_strategy(folder, length, batch, method, steps)
     sides = {runner: run_project(folder, model, data, None, env, strategy="bench_matrix", strategy_file=strategy,
                                  runner=runner) for runner in runners}
@@ -90,11 +94,12 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                                                                      "lora_dropout")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
-              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
+              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"] if baseline["tokens_per_second"] else None,
               "runners": {runner: side["tokens_per_second"] for runner, side in sides.items()}}
-    print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {baseline['tokens_per_second']:.0f} real "
-          f"tokens/s = {result['ratio']:.2f}x; peak RSS {ours['peak_rss_mb']:,.0f} vs {baseline['peak_rss_mb']:,.0f} MB; "
-          f"{decisions}; per runner {', '.join(f'{k} {v:.0f}' for k, v in result['runners'].items())} tokens/s", flush=True)
+    print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {_number(baseline['tokens_per_second'])} real "
+          f"tokens/s = {_ratio(result['ratio'])}; peak RSS {ours['peak_rss_mb']:,.0f} vs "
+          f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; {decisions}; per runner "
+          f"{', '.join(f'{k} {v:.0f}' for k, v in result['runners'].items())} tokens/s", flush=True)
     return result
 
 
@@ -103,13 +108,22 @@ def table(results: list[dict], peak: float) -> str:
              "| MFU (PEFT / ours) | llamafarm decisions |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, o = r["baseline"], r["project"]
-        mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) for side in (b, o)]
+        mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) if side["tokens_per_second"]
+               else None for side in (b, o)]
         d = r["decisions"]
-        lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {b['tokens_per_second']:.0f} | "
-                     f"{o['tokens_per_second']:.0f} | {r['ratio']:.2f}x | {b['peak_rss_mb']:,.0f} / {o['peak_rss_mb']:,.0f} | "
-                     f"{mfu[0]:.0f}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, compile {d['compile']}"
-                     f"{_dropout(d)} |")
+        lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {_number(b['tokens_per_second'])} | "
+                     f"{o['tokens_per_second']:.0f} | {_ratio(r['ratio'])} | {_number(b['peak_rss_mb'], ',.0f')} / "
+                     f"{o['peak_rss_mb']:,.0f} | {_number(mfu[0])}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, "
+                     f"compile {d['compile']}{_dropout(d)} |")
     return "\n".join(lines)
+
+
+def _number(value, spec: str = ".0f") -> str:
+    return format(value, spec) if value is not None else "-"
+
+
+def _ratio(ratio) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "baseline failed"
 
 
 def _dropout(decisions: dict) -> str:
@@ -149,7 +163,10 @@ def main(argv=None) -> int:
     peak = max(peaks.values())
     target = TARGETS["quick" if a.quick else "full"]
     print("\n" + table(results, peak))
-    short = [r["cell"] for r in results if r["ratio"] < target]
+    short = [r["cell"] for r in results if r["ratio"] is not None and r["ratio"] < target]
+    failed = [f"{r['cell']} ({r['baseline']['failed']})" for r in results if r["ratio"] is None]
+    if failed:
+        print("baseline failed (no ratio): " + "; ".join(failed))
     print(f"\nmatmul peak for MFU: {peak} GFLOP/s; cells under {target}x: {', '.join(short) or 'none'}")
     for runner in runners[1:]:
         for r in results:

@@ -238,6 +238,26 @@ def test_benchmark_measures():
     assert lora_flops(SHAPE, [1]) == pytest.approx(4 * (134_515_008 - 35_136) + 12 * 576 * 30, rel=1e-9)
 
 
+def test_matrix_table_keeps_a_cell_whose_baseline_failed():
+    """A padded baseline that runs out of memory (2048 x 4 does on 24 GB) leaves its cell without a ratio;
+    the matrix goes on and says so instead of dying."""
+    from bench.matrix import table
+
+    decisions = {"precision": "bf16", "attention": "blockwise", "compile": "off", "lora_dropout": "fast-mask"}
+    ours = {"tokens_per_second": 600.0, "peak_rss_mb": 2000.0}
+    results = [
+        {"length": 512, "batch": 4, "method": "full", "flops_per_token": 1e9, "ratio": 2.0, "decisions": decisions,
+         "baseline": {"tokens_per_second": 300.0, "peak_rss_mb": 4000.0}, "project": ours},
+        {"length": 2048, "batch": 4, "method": "lora-all-r16", "flops_per_token": 1e9, "ratio": None,
+         "decisions": decisions, "baseline": {"failed": "command failed (-9)", "tokens_per_second": None,
+                                              "peak_rss_mb": None}, "project": ours},
+    ]
+    rows = table(results, peak=1000.0).splitlines()[2:]
+    assert rows[0] == ("| 512 | 4 | full | 300 | 600 | 2.00x | 4,000 / 2,000 | 30% / 60% | bf16, blockwise, "
+                       "compile off, dropout fast-mask |")
+    assert rows[1].startswith("| 2048 | 4 | lora-all-r16 | - | 600 | baseline failed | - / 2,000 | -% / 60% |")
+
+
 def test_compile_decision(monkeypatch):
     from contract.errors import UserError
     from trainer import performance
