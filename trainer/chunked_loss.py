@@ -20,13 +20,19 @@ def forward_loss(model, input_ids, attention_mask, position_ids, labels):
     """The model's causal-LM loss (mean over labelled next-token positions) via the chunked head.
 
     Returns an object with `.loss`, like a transformers model output."""
+    hidden, weight, targets, _ = _labelled_hidden(model, input_ids, attention_mask, position_ids, labels, -100)
+    return SimpleNamespace(loss=linear_cross_entropy(hidden, weight, targets))
+
+
+def _labelled_hidden(model, input_ids, attention_mask, position_ids, labels, ignore_index: int):
+    """The decoder's last hidden states at the positions whose next token is labelled, the output layer's
+    weight, those next tokens, and the (rows, length - 1) mask of the positions kept."""
     inner = causal_lm(model)
     hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
     targets = labels[:, 1:]
-    keep = targets != -100
-    return SimpleNamespace(loss=linear_cross_entropy(hidden[:, :-1][keep], inner.get_output_embeddings().weight,
-                                                     targets[keep]))
+    keep = targets != ignore_index
+    return hidden[:, :-1][keep], inner.get_output_embeddings().weight, targets[keep], keep
 
 
 def answer_log_probs(model, input_ids, attention_mask, position_ids, labels, ignore_index: int = -100):
@@ -34,14 +40,11 @@ def answer_log_probs(model, input_ids, attention_mask, position_ids, labels, ign
     stages' log-probabilities without the (rows x length x vocabulary) float32 logits."""
     import torch
 
-    inner = causal_lm(model)
-    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != ignore_index
-    token_logps = linear_log_probs(hidden[:, :-1][keep], inner.get_output_embeddings().weight, targets[keep])
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    hidden, weight, targets, keep = _labelled_hidden(model, input_ids, attention_mask, position_ids, labels,
+                                                     ignore_index)
+    token_logps = linear_log_probs(hidden, weight, targets)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(keep.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), keep.sum(-1)
 
 
@@ -50,12 +53,12 @@ def linear_log_probs(hidden, weight, targets):
     backward recomputes each chunk's logits (the upstream gradient per row is known only then)."""
     import torch
 
-    hidden, weight = _compute_dtype(hidden, weight)
+    hidden, weight = _in_compute_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearLogProbs.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
 
 
-def _compute_dtype(hidden, weight):
+def _in_compute_dtype(hidden, weight):
     """The products run in the autocast dtype under autocast (as nn.Linear would), else the weight's."""
     import torch
 
@@ -73,7 +76,7 @@ def linear_cross_entropy(hidden, weight, targets):
     loss are always float32."""
     import torch
 
-    hidden, weight = _compute_dtype(hidden, weight)
+    hidden, weight = _in_compute_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
 

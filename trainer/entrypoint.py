@@ -323,7 +323,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
         args.torch_compile, device, train_estimate, run.world.active, args.gradient_checkpointing))
     run.decide("compile", compiled)
     performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
-        run.method.value, getattr(run.cfg.method, "dropout", 0.0), device, compiled.value == "on")))
+        run.method.value, run.cfg.method.dropout, device, compiled.value == "on")))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.choose_threads())
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")

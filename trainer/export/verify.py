@@ -67,6 +67,13 @@ class VerifyReport:
         return asdict(self)
 
 
+def clear_positions(logits: np.ndarray) -> np.ndarray:
+    """Positions (rows of `logits`) where the top logit leads the second by at least CLEAR_MARGIN: the
+    choices a correct runtime must not change, quantized or not."""
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
+
+
 def _reference_logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
@@ -147,8 +154,7 @@ def verify(gguf_path: Path, model, tokenizer, encoder, prompts: list[str], quant
         report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(np.abs(ref - got).max()))
         report.logit_scale = max(report.logit_scale, float(np.abs(ref).max()))
         answer = slice(len(ids) - 1, len(full))
-        top2 = np.sort(ref[answer], axis=-1)[:, -2:]
-        clear = (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
+        clear = clear_positions(ref[answer])
         agree += int(((ref[answer].argmax(-1) == got[answer].argmax(-1)) & clear).sum())
         total += int(clear.sum())
         stops = list(stop_ids)

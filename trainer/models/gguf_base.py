@@ -69,7 +69,7 @@ def verify_against_llamacpp(source: Path, folder: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.export.llamacpp import llama_cpp_module
-    from trainer.export.verify import CLEAR_MARGIN, TOKENIZER_PROBES  # as every export is checked
+    from trainer.export.verify import CLEAR_MARGIN, TOKENIZER_PROBES, clear_positions  # as every export is checked
 
     llama_cpp = llama_cpp_module("checking a GGUF base model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -89,8 +89,7 @@ def verify_against_llamacpp(source: Path, folder: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) >= CLEAR_MARGIN
+    clear = clear_positions(logits)
     agreement = float((logits.argmax(-1) == theirs)[clear].mean()) if clear.any() else 1.0
     where = f"{int(clear.sum())} of {len(ids)} positions (those where the pick leads by >= {CLEAR_MARGIN} logit)"
     if agreement < MIN_TOP1_AGREEMENT:
