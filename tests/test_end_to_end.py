@@ -107,6 +107,10 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     assert sorted(p.name for p in (folder / "checkpoints" / "checkpoint-4").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "optimizer.pt",
         "strategy.yaml", "tokenizer.json", "tokenizer_config.json", "trainer_state.json"]
+    from trainer.saving import load_checkpoint
+
+    optimizer = load_checkpoint(folder / "checkpoints" / "checkpoint-4")[1]["optimizer"]
+    assert "optimizer: adamw-fused" in log and optimizer["param_groups"][0]["fused"] is True, "the decision is used"
     state = json.loads((folder / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state == {"step": 4, "epoch": 0, "groups_done": 4, "best_eval_loss": pytest.approx(GOLDEN_EVAL_LOSSES[0], abs=2e-2)}
     assert yaml.safe_load((folder / "final" / "strategy.yaml").read_text())["fine_tuner"]["config"]["method"]["r"] == 8

@@ -106,7 +106,9 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     assert steps == list(range(1, max_steps + 1)), "metrics cut back to the checkpoint, then continued"
     elapsed = [m["elapsed"] for m in read_metrics(killed) if "loss" in m]
     assert elapsed == sorted(elapsed), "elapsed runs on across the resume, never back to 0:00:00"
-    assert f"resume: from {newest.name}" in (killed / "train.log").read_text()
+    log = (killed / "train.log").read_text()
+    assert f"resume: from {newest.name}" in log
+    assert "lora dropout: fast-mask" in log, "dropout 0.1 on CPU: the numpy-drawn masks resume bitwise too"
 
 
 def test_stop_then_resume_completes(run_cli, tmp_path):
