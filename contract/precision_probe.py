@@ -10,11 +10,9 @@ runner mounts, so a machine and a model shape are measured once. No torch here.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from contract.machine_cache import cached, machine_key, store
 
-from contract.platform import cpu_model
+KIND = "precision_probe"  # the cache file's name
 
 # Rows of the probe's product: a packed step's tokens pass through each linear layer in blocks of at least this.
 PROBE_ROWS = 512
@@ -33,34 +31,14 @@ def shape_text(shape: tuple[int, int, int]) -> str:
     return "x".join(str(n) for n in shape)
 
 
-def _file() -> Path:
-    from contract.paths import cache_root
-
-    return cache_root() / "precision_probe.json"
-
-
 def _key(shape: tuple[int, int, int]) -> str:
-    return f"{cpu_model()} | {os.cpu_count()} cores | {shape_text(shape)}"
-
-
-def _read() -> dict:
-    try:
-        return json.loads(_file().read_text())
-    except (OSError, ValueError):
-        return {}
+    return machine_key(shape_text(shape))
 
 
 def cached_rates(shape: tuple[int, int, int]) -> dict | None:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s, "shape": "RxIxO"} measured earlier on this machine, or None."""
-    return _read().get(_key(shape))
+    return cached(KIND, _key(shape))
 
 
 def store_rates(shape: tuple[int, int, int], rates: dict) -> None:
-    """Kept by an atomic rename, so processes measuring at once never leave a torn file."""
-    entries = _read()
-    entries[_key(shape)] = rates
-    path = _file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    tmp.replace(path)
+    store(KIND, _key(shape), rates)

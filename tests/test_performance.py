@@ -259,28 +259,73 @@ def test_matrix_table_keeps_a_cell_whose_baseline_failed():
 
 
 def test_compile_decision(monkeypatch):
+    """auto compiles by the gain measured on this machine: measured by a long enough run when missing,
+    on when the cached gain repays the compile within the run, off when it does not or there is none."""
     from contract.errors import UserError
     from trainer import performance
-    from trainer.performance import COMPILE_GAIN, COMPILE_SECONDS, choose_compile
+    from trainer.compile_probe import MEASURE_AFTER_SECONDS, decide
+    from trainer.performance import choose_compile
 
-    payback = COMPILE_SECONDS / COMPILE_GAIN
+    long = 2 * MEASURE_AFTER_SECONDS
     monkeypatch.setattr(performance, "_cpp_compiler", lambda: "/usr/bin/g++")
-    assert choose_compile("auto", "cpu", 2 * payback, False, False).value == "on"
-    short = choose_compile("auto", "cpu", payback / 2, False, False)
-    assert short.value == "off" and f"{payback:,.0f} s" in short.reason
+    assert choose_compile("auto", "cpu", long, False, False).value == "measure"
+    short = choose_compile("auto", "cpu", MEASURE_AFTER_SECONDS / 2, False, False)
+    assert short.value == "off" and "not measured on this machine" in short.reason
+    pays = {"gain": 0.10, "compile_seconds": 30.0, "compiled_seconds": 1.0, "eager_seconds": 1.1}  # repaid after 300 s
+    assert choose_compile("auto", "cpu", 400, False, False, pays).value == "on"
+    too_short = choose_compile("auto", "cpu", 200, False, False, pays)
+    assert too_short.value == "off" and "~300 s" in too_short.reason and "(cached)" in too_short.reason
+    slower = {**pays, "gain": -0.03, "compiled_seconds": 1.03, "eager_seconds": 1.0}
+    assert choose_compile("auto", "cpu", 100 * long, False, False, slower).value == "off"
+    # Measured just now: the compile is paid, so any real gain keeps it, and none undoes it.
+    assert decide({**pays, "gain": 0.03}, 10.0, compiled_already=True).value == "on"
+    assert decide(slower, 100 * long, compiled_already=True).value == "off"
     assert choose_compile("auto", "cpu", None, False, False).value == "off"
-    assert choose_compile("auto", "cpu", 2 * payback, True, False).value == "off"  # distributed
-    assert choose_compile("auto", "cpu", 2 * payback, False, True).value == "off"  # gradient checkpointing
-    assert choose_compile("auto", "cuda", 2 * payback, False, False).value == "off"
-    assert choose_compile(True, "cpu", 1.0, False, False).value == "on"
+    assert choose_compile("auto", "cpu", long, True, False, pays).value == "off"  # distributed
+    assert choose_compile("auto", "cpu", long, False, True, pays).value == "off"  # gradient checkpointing
+    assert choose_compile("auto", "cuda", long, False, False, pays).value == "off"
+    assert choose_compile(True, "cpu", 1.0, False, False, slower).value == "on"
     assert choose_compile(True, "cuda", None, False, False).value == "on"
-    assert choose_compile(False, "cpu", 2 * payback, False, False).value == "off"
+    assert choose_compile(False, "cpu", long, False, False, pays).value == "off"
     monkeypatch.setattr(performance, "_cpp_compiler", lambda: None)
-    missing = choose_compile("auto", "cpu", 2 * payback, False, False)
+    missing = choose_compile("auto", "cpu", long, False, False, pays)
     assert missing.value == "off" and "C++ compiler" in missing.reason
     with pytest.raises(UserError, match="torch_compile: true needs a C.. compiler"):
-        choose_compile(True, "cpu", 2 * payback, False, False)  # asked for, cannot be honoured: refused
+        choose_compile(True, "cpu", long, False, False)  # asked for, cannot be honoured: refused
     assert choose_compile(True, "cuda", None, False, False).value == "on"  # the check is for CPU code only
+
+
+def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizers, tmp_path, monkeypatch):
+    """measure() on the LoRA tiny builtin: eager and compiled step times kept in the machine cache under the
+    step's key, no gradients left behind, torch's generator as it was; undo_compile gives eager layers back."""
+    import torch
+
+    from contract.decisions import Decision
+    from trainer import compile_probe
+    from trainer.loop import TokenObjective
+    from trainer.performance import _decoder_layers, undo_compile, use_attention, use_compile
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path))
+    tok = tokenizers["tiny-llama-bpe"]
+    model = _lora_tiny(torch.bfloat16)
+    use_attention(model, Decision("grouped-matmul", "test"))
+    objective = TokenObjective(tok.pad_token_id, True, "cpu", "bf16", chunked_loss=True)
+    batch = _packed_medical_batch(tok)
+    key = compile_probe.step_key(model, "sft lora, bf16, test")
+    assert compile_probe.cached_gain(key) is None
+    use_compile(model, Decision("measure", "test"))
+    rng = torch.get_rng_state()
+    measured = compile_probe.measure(model, objective, batch, key)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert measured["eager_seconds"] > 0 and measured["compiled_seconds"] > 0 and measured["compile_seconds"] >= 0
+    assert measured["gain"] > -1 and measured["batch"] == list(batch.input_ids.shape)
+    assert compile_probe.cached_gain(key) == measured
+    assert compile_probe.cached_gain(compile_probe.step_key(model, "sft lora, fp32, test")) is None
+    compiled_loss = objective.loss(model, batch)[0].item()
+    undo_compile(model)
+    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+    assert objective.loss(model, batch)[0].item() == pytest.approx(compiled_loss, rel=5e-3)
 
 
 @pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
@@ -311,6 +356,7 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel):
     use_attention(model, Decision(kernel, "test"))
     use_compile(model, Decision("on", "test"))
     assert list(model.state_dict()) == keys
+    torch._dynamo.reset()  # another test may have compiled the same layer code in this process
     graphs = [counters["stats"]["unique_graphs"]]  # the count is per process: other tests may compile too
     for batch in batches:
         results = []
@@ -352,18 +398,32 @@ def test_fast_lora_dropout_is_torchs_dropout_with_another_generator(dtype):
     assert dropout.eval()(x) is x
 
 
+def test_fast_lora_dropout_inside_a_compiled_layer_is_torchs_own():
+    """Traced by torch.compile, FastDropout hands the mask to torch's dropout (inductor draws it in its
+    fused kernel; numpy cannot be traced): the same result as torch's dropout from the same seed."""
+    import torch
+
+    from trainer.lora_dropout import FastDropout
+
+    x = torch.randn(64, 32)
+    compiled = torch.compile(FastDropout(0.3), backend="eager", fullgraph=True)  # fullgraph: no numpy fallback
+    torch.manual_seed(3)
+    y = compiled(x)
+    torch.manual_seed(3)
+    assert torch.equal(y, torch.nn.functional.dropout(x, 0.3, True))
+
+
 def test_lora_dropout_and_optimizer_decisions():
     import torch
 
     from trainer.lora_dropout import FastDropout
     from trainer.performance import choose_lora_dropout, choose_optimizer, use_lora_dropout
 
-    fast = choose_lora_dropout("lora", 0.05, "cpu", compiled=False)
+    fast = choose_lora_dropout("lora", 0.05, "cpu")
     assert fast.value == "fast-mask"
-    assert choose_lora_dropout("lora", 0.05, "cpu", compiled=True).value == "torch"  # inductor draws its own
-    assert choose_lora_dropout("lora", 0.05, "cuda", compiled=False).value == "torch"
-    assert choose_lora_dropout("lora", 0.0, "cpu", compiled=False).value == "none"
-    assert choose_lora_dropout("full", 0.05, "cpu", compiled=False).value == "none"
+    assert choose_lora_dropout("lora", 0.05, "cuda").value == "torch"
+    assert choose_lora_dropout("lora", 0.0, "cpu").value == "none"
+    assert choose_lora_dropout("full", 0.05, "cpu").value == "none"
     model = _lora_tiny()
     for module in model.modules():
         if hasattr(module, "lora_dropout"):

@@ -297,8 +297,8 @@ class _Levers:
 
 
 def _decide_levers(run: _Job, model) -> _Levers:
-    """Packing, attention kernel, adapter inputs, chunked loss, compile and threads for this model on
-    this device (trainer/performance.py)."""
+    """Packing, attention kernel, adapter inputs, chunked loss, LoRA dropout, optimizer and threads for
+    this model on this device (trainer/performance.py); the compile waits for the first batch (`_decide_compile`)."""
     from trainer import distributed, performance
 
     args, device, precision = run.args, run.device.value, run.precision.value
@@ -315,15 +315,8 @@ def _decide_levers(run: _Job, model) -> _Levers:
                                       "output layer in chunks over answer positions only, for the policy and the "
                                       "reference; the full logits are never built")
     run.decide("chunked_loss", chunked_loss)
-    estimate = estimate_of(run.job)
-    # Training time only: evaluation runs eager, so compiling does not shorten it.
-    train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
-                      if estimate.get("device") == device and estimate.get("seconds") is not None else None)
-    compiled = performance.use_compile(model, performance.choose_compile(
-        args.torch_compile, device, train_estimate, run.world.active, args.gradient_checkpointing))
-    run.decide("compile", compiled)
     performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
-        run.method.value, run.cfg.method.dropout, device, compiled.value == "on")))
+        run.method.value, run.cfg.method.dropout, device)))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.choose_threads())
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
@@ -389,6 +382,8 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
         objective = loop.TokenObjective(pad_id, levers.packed, device, precision, levers.chunked_loss)
     if world.active:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
+    with performance.adapter_inputs(model, levers.adapter_inputs):
+        _decide_compile(run, model, objective, sequences)
     sink = MetricsSink(folder, args.report_to) if world.writes else distributed.NullSink()
     fit = loop.Fit(trained, sequences, data.eval, args, objective, device, precision, levers.packed, folder,
                    loop.Hooks(checkpoint, best, lambda: bool(stop_flag)), sink, world, levers.fused_optimizer)
@@ -402,6 +397,32 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
         final = saving.save_final(model, tokenizer, run.strategy_text, folder, weights)
         print(f"final weights: {final}", flush=True)
     return result
+
+
+def _decide_compile(run: _Job, model, objective, sequences) -> None:
+    """torch.compile of the decoder layers, from this machine's measured gain for this step
+    (trainer/compile_probe.py), measured now on the first batch when it is missing and the run is long."""
+    from trainer import compile_probe, performance
+
+    args = run.args
+    estimate = estimate_of(run.job)
+    # Training time only: evaluation runs eager, so compiling does not shorten it.
+    train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
+                      if estimate.get("device") == run.device.value and estimate.get("seconds") is not None else None)
+    step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
+            f"attention {run.decisions['attention']['value']}, batch {args.per_device_train_batch_size} x "
+            f"{args.max_seq_length}")
+    key = compile_probe.step_key(model, step)
+    decision = run.decide("compile", performance.use_compile(model, performance.choose_compile(
+        args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,
+        compile_probe.cached_gain(key))))
+    if decision.value == "measure":
+        batch = objective.collate(sequences[:args.per_device_train_batch_size])
+        measured = compile_probe.measure(model, objective, batch, key)
+        decision = run.decide("compile", compile_probe.decide(measured, train_estimate, compiled_already=True))
+        if decision.value == "off":
+            performance.undo_compile(model)
+    run.record(decisions=run.decisions)
 
 
 def _measure(run: _Job, result) -> None:

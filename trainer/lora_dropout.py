@@ -31,6 +31,8 @@ class FastDropout(torch.nn.Module):
         self.scale = 1 / (1 - p)  # torch's own scale; the drop rate is p to within 1/65536
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # in a compiled layer inductor draws the mask inside its fused kernel
+            return torch.nn.functional.dropout(x, self.p, self.training)
         if not self.training or self.threshold == 0:
             return x
         seed = int(torch.randint(0, 2**62, (1,)))  # from torch's generator: resume restores the stream

@@ -8,10 +8,10 @@
 - attention: for packed batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
   (grouped matmuls for short sequences, blockwise beyond).
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
-- compile: torch.compile of each decoder layer (one compiled graph serves them all), when the
-  estimated training time repays the one-time compile.
-- LoRA dropout: on CPU, eager, the mask is drawn by trainer/lora_dropout.py (numpy's PCG64) instead of
-  torch's one-draw-per-element generator.
+- compile: torch.compile of each decoder layer (one compiled graph serves them all), when the gain
+  measured on this machine (trainer/compile_probe.py) repays the one-time compile within the run.
+- LoRA dropout: on CPU the mask is drawn by trainer/lora_dropout.py (numpy's PCG64) instead of
+  torch's one-draw-per-element generator (compiled layers draw it inside their fused kernels).
 - optimizer: torch's fused AdamW kernel (one pass over all parameters) where it runs.
 - threads: torch's intra-op threads, one per core this process may use, or one when a short probe
   shows other processes holding the cores.
@@ -32,12 +32,6 @@ from trainer.chunked_loss import causal_lm
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
 # (no logit soft-capping or scaling); the chunked loss is verified against their own loss.
 _PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# torch.compile of the decoder layers, measured on bench/'s SmolLM2-135M-shaped LoRA run, 2 cores
-# (docs/PERFORMANCE.md): steps ~8% faster, after ~27 s of compiling the first time on a machine (a
-# later run of the same model reuses torch's compile cache: ~7 s). Auto compiles when the estimated
-# training time times the gain repays the first-time cost.
-COMPILE_GAIN = 0.08
-COMPILE_SECONDS = 30
 
 
 def use_attention(model, decision: Decision) -> None:
@@ -66,9 +60,13 @@ def adapter_inputs(model, decision: Decision):
 
 
 def choose_compile(setting, device: str, estimated_seconds: float | None, distributed: bool,
-                   gradient_checkpointing: bool) -> Decision:
-    """Whether to torch.compile the decoder layers (training_args.torch_compile: auto, true or false).
-    An explicit true that cannot be honoured is refused, like an unsupported precision."""
+                   gradient_checkpointing: bool, measured: dict | None = None) -> Decision:
+    """Whether to torch.compile the decoder layers (training_args.torch_compile: auto, true or false):
+    "on", "off", or "measure" when auto has no measurement of this machine and step yet and the run is
+    long enough to take one (trainer/compile_probe.py; `measured` is the cached one). An explicit true
+    that cannot be honoured is refused, like an unsupported precision."""
+    from trainer import compile_probe
+
     if setting is False:
         return Decision("off", "training_args.torch_compile is false")
     if device == "cpu" and not _cpp_compiler():
@@ -88,24 +86,26 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
                                "set torch_compile: true to try it")
     if estimated_seconds is None:
         return Decision("off", "no time estimate for this run to weigh the compile against")
-    payback = COMPILE_SECONDS / COMPILE_GAIN
-    if estimated_seconds < payback:
-        return Decision("off", f"the run is estimated at {estimated_seconds:,.0f} s; ~{100 * COMPILE_GAIN:.0f}% "
-                               f"faster steps repay the ~{COMPILE_SECONDS} s compile only after ~{payback:,.0f} s")
-    return Decision("on", f"the run is estimated at {estimated_seconds:,.0f} s: ~{100 * COMPILE_GAIN:.0f}% faster "
-                          f"steps repay the ~{COMPILE_SECONDS} s compile after ~{payback:,.0f} s")
+    if measured:
+        return compile_probe.decide(measured, estimated_seconds, compiled_already=False)
+    if estimated_seconds < compile_probe.MEASURE_AFTER_SECONDS:
+        return Decision("off", f"the run is estimated at {estimated_seconds:,.0f} s, and whether compiling pays is "
+                               "not measured on this machine for this step yet: a run estimated over "
+                               f"~{compile_probe.MEASURE_AFTER_SECONDS} s measures it once")
+    return Decision("measure", f"the run is estimated at {estimated_seconds:,.0f} s, and whether compiling pays is "
+                               "not measured on this machine for this step yet: timing eager and compiled steps "
+                               "on the first batch")
 
 
-def choose_lora_dropout(method: str, dropout: float, device: str, compiled: bool) -> Decision:
+def choose_lora_dropout(method: str, dropout: float, device: str) -> Decision:
     """Who draws the LoRA dropout mask (method.dropout > 0): torch's nn.Dropout or our fast CPU mask."""
     if method not in ("lora", "qlora") or not dropout:
         return Decision("none", "no LoRA dropout in this strategy")
     if device != "cpu":
         return Decision("torch", f"torch's dropout: on {device} its mask is drawn in parallel")
-    if compiled:
-        return Decision("torch", "the compiled layers draw the mask inside their fused kernels (inductor's own generator)")
     return Decision("fast-mask", f"p {dropout}: masks from numpy's PCG64 in 16-bit lanes, seeded from torch's "
-                                 "generator (~4x faster than torch's one-draw-per-element CPU mask)")
+                                 "generator (~4x faster than torch's one-draw-per-element CPU mask); compiled "
+                                 "layers draw theirs inside their fused kernels (inductor's generator)")
 
 
 def use_lora_dropout(model, decision: Decision) -> None:
@@ -132,33 +132,51 @@ def _cpp_compiler() -> str | None:
 
 
 def use_compile(model, decision: Decision) -> Decision:
-    """Compile each decoder layer in place (state-dict keys unchanged); returns the decision taken.
+    """Compile each decoder layer in place (state-dict keys unchanged) when the decision is on or
+    measure; returns the decision taken ("off" when the model has no list of layers to compile).
 
     Every layer runs the same code, so torch compiles one graph for all of them, with dynamic
     sequence lengths (packed batches vary in width). Our attention kernels stay eager: their query
     blocks depend on the width. The first layer's input is made to require grad like the others',
     or torch would compile a second graph for it. Evaluation runs eagerly (see `eager`)."""
-    if decision.value != "on":
+    if decision.value == "off":
         return decision
-    inner = causal_lm(model)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
+    layers = _decoder_layers(model)
     if layers is None:
-        return Decision("off", f"{type(inner).__name__} has no list of decoder layers to compile one by one")
+        return Decision("off", f"{type(causal_lm(model)).__name__} has no list of decoder layers to compile one by one")
     import torch
 
     from trainer import attention
 
+    inner = causal_lm(model)
     kernel = attention.kernel_of(inner.config._attn_implementation)
     if kernel:
         attention.register(kernel, compiled=True)
     if not inner.get_input_embeddings().weight.requires_grad:
-        inner.enable_input_require_grads()
+        inner.enable_input_require_grads()  # also harmless in eager, should the compile be undone
     # A compile that fails (a missing header, an unsupported op) falls back to eager with a warning.
     torch._dynamo.config.suppress_errors = True
     for layer in layers:
         layer.compile(dynamic=True)
     return decision
+
+
+def undo_compile(model) -> None:
+    """Eager layers again, after a measurement that found no gain: nn.Module.compile keeps the compiled
+    call in `_compiled_call_impl` and calls it while set, so clearing it restores the module's own call."""
+    from trainer import attention
+
+    for layer in _decoder_layers(model) or []:
+        layer._compiled_call_impl = None
+    kernel = attention.kernel_of(causal_lm(model).config._attn_implementation)
+    if kernel:
+        attention.register(kernel, compiled=False)
+
+
+def _decoder_layers(model):
+    inner = causal_lm(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    return getattr(decoder, "layers", None)
 
 
 def eager():

@@ -1,0 +1,48 @@
+"""Measurements of this machine kept between jobs: one JSON file per kind in the llamafarm cache.
+
+The trainer measures what CPU flags cannot tell (the matmul rate per dtype, whether torch.compile
+pays) once per machine and shape, and every later job, and `estimate`, reads the number instead of
+measuring again. The container runner mounts the cache, so container jobs share it. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from contract.platform import cpu_model
+
+
+def machine_key(*parts: str) -> str:
+    """The CPU, its cores and whatever else the measurement depends on, as one key."""
+    return " | ".join([cpu_model(), f"{os.cpu_count()} cores", *parts])
+
+
+def _file(kind: str) -> Path:
+    from contract.paths import cache_root
+
+    return cache_root() / f"{kind}.json"
+
+
+def _read(kind: str) -> dict:
+    try:
+        return json.loads(_file(kind).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(kind: str, key: str) -> dict | None:
+    """The measurement stored under `key`, or None when this machine has not measured it."""
+    return _read(kind).get(key)
+
+
+def store(kind: str, key: str, value: dict) -> None:
+    """Kept by an atomic rename, so processes measuring at once never leave a torn file."""
+    entries = _read(kind)
+    entries[key] = value
+    path = _file(kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    tmp.replace(path)
