@@ -170,6 +170,31 @@ def test_chunked_loss_with_bf16_logits_and_gradients():
     assert (chunked_grad.float() - plain_grad.float()).norm() <= 0.01 * plain_grad.float().norm()
 
 
+def test_chunked_loss_gives_a_trained_fp32_weight_its_float32_gradient_under_autocast(monkeypatch):
+    """Full fine-tuning under bf16 autocast: the output layer's fp32 weight (with tied embeddings the
+    model's largest matrix) gets a float32 gradient summed over chunks in float32, close to float32
+    cross-entropy's, for both the SFT loss and the preference log-probs."""
+    import torch
+
+    from contract import decisions
+    from trainer import chunked_loss
+
+    monkeypatch.setattr(decisions, "_CHUNK_ELEMENTS", 3000 * 70)  # 5 chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 48, requires_grad=True)
+    weight = (0.3 * torch.randn(3000, 48)).requires_grad_()
+    targets = torch.randint(0, 3000, (300,))
+    (reference,) = torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ weight.t(), targets), [weight])
+    log_probs = torch.log_softmax(hidden @ weight.t(), -1)[torch.arange(300), targets]
+    (reference_lp,) = torch.autograd.grad(log_probs.sum(), [weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (ours,) = torch.autograd.grad(chunked_loss.linear_cross_entropy(hidden, weight, targets), [weight])
+        (ours_lp,) = torch.autograd.grad(chunked_loss.linear_log_probs(hidden, weight, targets).sum(), [weight])
+    for got, want in ((ours, reference), (ours_lp, reference_lp)):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.02 * want.norm()
+
+
 def test_lever_decisions():
     from types import SimpleNamespace
 

@@ -53,20 +53,28 @@ def linear_log_probs(hidden, weight, targets):
     backward recomputes each chunk's logits (the upstream gradient per row is known only then)."""
     import torch
 
-    hidden, weight = _in_compute_dtype(hidden, weight)
+    dtype = _compute_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearLogProbs.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
+        return _LinearLogProbs.apply(hidden.to(dtype), weight, targets, chunk_rows(weight.shape[0]), dtype)
 
 
-def _in_compute_dtype(hidden, weight):
-    """The products run in the autocast dtype under autocast (as nn.Linear would), else the weight's."""
+def _compute_dtype(hidden, weight):
+    """The products run in the autocast dtype under autocast (as nn.Linear would), else the weight's.
+
+    The functions cast the weight themselves and return its gradient in its own dtype: an autograd cast
+    outside would round a trained fp32 weight's float32 gradient to bf16 and back (with tied embeddings
+    that is the model's largest matrix, two passes over it each step)."""
     import torch
 
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return hidden.to(dtype), weight.to(dtype)
-    return (hidden.to(weight.dtype) if weight.dtype != hidden.dtype else hidden), weight
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _add_weight_grad(grad_w, d_logits, h):
+    """grad_w + d_logits.T @ h in float32; the first chunk's product becomes the sum (no zero-filled
+    buffer, no addition: a step with one chunk touches the weight-sized gradient once)."""
+    product = (d_logits.t() @ h).float()
+    return product if grad_w is None else grad_w.add_(product)
 
 
 def linear_cross_entropy(hidden, weight, targets):
@@ -76,9 +84,9 @@ def linear_cross_entropy(hidden, weight, targets):
     loss are always float32."""
     import torch
 
-    hidden, weight = _in_compute_dtype(hidden, weight)
+    dtype = _compute_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
+        return _LinearCrossEntropy.apply(hidden.to(dtype), weight, targets, chunk_rows(weight.shape[0]), dtype)
 
 
 def _make_function():
@@ -89,21 +97,23 @@ def _make_function():
         at a time, so only a chunk's logits are ever in memory; backward only scales them."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk):
+        def forward(ctx, hidden, weight, targets, chunk, dtype):
             n = hidden.shape[0]
+            need_w, grad_w = weight.requires_grad, None
+            ctx.weight_dtype = weight.dtype
+            weight = weight.to(dtype)
             grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 h, y = hidden[start : start + chunk], targets[start : start + chunk]
                 logits = h @ weight.t()
                 rows = torch.arange(len(y), device=y.device)
-                if logits.dtype == torch.float32 or (grad_h is None and grad_w is None):
+                if logits.dtype == torch.float32 or (grad_h is None and not need_w):
                     # One fused log-softmax pass in float32 (logsumexp would allocate two more
                     # chunk-sized temporaries); evaluation always takes this exact path.
                     log_probs = torch.log_softmax(logits.float(), dim=-1)
                     total -= log_probs[rows, y].sum()
-                    if grad_h is None and grad_w is None:
+                    if grad_h is None and not need_w:
                         continue
                     probs = log_probs.exp_()
                 else:
@@ -120,11 +130,10 @@ def _make_function():
                 d_logits = probs.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start : start + chunk] = d_logits @ weight
-                if grad_w is not None:
-                    grad_w += (d_logits.t() @ h).float()
+                if need_w:
+                    grad_w = _add_weight_grad(grad_w, d_logits, h)
             count = max(n, 1)
             ctx.count = count
-            ctx.weight_dtype = weight.dtype
             ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
             ctx.has = (grad_h is not None, grad_w is not None)
             return total / count
@@ -134,8 +143,9 @@ def _make_function():
             saved = list(ctx.saved_tensors)
             scale = grad_out / ctx.count  # a 0-d tensor: the product keeps each gradient's dtype
             grad_h = saved.pop(0) * scale if ctx.has[0] else None
-            grad_w = (saved.pop(0) * scale).to(ctx.weight_dtype) if ctx.has[1] else None
-            return grad_h, grad_w, None, None
+            # In place: the loss is backwarded once, and a new weight-sized tensor would cost its page faults too.
+            grad_w = saved.pop(0).mul_(scale).to(ctx.weight_dtype) if ctx.has[1] else None
+            return grad_h, grad_w, None, None, None
 
     return LinearCrossEntropy
 
@@ -148,7 +158,9 @@ def _make_log_probs_function():
         one extra product of the output layer per chunk that keeps the full logits out of memory."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk):
+        def forward(ctx, hidden, weight, targets, chunk, dtype):
+            ctx.weight_dtype = weight.dtype
+            weight = weight.to(dtype)
             out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 logits = (hidden[start : start + chunk] @ weight.t()).float()
@@ -163,7 +175,7 @@ def _make_log_probs_function():
             hidden, weight, targets = ctx.saved_tensors
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_w = None
             for start in range(0, hidden.shape[0], ctx.chunk):
                 h, y, g = (t[start : start + ctx.chunk] for t in (hidden, targets, grad))
                 # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
@@ -173,8 +185,8 @@ def _make_log_probs_function():
                 if need_h:
                     grad_h[start : start + ctx.chunk] = d_logits @ weight
                 if need_w:
-                    grad_w += (d_logits.t() @ h).float()
-            return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+                    grad_w = _add_weight_grad(grad_w, d_logits, h)
+            return grad_h, grad_w.to(ctx.weight_dtype) if grad_w is not None else None, None, None, None
 
     return LinearLogProbs
 
