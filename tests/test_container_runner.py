@@ -14,7 +14,7 @@ import pytest
 
 from contract.errors import UserError
 from contract.job_folder import pid_alive, read_job, read_metrics
-from orchestrator import strategies
+from orchestrator import images, strategies
 from orchestrator.images import IMAGES, version
 from orchestrator.runners import RUNNERS, choose_runner, engine
 from orchestrator.runners.container import ContainerRunner, ContainerSpec, HostFacts, container_spec, image_for
@@ -139,8 +139,13 @@ def test_preflight_refusals(monkeypatch):
                                         "install the NVIDIA Container Toolkit"):
         runner.preflight(cuda, _plan(cuda, "cuda"))
     _fake_engine(monkeypatch, gpu="the nvidia runtime")
+    monkeypatch.setattr(images, "commit", lambda: "abc123")
     assert runner.preflight(cuda, _plan(cuda, "cuda")) == (
         f"image llamafarm-cuda:{version()} (commit abc123) on the container engine at unix:///fake.sock")
+    monkeypatch.setattr(images, "commit", lambda: "def456")  # the checkout moved on since the image was built
+    assert runner.preflight(cuda, _plan(cuda, "cuda")).endswith(
+        "; this checkout is at commit def456, so the job runs the image's trainer code, not the checkout's "
+        "(`llamafarm images build cuda` rebuilds it)")
 
     with pytest.raises(UserError, match="MPS device cannot be used from a container.*--runner native"):
         runner.preflight(cfg, _plan(cfg, "mps"))

@@ -231,7 +231,7 @@ class ContainerRunner:
                 "install the NVIDIA Container Toolkit (`nvidia-ctk runtime configure`), or use --runner local"
             )
         commit = (image.labels or {}).get("org.opencontainers.image.revision", "unknown")
-        return f"image {tag} (commit {commit}) on {where}"
+        return f"image {tag} (commit {commit}) on {where}{_other_commit_note(commit, kind)}"
 
     def container_spec(self, job_dir: Path) -> ContainerSpec:
         from orchestrator.runners import engine
@@ -270,3 +270,16 @@ class ContainerRunner:
             client.containers.get(container_name(job["job_id"])).kill(signal="SIGTERM")
         except Exception:  # already gone: nothing left to stop
             pass
+
+
+def _other_commit_note(image_commit: str, kind: str) -> str:
+    """The image carries the trainer code of the commit it was built from; a checkout at another commit
+    trains with the image's code until the image is rebuilt, which the start line says (not refused:
+    running an older image can be deliberate)."""
+    from orchestrator.images import commit
+
+    here = commit()
+    if "unknown" in (image_commit, here) or image_commit == here:
+        return ""
+    return (f"; this checkout is at commit {here}, so the job runs the image's trainer code, not the checkout's "
+            f"(`llamafarm images build {kind}` rebuilds it)")
