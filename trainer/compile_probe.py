@@ -1,8 +1,8 @@
 """Whether torch.compile pays on this machine for this step: measured once, then read from the cache.
 
-The gain of compiling the decoder layers depends on the CPU kind more than on the strategy: +8% on a
-Zen without AVX512-BF16 (fp32 steps), none on a Zen with it (bf16 steps, where the eager attention
-kernels and the bf16 frozen weights leave little to fuse; docs/PERFORMANCE.md). So `torch_compile:
+The gain of compiling the decoder layers depends on the CPU kind, the precision and the step, and
+short comparisons disagree: +8% on a Zen without AVX512-BF16 (fp32 steps); on a Zen with it (bf16
+steps) none in one 14-step comparison and +14% in a later 40-step one (docs/PERFORMANCE.md). So `torch_compile:
 auto` measures it on the run's own first batch: forward and backward, eager and compiled alternated
 in one process, and the compile itself timed. The numbers are kept in the machine cache
 (contract/machine_cache.py) under the machine, the model's shape and the step's settings, and later
