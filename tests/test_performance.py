@@ -336,7 +336,8 @@ def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizer
     use_attention(model, Decision("grouped-matmul", "test"))
     objective = TokenObjective(tok.pad_token_id, True, "cpu", "bf16", chunked_loss=True)
     batch = _packed_medical_batch(tok)
-    key = compile_probe.step_key(model, "sft lora, bf16, test")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    key = compile_probe.step_key(model.config, trainable, "sft lora, bf16, test")
     assert compile_probe.cached_gain(key) is None
     use_compile(model, Decision("measure", "test"))
     rng = torch.get_rng_state()
@@ -346,7 +347,7 @@ def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizer
     assert measured["eager_seconds"] > 0 and measured["compiled_seconds"] > 0 and measured["compile_seconds"] >= 0
     assert measured["gain"] > -1 and measured["batch"] == list(batch.input_ids.shape)
     assert compile_probe.cached_gain(key) == measured
-    assert compile_probe.cached_gain(compile_probe.step_key(model, "sft lora, fp32, test")) is None
+    assert compile_probe.cached_gain(compile_probe.step_key(model.config, trainable, "sft lora, fp32, test")) is None
     compiled_loss = objective.loss(model, batch)[0].item()
     undo_compile(model)
     assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))

@@ -127,7 +127,7 @@ def _make_function():
         def forward(ctx, hidden, weight, targets, chunk, dtype):
             n = hidden.shape[0]
             need_w = weight.requires_grad
-            grad_w = _WeightGrad()
+            weight_grad = _WeightGrad()
             ctx.weight_dtype = weight.dtype
             weight = weight.to(dtype)
             grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
@@ -159,8 +159,8 @@ def _make_function():
                 if grad_h is not None:
                     grad_h[start : start + chunk] = d_logits @ weight
                 if need_w:
-                    grad_w.add(d_logits, h)
-            grad_w = grad_w.total
+                    weight_grad.add(d_logits, h)
+            grad_w = weight_grad.total
             count = max(n, 1)
             ctx.count = count
             ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
@@ -204,7 +204,7 @@ def _make_log_probs_function():
             hidden, weight, targets = ctx.saved_tensors
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = _WeightGrad()
+            weight_grad = _WeightGrad()
             for start in range(0, hidden.shape[0], ctx.chunk):
                 h, y, g = (t[start : start + ctx.chunk] for t in (hidden, targets, grad))
                 # d log p(y) / d logits = one_hot(y) - softmax, times each row's upstream gradient
@@ -214,8 +214,8 @@ def _make_log_probs_function():
                 if need_h:
                     grad_h[start : start + ctx.chunk] = d_logits @ weight
                 if need_w:
-                    grad_w.add(d_logits, h)
-            grad_w = grad_w.total
+                    weight_grad.add(d_logits, h)
+            grad_w = weight_grad.total
             return grad_h, grad_w.to(ctx.weight_dtype) if grad_w is not None else None, None, None, None
 
     return LinearLogProbs

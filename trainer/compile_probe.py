@@ -26,18 +26,15 @@ MIN_GAIN = 0.02
 MEASURE_AFTER_SECONDS = 375
 
 
-def step_key(model, step_text: str) -> str:
-    """The cache key: this machine, torch, the model's shape and what the step does (method, precision,
-    attention kernel, batch), everything the gain of compiling depends on."""
+def step_key(config, trainable: int, step_text: str) -> str:
+    """The cache key: this machine, torch, the model's shape (its config), its trainable parameter count
+    and what the step does (method, precision, attention kernel, batch), everything the gain of
+    compiling depends on."""
     import torch
 
-    from trainer.chunked_loss import causal_lm
-
-    config = causal_lm(model).config
     shape = (f"{config.model_type} {config.num_hidden_layers} layers x {config.hidden_size}/"
              f"{config.intermediate_size}, heads {config.num_attention_heads}/"
              f"{getattr(config, 'num_key_value_heads', config.num_attention_heads)}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return machine_key(f"torch {torch.__version__}", shape, f"{trainable} trainable", step_text)
 
 

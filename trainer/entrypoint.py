@@ -412,7 +412,7 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
     step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
             f"attention {run.decisions['attention']['value']}, batch {args.per_device_train_batch_size} x "
             f"{args.max_seq_length}")
-    key = compile_probe.step_key(model, step)
+    key = compile_probe.step_key(model.config, run.trainable_parameters, step)
     decision = run.decide("compile", performance.use_compile(model, performance.choose_compile(
         args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,
         compile_probe.cached_gain(key))))
