@@ -297,9 +297,10 @@ class _Levers:
 
 
 def _decide_levers(run: _Job, model) -> _Levers:
-    """Packing, attention kernel, adapter inputs, chunked loss, LoRA dropout, optimizer and threads for
-    this model on this device (trainer/performance.py); the compile waits for the first batch (`_decide_compile`)."""
-    from trainer import distributed, performance
+    """Packing, attention kernel, adapter inputs, chunked loss, LoRA dropout, optimizer, threads and heap for
+    this model on this device (trainer/performance.py, trainer/heap.py); the compile waits for the first batch
+    (`_decide_compile`)."""
+    from trainer import distributed, heap, performance
 
     args, device, precision = run.args, run.device.value, run.precision.value
     packed = run.decide("packing", choose_packing(run.cfg.dataset.packing, model, run.cfg.method.stage)).value == "on"
@@ -319,6 +320,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
         run.method.value, run.cfg.method.dropout, device)))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.choose_threads())
+    run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 
 

@@ -15,6 +15,8 @@
 - optimizer: torch's fused AdamW kernel (one pass over all parameters) where it runs.
 - threads: torch's intra-op threads, one per core this process may use, or one when a short probe
   shows other processes holding the cores.
+- heap: on CPU, glibc's malloc keeps freed memory for the next step instead of faulting in fresh
+  pages each step, where a probe shows page faults cost (trainer/heap.py).
 
 Packing (dataset.packing) is the other big lever; it is decided in trainer.entrypoint.choose_packing.
 docs/PERFORMANCE.md has the measured effect of each.
