@@ -15,7 +15,8 @@ data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side
   (per_device_train_batch_size, max_seq_length, the method); everything else is the project's
   defaults and its own decisions (precision, packing, attention, compile), printed per cell.
 Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
-peak, the ratio; at the end a markdown table (docs/PERFORMANCE.md) and result.json.
+peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each side's loss after training on the same held-out rows (~8 x LENGTH tokens of
+other text); at the end a markdown table (docs/PERFORMANCE.md) and result.json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ BATCHES = (1, 4, 8)
 QUICK = ("256x8:lora-qv-r8", "512x4:lora-qv-r8", "512x4:lora-all-r16", "512x4:full")
 TIMED_STEPS = 3  # per side, after measure.WARMUP_STEPS untimed ones (--steps)
 TARGETS = {"quick": 2.0, "full": 1.5}  # the least ratio per cell (issue #24)
+LOSS_APART = 0.02  # the most the two sides' held-out losses may differ, relative to the baseline's (issue #24)
+EVAL_ROWS_TOKENS = 8  # held-out rows per cell: about this many times LENGTH tokens
 
 
 def parse_cell(text: str) -> tuple[int, int, str]:
@@ -78,16 +81,20 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     rows = make_rows(tokenizer, int(1.3 * steps * batch * length) + length, seed=length + batch,
                      lengths=(max(16, length // 4), length))
     data = write_rows(rows, folder / "train.jsonl")
+    # Held-out rows of the same lengths, other text: both sides report their loss on these same tokens.
+    evals = write_rows(make_rows(tokenizer, EVAL_ROWS_TOKENS * length, seed=length + batch + 1,
+                                 lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
     flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
     try:
-        baseline = run_baseline(folder, model, data, None, precision, steps, env, extra=extra)
+        baseline = run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)
     except SystemExit as failed:  # e.g. killed for memory (-9): the padded script cannot run this cell here
-        baseline = {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None}
+        baseline = {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None,
+                    "eval_loss": None}
         print(f"{cell}: the baseline did not finish ({baseline['failed']}); llamafarm's side runs on", flush=True)
     strategy = write_strategy(folder, length, batch, method, steps)
-    sides = {runner: run_project(folder, model, data, None, env, strategy="bench_matrix", strategy_file=strategy,
+    sides = {runner: run_project(folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy,
                                  runner=runner) for runner in runners}
     ours = sides[runners[0]]
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing",
@@ -95,17 +102,21 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
               "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"] if baseline["tokens_per_second"] else None,
-              "runners": {runner: side["tokens_per_second"] for runner, side in sides.items()}}
+              "runners": {runner: side["tokens_per_second"] for runner, side in sides.items()},
+              "loss_apart": (abs(ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
+                             if baseline["eval_loss"] else None)}
     print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {_number(baseline['tokens_per_second'])} real "
           f"tokens/s = {_ratio(result['ratio'])}; peak RSS {ours['peak_rss_mb']:,.0f} vs "
-          f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; {decisions}; per runner "
+          f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; held-out loss {ours['eval_loss']:.4f} vs "
+          f"{_number(baseline['eval_loss'], '.4f')}; {decisions}; per runner "
           f"{', '.join(f'{k} {v:.0f}' for k, v in result['runners'].items())} tokens/s", flush=True)
     return result
 
 
 def table(results: list[dict], peak: float) -> str:
     lines = ["| length | batch | method | Trainer+PEFT tokens/s | llamafarm tokens/s | ratio | peak RSS MB (PEFT / ours) "
-             "| MFU (PEFT / ours) | llamafarm decisions |", "|---|---|---|---|---|---|---|---|---|"]
+             "| MFU (PEFT / ours) | held-out loss (PEFT / ours) | llamafarm decisions |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, o = r["baseline"], r["project"]
         mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) if side["tokens_per_second"]
@@ -113,7 +124,8 @@ def table(results: list[dict], peak: float) -> str:
         d = r["decisions"]
         lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {_number(b['tokens_per_second'])} | "
                      f"{o['tokens_per_second']:.0f} | {_ratio(r['ratio'])} | {_number(b['peak_rss_mb'], ',.0f')} / "
-                     f"{o['peak_rss_mb']:,.0f} | {_number(mfu[0])}% / {mfu[1]:.0f}% | {d['precision']}, {d['attention']}, "
+                     f"{o['peak_rss_mb']:,.0f} | {_number(mfu[0])}% / {mfu[1]:.0f}% | "
+                     f"{_number(b['eval_loss'], '.3f')} / {o['eval_loss']:.3f} | {d['precision']}, {d['attention']}, "
                      f"compile {d['compile']}{_dropout(d)} |")
     return "\n".join(lines)
 
@@ -160,21 +172,29 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
     results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps) for cell in cells]
+    # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
+    # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.
+    at_end = measure.matmul_peak(sorted({cores, 1}))
+    peaks = {name: max(rate, at_end[name]) for name, rate in peaks.items()}
     peak = max(peaks.values())
     target = TARGETS["quick" if a.quick else "full"]
     print("\n" + table(results, peak))
     short = [r["cell"] for r in results if r["ratio"] is not None and r["ratio"] < target]
+    apart = [f"{r['cell']} ({100 * r['loss_apart']:.1f}%)" for r in results
+             if r["loss_apart"] is not None and r["loss_apart"] > LOSS_APART]
     failed = [f"{r['cell']} ({r['baseline']['failed']})" for r in results if r["ratio"] is None]
     if failed:
         print("baseline failed (no ratio): " + "; ".join(failed))
-    print(f"\nmatmul peak for MFU: {peak} GFLOP/s; cells under {target}x: {', '.join(short) or 'none'}")
+    print(f"\nmatmul peak for MFU: {peak} GFLOP/s (the higher of the run's start, and its end: {at_end}); "
+          f"cells under {target}x: {', '.join(short) or 'none'}; held-out losses more than {100 * LOSS_APART:.0f}% "
+          f"apart: {', '.join(apart) or 'none'}")
     for runner in runners[1:]:
         for r in results:
             print(f"{r['cell']}: {runner} runner {r['runners'][runner]:.0f} tokens/s = "
                   f"{r['runners'][runner] / r['runners'][runners[0]]:.3f}x the {runners[0]} runner")
     (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
     print(f"result: {run_dir / 'result.json'}")
-    return 1 if short else 0
+    return 1 if short or apart else 0
 
 
 if __name__ == "__main__":

@@ -269,18 +269,19 @@ def test_matrix_table_keeps_a_cell_whose_baseline_failed():
     from bench.matrix import table
 
     decisions = {"precision": "bf16", "attention": "blockwise", "compile": "off", "lora_dropout": "fast-mask"}
-    ours = {"tokens_per_second": 600.0, "peak_rss_mb": 2000.0}
+    ours = {"tokens_per_second": 600.0, "peak_rss_mb": 2000.0, "eval_loss": 10.0123}
     results = [
         {"length": 512, "batch": 4, "method": "full", "flops_per_token": 1e9, "ratio": 2.0, "decisions": decisions,
-         "baseline": {"tokens_per_second": 300.0, "peak_rss_mb": 4000.0}, "project": ours},
+         "baseline": {"tokens_per_second": 300.0, "peak_rss_mb": 4000.0, "eval_loss": 10.1}, "project": ours},
         {"length": 2048, "batch": 4, "method": "lora-all-r16", "flops_per_token": 1e9, "ratio": None,
          "decisions": decisions, "baseline": {"failed": "command failed (-9)", "tokens_per_second": None,
-                                              "peak_rss_mb": None}, "project": ours},
+                                              "peak_rss_mb": None, "eval_loss": None}, "project": ours},
     ]
     rows = table(results, peak=1000.0).splitlines()[2:]
-    assert rows[0] == ("| 512 | 4 | full | 300 | 600 | 2.00x | 4,000 / 2,000 | 30% / 60% | bf16, blockwise, "
-                       "compile off, dropout fast-mask |")
-    assert rows[1].startswith("| 2048 | 4 | lora-all-r16 | - | 600 | baseline failed | - / 2,000 | -% / 60% |")
+    assert rows[0] == ("| 512 | 4 | full | 300 | 600 | 2.00x | 4,000 / 2,000 | 30% / 60% | 10.100 / 10.012 | bf16, "
+                       "blockwise, compile off, dropout fast-mask |")
+    assert rows[1].startswith("| 2048 | 4 | lora-all-r16 | - | 600 | baseline failed | - / 2,000 | -% / 60% | "
+                              "- / 10.012 |")
 
 
 def test_compile_decision(monkeypatch):
