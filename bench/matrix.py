@@ -15,8 +15,9 @@ data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side
   (per_device_train_batch_size, max_seq_length, the method); everything else is the project's
   defaults and its own decisions (precision, packing, attention, compile), printed per cell.
 Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
-peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each side's loss after training on the same held-out rows (~8 x LENGTH tokens of
-other text); at the end a markdown table (docs/PERFORMANCE.md) and result.json.
+peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each
+side's loss after training on the same held-out rows (~8 x LENGTH tokens of other text); at the end a
+markdown table (docs/PERFORMANCE.md) and result.json.
 """
 
 from __future__ import annotations
