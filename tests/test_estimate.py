@@ -62,6 +62,28 @@ def test_memory_breakdown_golden():
     assert with_ckpt["activations"] < parts["activations"] / 10
 
 
+def test_unpacked_rows_are_sequences_of_their_own_and_batches_pad_to_their_longest(monkeypatch):
+    """Without packing each row is a sequence: 10 rows in batches of 4 are 3 steps an epoch whatever their
+    lengths (counted as full 256-token sequences they were 1 step), and a batch computes its longest row
+    for every row in it. Lengths 10, 20, ..., 100 (550 tokens) in batches of 2: the longest of a batch is
+    on average sum l_i (i^2 - (i-1)^2) / 10^2 = 71.5, so 715 positions an epoch; in batches of 4,
+    sum l_i (i^4 - (i-1)^4) / 10^4 = 84.67, so 847."""
+    import orchestrator.estimate as est_module
+    from orchestrator.estimate.tokens import TokenCount
+
+    counted = TokenCount(rows=[10 * n for n in range(1, 11)], joined=0, source="golden")
+    monkeypatch.setattr(est_module, "_token_count", lambda *a, **k: counted)
+    unpacked = _strategy(num_train_epochs=1)
+    unpacked["fine_tuner"]["config"]["dataset"] = {"packing": False}
+    est = est_module.estimate(parse_strategy("x", unpacked), Path("rows.jsonl"))
+    assert (est.steps, est.tokens_per_epoch, est.train_tokens) == (3, 550, 550)
+    assert est_module._sequences(parse_strategy("x", unpacked), counted) == (10, 847)
+    unpacked["fine_tuner"]["config"]["training_args"]["per_device_train_batch_size"] = 2
+    assert est_module._sequences(parse_strategy("x", unpacked), counted) == (10, 715)
+    packed = _strategy(num_train_epochs=1)
+    assert est_module.estimate(parse_strategy("x", packed), Path("rows.jsonl")).steps == 1  # 550 tokens, 1 sequence
+
+
 def test_a_run_that_cannot_fit_is_refused_with_advice(run_cli, tmp_path, _isolated_home):
     big = tmp_path / "big"
     big.mkdir()

@@ -220,7 +220,7 @@ def _eval_tokens(strategy: Strategy, dataset: Path | None, tokens_per_epoch: int
     d = strategy.cfg.dataset
     if d.eval_file:
         path = Path(d.eval_file).expanduser()  # as `start` reads it: relative to the current folder
-        return _tokens_per_epoch(strategy, path)[0] if path.is_file() else 0
+        return _token_count(strategy, path).total if path.is_file() else 0
     return int(tokens_per_epoch * d.eval_fraction) if d.eval_fraction else 0
 
 
@@ -229,14 +229,31 @@ def _world_size(strategy: Strategy) -> int:
     return 1 if dist.mode == "none" else dist.nproc_per_node * dist.nnodes
 
 
-def _tokens_per_epoch(strategy: Strategy, dataset: Path | None, conversations=None) -> tuple[int, str]:
-    args = strategy.cfg.training_args
-    if dataset is None:
-        n = int(ASSUMED_ROWS * args.max_seq_length * ASSUMED_FILL)
-        return n, f"assumed: {ASSUMED_ROWS} rows of {int(100 * ASSUMED_FILL)}% of max_seq_length (pass --dataset)"
-    from orchestrator.estimate.tokens import count_tokens
+def _token_count(strategy: Strategy, dataset: Path | None, conversations=None):
+    from orchestrator.estimate.tokens import TokenCount, count_tokens
 
+    if dataset is None:
+        row = int(strategy.cfg.training_args.max_seq_length * ASSUMED_FILL)
+        return TokenCount([row] * ASSUMED_ROWS, 0, f"assumed: {ASSUMED_ROWS} rows of {int(100 * ASSUMED_FILL)}% of "
+                                                   "max_seq_length (pass --dataset)")
     return count_tokens(dataset, strategy, conversations)
+
+
+def _sequences(strategy: Strategy, count) -> tuple[int, int]:
+    """(sequences per epoch, positions computed per epoch, padding included), as trainer/loop.py forms them.
+
+    Packed rows fill sequences to about 95% and batches pad to almost nothing. Unpacked, each row is a
+    sequence and a shuffled batch pads to its longest row: per row, the expected longest of a batch
+    drawn from these lengths."""
+    args, d = strategy.cfg.training_args, strategy.cfg.dataset
+    limit, batch = args.max_seq_length, args.per_device_train_batch_size
+    blocks = math.ceil(count.joined / limit)
+    if d.packing is not False or not count.rows:
+        return max(1, math.ceil(count.total / (limit * (0.95 if d.packing is not False else 1.0)))), count.total
+    lengths, n = sorted(count.rows), len(count.rows)
+    # E[max of `batch` draws] = sum over the sorted lengths of l_i * P(the largest draw is the i-th).
+    longest = sum(length * ((i / n) ** batch - ((i - 1) / n) ** batch) for i, length in enumerate(lengths, 1))
+    return n + blocks, round(n * longest) + blocks * limit
 
 
 def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu", conversations=None) -> Estimate:
@@ -251,11 +268,9 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
         est.peak_memory_mb = round(est.peak_memory_mb * cfg.distributed.nproc_per_node, 1)
     est.activations_mb_with_checkpointing = memory(shape, strategy, device, gradient_checkpointing=True)["activations"]
     est.activations_mb_without_checkpointing = memory(shape, strategy, device, gradient_checkpointing=False)["activations"]
-    est.tokens_per_epoch, est.tokens_source = _tokens_per_epoch(strategy, dataset, conversations)
-
-    # Packed sequences are about 95% full; unpacked rows are counted as full sequences (the upper bound).
-    per_sequence = args.max_seq_length * (0.95 if cfg.dataset.packing is not False else 1.0)
-    sequences = max(1, math.ceil(est.tokens_per_epoch / per_sequence))
+    count = _token_count(strategy, dataset, conversations)
+    est.tokens_per_epoch, est.tokens_source = count.total, count.source
+    sequences, positions = _sequences(strategy, count)
     world = _world_size(strategy)
     per_epoch = math.ceil(math.ceil(sequences / args.per_device_train_batch_size)
                           / (args.gradient_accumulation_steps * world))
@@ -269,7 +284,8 @@ def estimate(strategy: Strategy, dataset: Path | None = None, device: str = "cpu
     est.flops_per_token = forward * (1 + backward + (1 if args.gradient_checkpointing else 0))
     est.device_gflops = matmul_gflops(device, "bf16" if compute_precision(device, args.precision, shape) == "bf16" else "fp32")
     est.busy = busy_note(device)
-    compute = est.train_tokens * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
+    computed = est.train_tokens * positions / max(est.tokens_per_epoch, 1)  # padding is computed too
+    compute = computed * est.flops_per_token / (est.device_gflops * 1e9 * EFFICIENCY)
     compute /= world if device == "cuda" else (cfg.distributed.nnodes if cfg.distributed.mode != "none" else 1)
     # Evaluation passes run inside the training time: a forward pass over the eval rows each (the real
     # smollm2_medical test case's final pass over its 30 held-out questions is about a third of its time).

@@ -8,6 +8,7 @@ folder, a builtin already built, or the Hugging Face cache) counts it. Without a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from contract.chat_templates import FALLBACK_TEMPLATE, get_template
@@ -58,14 +59,36 @@ def _tokenizer(strategy: Strategy):
             config.get("eos_token") or "", own, f"{folder.name}'s tokenizer")
 
 
-def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple[int, str]:
+@dataclass(frozen=True)
+class TokenCount:
+    """A dataset's tokens as training takes them."""
+
+    rows: list[int]
+    """Tokens of each row that is a sequence of its own: cut to max_seq_length, or left out when
+    longer and the strategy drops such rows."""
+    joined: int
+    """Tokens of plain-text documents joined and cut into full max_seq_length blocks (text_mode blocks)."""
+    source: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows) + self.joined
+
+
+def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> TokenCount:
     d = strategy.cfg.dataset
     conversations = conversations or read_for_stage(dataset, strategy.cfg)
     limit = strategy.cfg.training_args.max_seq_length
     found = _tokenizer(strategy)
     if found is None:
-        chars = sum(len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages) for c in conversations)
-        return min(chars // 4, limit * len(conversations)), "assumed 4 characters per token (no tokenizer on disk)"
+        rows, joined = [], 0
+        for c in conversations:
+            n = (len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages)) // 4
+            if c.text is not None and d.text_mode == "blocks":
+                joined += n
+            else:
+                rows.append(min(n, limit))
+        return TokenCount(rows, joined, "assumed 4 characters per token (no tokenizer on disk)")
     import jinja2
 
     tok, bos, eos, own, label = found
@@ -75,7 +98,7 @@ def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     template = env.from_string(own if name is None else get_template(name).jinja)
-    total = 0
+    rows, joined = [], 0
     for c in conversations:
         text = c.text if c.text is not None else template.render(messages=list(c.messages), bos_token=bos,
                                                                  eos_token=eos, add_generation_prompt=False,
@@ -83,7 +106,7 @@ def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> tuple
         # BOS once: from the template text when it writes one, else from the tokenizer; then EOS.
         n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
         if c.text is not None and d.text_mode == "blocks":
-            total += n  # documents joined and cut into blocks: every token trains
+            joined += n  # documents joined and cut into blocks: every token trains
         elif n <= limit or d.truncation == "truncate":
-            total += min(n, limit)  # longer rows are cut to the limit, or dropped
-    return total, f"counted with {label} and the {name or 'model'} template"
+            rows.append(min(n, limit))  # longer rows are cut to the limit, or dropped
+    return TokenCount(rows, joined, f"counted with {label} and the {name or 'model'} template")
