@@ -245,11 +245,13 @@ def _sequences(strategy: Strategy, count) -> tuple[int, int]:
     Packed rows fill sequences to about 95% and batches pad to almost nothing. Unpacked, each row is a
     sequence and a shuffled batch pads to its longest row: per row, the expected longest of a batch
     drawn from these lengths."""
-    args, d = strategy.cfg.training_args, strategy.cfg.dataset
+    args = strategy.cfg.training_args
     limit, batch = args.max_seq_length, args.per_device_train_batch_size
+    if strategy.cfg.dataset.packing is not False:
+        return max(1, math.ceil(count.total / (limit * 0.95))), count.total
     blocks = math.ceil(count.joined / limit)
-    if d.packing is not False or not count.rows:
-        return max(1, math.ceil(count.total / (limit * (0.95 if d.packing is not False else 1.0)))), count.total
+    if not count.rows:
+        return max(1, blocks), count.total
     lengths, n = sorted(count.rows), len(count.rows)
     # E[max of `batch` draws] = sum over the sorted lengths of l_i * P(the largest draw is the i-th).
     longest = sum(length * ((i / n) ** batch - ((i - 1) / n) ** batch) for i, length in enumerate(lengths, 1))

@@ -81,32 +81,40 @@ def count_tokens(dataset: Path, strategy: Strategy, conversations=None) -> Token
     limit = strategy.cfg.training_args.max_seq_length
     found = _tokenizer(strategy)
     if found is None:
-        rows, joined = [], 0
-        for c in conversations:
-            n = (len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages)) // 4
-            if c.text is not None and d.text_mode == "blocks":
-                joined += n
-            else:
-                rows.append(min(n, limit))
-        return TokenCount(rows, joined, "assumed 4 characters per token (no tokenizer on disk)")
+        length, source = _guessed_length, "assumed 4 characters per token (no tokenizer on disk)"
+    else:
+        length, source = _counter(found, d.template)
+    rows, joined = [], 0
+    for c in conversations:
+        n = length(c)
+        if c.text is not None and d.text_mode == "blocks":
+            joined += n  # documents joined and cut into blocks: every token trains
+        elif found is None or n <= limit or d.truncation == "truncate":
+            rows.append(min(n, limit))  # longer rows are cut to the limit, or dropped (not on a guess)
+    return TokenCount(rows, joined, source)
+
+
+def _guessed_length(c) -> int:
+    return (len(c.text or "") + sum(len(m["content"]) + 8 for m in c.messages)) // 4
+
+
+def _counter(found, template_setting: str):
+    """(tokens of one row as the model's tokenizer and the strategy's template make it, the source line)."""
     import jinja2
 
     tok, bos, eos, own, label = found
-    name = d.template if d.template != "auto" else (None if own else FALLBACK_TEMPLATE)
+    name = template_setting if template_setting != "auto" else (None if own else FALLBACK_TEMPLATE)
     env = jinja2.Environment()
     # The tojson of Hugging Face's template renderer (options included), which the tool templates use.
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     template = env.from_string(own if name is None else get_template(name).jinja)
-    rows, joined = [], 0
-    for c in conversations:
+
+    def length(c) -> int:
         text = c.text if c.text is not None else template.render(messages=list(c.messages), bos_token=bos,
                                                                  eos_token=eos, add_generation_prompt=False,
                                                                  tools=list(c.tools) or None)
         # BOS once: from the template text when it writes one, else from the tokenizer; then EOS.
-        n = len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
-        if c.text is not None and d.text_mode == "blocks":
-            joined += n  # documents joined and cut into blocks: every token trains
-        elif n <= limit or d.truncation == "truncate":
-            rows.append(min(n, limit))  # longer rows are cut to the limit, or dropped
-    return TokenCount(rows, joined, f"counted with {label} and the {name or 'model'} template")
+        return len(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids) + 1
+
+    return length, f"counted with {label} and the {name or 'model'} template"
