@@ -35,7 +35,8 @@ block = torch.ones(32 << 20)  # 128 MB
 held = libc.mallinfo2()
 del block
 freed = libc.mallinfo2()
-print(json.dumps({"mapped_while_held": held.hblkhd - before.hblkhd, "heap_kept_after_free": freed.arena - before.arena}))
+print(json.dumps({"mapped_while_held": held.hblkhd - before.hblkhd,
+                  "heap_kept_after_free": freed.arena - before.arena}))
 """
 
 
