@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import UserError
+from contract.machine_cache import unkept_note
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,10 @@ def choose_cpu_precision(requested: str, rates: dict | None = None) -> Decision:
     fp32, bf16 = rates["fp32"], rates["bf16"]
     measured = (f"measured on this CPU on the model's {rates['shape']} matmul: bf16 {bf16:,.1f} GFLOP/s, "
                 f"fp32 {fp32:,.1f} GFLOP/s")
+    note = unkept_note(rates.get("contention"))
     if bf16 > fp32:
-        return Decision("bf16", f"{measured}; bf16 autocast over fp32 weights")
-    return Decision("fp32", measured)
+        return Decision("bf16", f"{measured}; bf16 autocast over fp32 weights{note}")
+    return Decision("fp32", f"{measured}{note}")
 
 
 def choose_base_dtype(method: str, precision: str) -> Decision:

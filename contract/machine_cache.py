@@ -13,6 +13,11 @@ from pathlib import Path
 
 from contract.platform import cpu_model
 
+# Above this share of a probe's time spent waiting for a core (trainer.devices.core_wait_share), another
+# program was using the cores and the measurement says more about it than about this machine: it is used
+# once and not kept, so the next run measures again. An idle machine measures about 0.
+BUSY_CONTENTION = 0.2
+
 
 def machine_key(*parts: str) -> str:
     """The CPU, its cores and whatever else the measurement depends on, as one key."""
@@ -37,8 +42,11 @@ def cached(kind: str, key: str) -> dict | None:
     return _read(kind).get(key)
 
 
-def store(kind: str, key: str, value: dict) -> None:
-    """Kept by an atomic rename, so processes measuring at once never leave a torn file."""
+def store(kind: str, key: str, value: dict, contention: float | None = None) -> bool:
+    """Keep `value` under `key` unless the probe's `contention` says the machine was busy (False then).
+    Kept by an atomic rename, so processes measuring at once never leave a torn file."""
+    if busy(contention):
+        return False
     entries = _read(kind)
     entries[key] = value
     path = _file(kind)
@@ -46,3 +54,15 @@ def store(kind: str, key: str, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(entries, indent=2) + "\n")
     tmp.replace(path)
+    return True
+
+
+def busy(contention: float | None) -> bool:
+    return contention is not None and contention > BUSY_CONTENTION
+
+
+def unkept_note(contention: float | None) -> str:
+    """What a decision's reason says of a measurement taken on a busy machine ("" otherwise)."""
+    if not busy(contention):
+        return ""
+    return f"; measured while another program held the cores ({contention:.0%} of the probe waiting), so not kept"

@@ -40,5 +40,6 @@ def cached_rates(shape: tuple[int, int, int]) -> dict | None:
     return cached(KIND, _key(shape))
 
 
-def store_rates(shape: tuple[int, int, int], rates: dict) -> None:
-    store(KIND, _key(shape), rates)
+def store_rates(shape: tuple[int, int, int], rates: dict, contention: float | None = None) -> bool:
+    """Keep the rates unless the machine was busy while they were measured (machine_cache.store)."""
+    return store(KIND, _key(shape), rates, contention)

@@ -160,6 +160,7 @@ def test_the_precision_probe_measures_once_per_machine_and_shape(tmp_path, monke
     from trainer import devices
 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path))
+    monkeypatch.setattr(devices, "core_wait_share", lambda before: 0.0)  # a quiet machine, whatever this one is
     config = SimpleNamespace(hidden_size=64, intermediate_size=96)
     decision = choose_precision("auto", "cpu", config)
     rates = precision_probe.cached_rates((512, 64, 96))
@@ -171,6 +172,27 @@ def test_the_precision_probe_measures_once_per_machine_and_shape(tmp_path, monke
 
     monkeypatch.setattr(local, "run_trainer", lambda *a: pytest.fail("the host measured again"))
     assert throughput.precision_rates(64, 96) == rates
+
+
+def test_a_probe_taken_while_another_program_holds_the_cores_is_used_once_not_kept(tmp_path, monkeypatch):
+    """A precision measurement the scheduler says waited for the cores decides this run (its reason says
+    so) and is measured again next time; the same rule keeps no compile measurement and no matmul rate."""
+    from types import SimpleNamespace
+
+    from contract import machine_cache, precision_probe
+    from trainer import devices
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path))
+    monkeypatch.setattr(devices, "core_wait_share", lambda before: 0.6)
+    decision = choose_precision("auto", "cpu", SimpleNamespace(hidden_size=64, intermediate_size=96))
+    assert decision.reason.endswith("; measured while another program held the cores (60% of the probe "
+                                    "waiting), so not kept")
+    assert precision_probe.cached_rates((512, 64, 96)) is None
+    assert not machine_cache.store("compile_probe", "k", {"gain": 0.1}, contention=0.6)
+    assert machine_cache.cached("compile_probe", "k") is None
+    assert machine_cache.store("compile_probe", "k", {"gain": 0.1}, contention=0.0)
+    assert machine_cache.cached("compile_probe", "k") == {"gain": 0.1}
+    assert machine_cache.store("compile_probe", "j", {"gain": 0.1})  # no scheduler numbers (not Linux): kept
 
 
 def test_qlora_is_refused_or_falls_back_off_cuda():

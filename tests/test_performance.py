@@ -332,6 +332,7 @@ def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizer
     from trainer.performance import _decoder_layers, undo_compile, use_attention, use_compile
 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path))
+    monkeypatch.setattr("trainer.devices.core_wait_share", lambda before: 0.0)  # quiet, whatever this machine is
     tok = tokenizers["tiny-llama-bpe"]
     model = _lora_tiny(torch.bfloat16)
     use_attention(model, Decision("grouped-matmul", "test"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from contract.decisions import Decision
-from contract.machine_cache import cached, machine_key, store
+from contract.machine_cache import cached, machine_key, store, unkept_note
 
 KIND = "compile_probe"  # the cache file's name
 ROUNDS = 3  # compiled and eager steps alternated; the median of each
@@ -45,10 +45,11 @@ def cached_gain(key: str) -> dict | None:
 def measure(model, objective, batch, key: str) -> dict:
     """Time forward and backward of `batch` on the model whose layers `use_compile` has wrapped (torch
     compiles them at their first call): eager, compiled, then the two alternated; keep the numbers
-    under `key`. Gradients are dropped and torch's generator restored, so training starts exactly as
-    it would have without the measurement."""
+    under `key` unless another program held the cores meanwhile. Gradients are dropped and torch's
+    generator restored, so training starts exactly as it would have without the measurement."""
     import torch
 
+    from trainer.devices import core_wait_share, scheduler_snapshot
     from trainer.performance import eager
 
     rng = torch.get_rng_state()
@@ -64,7 +65,8 @@ def measure(model, objective, batch, key: str) -> dict:
 
     with eager():
         step_seconds()  # the first step pays one-time allocations
-    first_compiled = step_seconds()  # compiles
+    first_compiled = step_seconds()  # compiles (its worker processes are not contention)
+    before = scheduler_snapshot()
     eager_steps, compiled_steps = [], []
     for _ in range(ROUNDS):
         compiled_steps.append(step_seconds())
@@ -75,7 +77,9 @@ def measure(model, objective, batch, key: str) -> dict:
     measured = {"eager_seconds": round(eager_s, 3), "compiled_seconds": round(compiled_s, 3),
                 "compile_seconds": round(max(first_compiled - compiled_s, 0.0), 1),
                 "gain": round(eager_s / compiled_s - 1, 4), "batch": list(batch.input_ids.shape)}
-    store(KIND, key, measured)
+    contention = core_wait_share(before)
+    if not store(KIND, key, measured, contention):
+        measured["contention"] = contention  # the decision's reason says so
     return measured
 
 
@@ -85,7 +89,7 @@ def decide(measured: dict, estimated_seconds: float, compiled_already: bool) -> 
     gain, compile_s = measured["gain"], measured["compile_seconds"]
     seen = (f"measured on this machine{' now' if compiled_already else ' (cached)'}: a step "
             f"{measured['compiled_seconds']:.2f} s compiled, {measured['eager_seconds']:.2f} s eager ({100 * gain:+.0f}%), "
-            f"compile {compile_s:.0f} s")
+            f"compile {compile_s:.0f} s{unkept_note(measured.get('contention'))}")
     if gain < MIN_GAIN:
         return Decision("off", f"{seen}: no gain")
     if compiled_already:

@@ -75,11 +75,14 @@ def precision_rates(shape: tuple[int, int, int]) -> dict:
     best = dict.fromkeys(operands, 0.0)
     for a, b in operands.values():
         a @ b  # first call: kernel selection and packing, not timed
+    before = scheduler_snapshot()
     for _ in range(2):
         for name, (a, b) in operands.items():
             best[name] = max(best[name], product_rate(a, b, 0.1))
     rates = {**{name: round(rate, 1) for name, rate in best.items()}, "shape": shape_text(shape)}
-    store_rates(shape, rates)
+    contention = core_wait_share(before)
+    if not store_rates(shape, rates, contention):
+        rates["contention"] = contention  # the decision's reason says so
     return rates
 
 

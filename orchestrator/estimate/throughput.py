@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from contract.machine_cache import busy
+
 # GFLOP/s for devices that are not here to measure.
 TABLE = {("cuda", "bf16"): 312_000.0, ("cuda", "fp32"): 19_500.0, ("mps", "fp32"): 6_800.0, ("mps", "bf16"): 6_800.0}
 
@@ -31,9 +33,6 @@ def _present(device: str) -> bool:
     return available_devices()[device]
 
 
-# Above this share of the probe's time spent waiting for a core, another program was using the cores
-# (trainer.devices.matmul_rate); an idle machine measures about 0.
-BUSY_CONTENTION = 0.2
 # A one-minute load average of a runnable program per core or more: other programs hold the cores now.
 BUSY_LOAD_SHARE = 1.0
 
@@ -47,7 +46,7 @@ def matmul_gflops(device: str, dtype: str) -> float:
     if key in cached:
         return cached[key]
     rate = measure(device, dtype)
-    if rate["contention"] is not None and rate["contention"] > BUSY_CONTENTION:
+    if busy(rate["contention"]):
         # A rate taken on a busy machine would make every later estimate too long: use it once, keep none.
         print(f"this machine is busy (the probe waited {rate['contention']:.0%} of its time for a core): the time estimate "
               "assumes it stays this busy; the rate is measured again next time", file=sys.stderr)
