@@ -314,7 +314,7 @@ def test_a_job_follows_its_container_when_the_supervisor_is_killed(run_cli, cpu_
     cpu_image.containers.get(f"llamafarm-{folder.name}").remove(force=True)
 
 
-def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cpu_image, tmp_path):
+def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cpu_image, tmp_path, monkeypatch):
     import random
 
     from test_resume import STRATEGY, _weights_digest
@@ -324,6 +324,11 @@ def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cp
     # machine; with 12 steps a fast machine finished the job first (CI saw it complete).
     strategy = json.loads(json.dumps(STRATEGY))
     strategy["repro"]["fine_tuner"]["config"]["training_args"]["max_steps"] = 150
+    # One thread count for every run (the trainer drops to one thread when other programs hold the cores,
+    # which could make the reference and the killed run differ on a busy machine); the resumed run must
+    # keep its run's count by itself (a resume here once probed 1 thread against the run's 2).
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    strategy["repro"]["fine_tuner"]["config"]["container"] = {"pass_env": ["OMP_NUM_THREADS"]}
     strategy_file.write_text(json.dumps(strategy))
     reference = _container_job(run_cli, strategy_file, "--foreground")
     assert read_job(reference)["status"] == "completed"
@@ -337,4 +342,5 @@ def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cp
     resumed = run_cli("finetune", "resume", "--job-id", folder.name, "--foreground")
     assert resumed.exit_code == 0, (folder / "train.log").read_text()[-3000:]
     assert _weights_digest(folder / "final") == _weights_digest(reference / "final"), "resumed in a new container"
+    assert "threads: 2 (kept from the run this resumes" in (folder / "train.log").read_text()
     _removed(cpu_image, folder)

@@ -69,7 +69,10 @@ def _start(run_cli, strategy_file, *extra) -> Path:
     return Path(json.loads(result.stdout[result.stdout.index("{"):])["job_dir"])
 
 
-def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, tmp_path):
+def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, tmp_path, monkeypatch):
+    # Every run at one thread count, as the guarantee says: the trainer's probe drops to one thread when
+    # other programs hold the cores, which a busy machine would make differ between the fresh runs.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     strategy_file = tmp_path / "repro.yaml"
     strategy_file.write_text(yaml.safe_dump(STRATEGY))
 
@@ -108,6 +111,7 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     assert elapsed == sorted(elapsed), "elapsed runs on across the resume, never back to 0:00:00"
     log = (killed / "train.log").read_text()
     assert f"resume: from {newest.name}" in log
+    assert "threads: 2 (kept from the run this resumes" in log
     assert "lora dropout: fast-mask" in log, "dropout 0.1 on CPU: the numpy-drawn masks resume bitwise too"
 
 
@@ -131,3 +135,33 @@ def test_stop_then_resume_completes(run_cli, tmp_path):
     run_cli("finetune", "stop", "--job-id", folder.name)
     _wait_until(lambda: jobs.refresh(folder)["status"] not in ("pending", "running"), folder)
     assert read_job(folder)["status"] == "stopped" and read_job(folder)["resumes"] == 1
+
+
+def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
+    """Threads, a measured precision and the compile come from the run being resumed, whatever the
+    machine would decide now; a resume of a resume quotes the first run's reason once; a fresh run keeps
+    nothing. The thread count is applied, not only recorded."""
+    import torch
+
+    from contract.decisions import Decision
+    from trainer import performance
+    from trainer.entrypoint import _Job
+
+    earlier = {"threads": {"value": "1", "reason": "the 2 cores are busy: ..."}}
+    resumed = _Job(Path("."), "", None, {"resume_from": "checkpoints/checkpoint-4", "decisions": earlier},
+                   Decision("cpu", ""), Decision("lora", ""), None)
+    kept = resumed.kept_on_resume("threads")
+    assert kept.value == "1" and kept.reason.startswith("kept from the run this resumes, so the resumed steps")
+    assert kept.reason.endswith("(there: the 2 cores are busy: ...)")
+    again = _Job(Path("."), "", None, {"resume_from": "checkpoints/checkpoint-8",
+                                       "decisions": {"threads": kept.__dict__}},
+                 Decision("cpu", ""), Decision("lora", ""), None)
+    assert again.kept_on_resume("threads") == kept
+    assert resumed.kept_on_resume("compile") is None
+    fresh = _Job(Path("."), "", None, {"decisions": earlier}, Decision("cpu", ""), Decision("lora", ""), None)
+    assert fresh.kept_on_resume("threads") is None
+    before = torch.get_num_threads()
+    try:
+        assert performance.choose_threads(kept) == kept and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

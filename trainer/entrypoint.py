@@ -110,6 +110,9 @@ def _check_architecture(model_path: str, spec) -> None:
     print(f"architecture: {name} (family {arch.family}; GGUF architecture {arch.name})", flush=True)
 
 
+KEPT = "kept from the run this resumes"
+
+
 @dataclass
 class _Job:
     """What the steps of one training run share: the job folder read once, the plan confirmed here,
@@ -135,6 +138,19 @@ class _Job:
         """Print a decision with its reason and keep it for job.json."""
         self.decisions[name] = _print_decision(label or name.replace("_", " "), decision)
         return decision
+
+    def kept_on_resume(self, name: str) -> Decision | None:
+        """When this run resumes one, that run's decision `name` where it changes the arithmetic (the
+        thread count, a measured precision, the compile): deciding again on a machine busier or quieter
+        than then could pick another, and the resumed steps would no longer end bitwise identical to a
+        run never interrupted. None for a fresh run, or when the earlier run recorded no such decision."""
+        earlier = (self.job.get("decisions") or {}).get(name) if self.job.get("resume_from") else None
+        if not earlier:
+            return None
+        if earlier["reason"].startswith(KEPT):  # a resume of a resume: the first run's reason, once
+            return Decision(earlier["value"], earlier["reason"])
+        return Decision(earlier["value"], f"{KEPT}, so the resumed steps compute as its steps did (there: "
+                                          f"{earlier['reason']})")
 
     def record(self, **fields) -> None:
         if self.world.writes:  # one writer per job folder
@@ -185,9 +201,11 @@ def _decide_precision(run: _Job, model_path) -> None:
     config = AutoConfig.from_pretrained(model_path, revision=base.revision, trust_remote_code=base.trust_remote_code)
     config = getattr(config, "text_config", None) or config
     # Local rank 0 measures and caches the rates; the other processes read them, so every rank decides alike.
-    with run.world.local_first():
-        precision = choose_precision(run.args.precision, run.device.value, config)
-    run.precision = run.decide("precision", precision)
+    kept = run.kept_on_resume("precision") if run.args.precision == "auto" else None
+    if kept is None:
+        with run.world.local_first():
+            kept = choose_precision(run.args.precision, run.device.value, config)
+    run.precision = run.decide("precision", kept)
 
 
 def _load_tokenizer(run: _Job):
@@ -319,7 +337,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
     performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
         run.method.value, run.cfg.method.dropout, device)))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
-    run.decide("threads", performance.choose_threads())
+    run.decide("threads", performance.choose_threads(run.kept_on_resume("threads")))
     run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 
@@ -415,9 +433,11 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
             f"attention {run.decisions['attention']['value']}, batch {args.per_device_train_batch_size} x "
             f"{args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)
-    decision = run.decide("compile", performance.use_compile(model, performance.choose_compile(
-        args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,
-        compile_probe.cached_gain(key))))
+    kept = run.kept_on_resume("compile") if args.torch_compile == "auto" else None
+    if kept is None or kept.value not in ("on", "off"):
+        kept = performance.choose_compile(args.torch_compile, run.device.value, train_estimate, run.world.active,
+                                          args.gradient_checkpointing, compile_probe.cached_gain(key))
+    decision = run.decide("compile", performance.use_compile(model, kept))
     if decision.value == "measure":
         batch = objective.collate(sequences[:args.per_device_train_batch_size])
         measured = compile_probe.measure(model, objective, batch, key)
