@@ -176,7 +176,7 @@ def test_the_precision_probe_measures_once_per_machine_and_shape(tmp_path, monke
 
 def test_a_probe_taken_while_another_program_holds_the_cores_is_used_once_not_kept(tmp_path, monkeypatch):
     """A precision measurement the scheduler says waited for the cores decides this run (its reason says
-    so) and is measured again next time; the same rule keeps no compile measurement and no matmul rate."""
+    so) and is measured again next time; the same rule keeps no compile measurement."""
     from types import SimpleNamespace
 
     from contract import machine_cache, precision_probe

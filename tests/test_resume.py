@@ -138,9 +138,10 @@ def test_stop_then_resume_completes(run_cli, tmp_path):
 
 
 def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
-    """Threads, a measured precision and the compile come from the run being resumed, whatever the
-    machine would decide now; a resume of a resume quotes the first run's reason once; a fresh run keeps
-    nothing. The thread count is applied, not only recorded."""
+    """A resumed run takes the recorded decision of the run it resumes (the entrypoint asks this for the
+    threads, a measured precision and the compile), whatever the machine would decide now; a resume of a
+    resume quotes the first run's reason once; a fresh run keeps nothing. The thread count is applied,
+    not only recorded."""
     import torch
 
     from contract.decisions import Decision
