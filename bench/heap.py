@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bench import measure
 from bench.cpu_lora import run_project
-from bench.matrix import parse_cell, write_strategy
-from bench.model import build_model, make_rows, write_rows
+from bench.matrix import cell_rows, parse_cell, write_strategy
+from bench.model import build_model, write_rows
 
 SIDES = {"kept": {}, "default": {"MALLOC_PERTURB_": "0"}}
 
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     model = build_model(bench_dir / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    rows = make_rows(tokenizer, int(1.3 * a.steps * batch * length) + length, seed=length + batch,
-                     lengths=(max(16, length // 4), length))
-    data = write_rows(rows, work / "train.jsonl")
+    data = write_rows(cell_rows(tokenizer, length, batch, a.steps), work / "train.jsonl")
     strategy = write_strategy(work, length, batch, method, a.steps)
     medians: dict[str, list[float]] = {side: [] for side in SIDES}
     for r in range(a.rounds):

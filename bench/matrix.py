@@ -73,14 +73,19 @@ def write_strategy(folder: Path, length: int, batch: int, method: str, steps: in
     return path
 
 
+def cell_rows(tokenizer, length: int, batch: int, steps: int) -> list[dict]:
+    """A cell's training rows: enough for `steps` packed steps of batch x length tokens (the baseline
+    needs fewer), of lengths from a quarter of `length` to all of it."""
+    return make_rows(tokenizer, int(1.3 * steps * batch * length) + length, seed=length + batch,
+                     lengths=(max(16, length // 4), length))
+
+
 def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
              steps: int) -> dict:
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
-    # Enough rows for `steps` packed steps of batch x length tokens (the baseline needs fewer).
-    rows = make_rows(tokenizer, int(1.3 * steps * batch * length) + length, seed=length + batch,
-                     lengths=(max(16, length // 4), length))
+    rows = cell_rows(tokenizer, length, batch, steps)
     data = write_rows(rows, folder / "train.jsonl")
     # Held-out rows of the same lengths, other text: both sides report their loss on these same tokens.
     evals = write_rows(make_rows(tokenizer, EVAL_ROWS_TOKENS * length, seed=length + batch + 1,
