@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     if not a.quick and not a.all_bf16 and not cpu_has_bf16():
         cells["bf16"] = EMULATED_BF16
     print(f"rows {a.rows}; per layer, forward + backward, median of {a.rounds} interleaved rounds; "
-          "MB: kept for backward besides the inputs q, k, v")
+          "MB: kept for backward besides the inputs q, k, v (blockwise: its own pre-scaled copy of q, "
+          "which a model keeps instead of q)")
     print(f"{'precision':9} {'batch':>5} {'length':>6} " + " ".join(f"{k + ' s':>16}" for k in KERNELS)
           + " " + " ".join(f"{k + ' MB':>18}" for k in KERNELS[1:]))
     for precision in a.precision:

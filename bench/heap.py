@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 from bench import measure
 from bench.cpu_lora import run_project
-from bench.matrix import cell_rows, parse_cell, write_strategy
-from bench.model import build_model, write_rows
+from bench.matrix import prepare_cell
 
 SIDES = {"kept": {}, "default": {"MALLOC_PERTURB_": "0"}}
 
@@ -34,24 +32,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per side, alternated")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
-    length, batch, method = parse_cell(a.cell)
-
-    from transformers import AutoTokenizer
-
-    bench_dir = Path(a.workdir).expanduser().resolve()
-    work = bench_dir / time.strftime("heap-%Y%m%d-%H%M%S") / a.cell.replace(":", "-")
-    work.mkdir(parents=True)
-    model = build_model(bench_dir / "smollm2-135m-shape")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    data = write_rows(cell_rows(tokenizer, length, batch, a.steps), work / "train.jsonl")
-    strategy = write_strategy(work, length, batch, method, a.steps)
+    cell = prepare_cell(a.cell, a.workdir, "heap", a.steps)
     medians: dict[str, list[float]] = {side: [] for side in SIDES}
     for r in range(a.rounds):
         for side, env in SIDES.items():
-            folder = work / f"{side}-{r + 1}"
+            folder = cell.work / f"{side}-{r + 1}"
             folder.mkdir()
-            run = run_project(folder, model, data, None, {**os.environ, **env}, strategy="bench_matrix",
-                              strategy_file=strategy)
+            run = run_project(folder, cell.model, cell.data, None, {**os.environ, **env}, strategy="bench_matrix",
+                              strategy_file=cell.strategy)
             per_step = [t / s for t, s in zip(run["step_tokens"], run["step_seconds"])][measure.WARMUP_STEPS:]
             medians[side].append(statistics.median(per_step))
             print(f"round {r + 1}, {side}: heap {run['decisions']['heap']['value']}, median "

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from bench import measure
 from bench.cpu_lora import ROOT, run_baseline, run_project
@@ -80,6 +81,29 @@ def cell_rows(tokenizer, length: int, batch: int, steps: int) -> list[dict]:
                      lengths=(max(16, length // 4), length))
 
 
+def cell_flops_per_token(tokenizer, rows: list[dict], length: int, method: str) -> float:
+    """Model FLOPs per real token of one pass over the cell's rows, each cut at `length` (bench.measure.lora_flops)."""
+    lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
+    return measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
+
+
+def prepare_cell(cell: str, workdir: str, prefix: str, steps: int) -> SimpleNamespace:
+    """A one-cell benchmark's folder (WORKDIR/PREFIX-time/CELL), the SmolLM2-shaped model and its tokenizer,
+    the cell's training rows written there, and its strategy with `steps` steps (bench.heap, bench.mfu)."""
+    from transformers import AutoTokenizer
+
+    length, batch, method = parse_cell(cell)
+    bench_dir = Path(workdir).expanduser().resolve()
+    work = bench_dir / time.strftime(f"{prefix}-%Y%m%d-%H%M%S") / cell.replace(":", "-")
+    work.mkdir(parents=True)
+    model = build_model(bench_dir / "smollm2-135m-shape")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = cell_rows(tokenizer, length, batch, steps)
+    return SimpleNamespace(work=work, model=model, tokenizer=tokenizer, rows=rows, length=length, method=method,
+                           data=write_rows(rows, work / "train.jsonl"),
+                           strategy=write_strategy(work, length, batch, method, steps))
+
+
 def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
              steps: int) -> dict:
     length, batch, method = parse_cell(cell)
@@ -90,8 +114,7 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     # Held-out rows of the same lengths, other text: both sides report their loss on these same tokens.
     evals = write_rows(make_rows(tokenizer, EVAL_ROWS_TOKENS * length, seed=length + batch + 1,
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
-    lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
-    flops_per_token = measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
+    flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
     try:
         baseline = run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)

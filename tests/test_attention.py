@@ -127,3 +127,30 @@ def test_blockwise_memory_grows_linearly_in_the_length():
     grouped = _saved_bytes("grouped-matmul", 1024) / _saved_bytes("grouped-matmul", 256)
     assert blockwise == pytest.approx(4, rel=0.02)
     assert grouped > 12
+
+
+def test_blockwise_hands_bmm_contiguous_operands_and_returns_gradients_in_the_projections_order():
+    """torch's CPU bmm copies an operand whose matrices are not contiguous (a block's slice of q, k or v
+    is not): no bmm of the blockwise kernel copies one, forward or backward. q, k and v come in as
+    transformers makes them, transposed views of (B, L, heads, D) projections, and their gradients go
+    back in that memory order, so the transposes' backward needs no copy either."""
+    import torch
+
+    from trainer import attention
+
+    # bf16: where the CPU has bf16 matmuls it is their (oneDNN) bmm that copies strided batches.
+    q, k, v, grad = _inputs(2, 6, 2, 256, 16, torch.bfloat16)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    mask = _mask(2, 256, (40, 90, 130))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    with torch.profiler.profile() as profile:
+        out, _ = attention.blockwise_attention(module, q, k, v, mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    bmms = [e for e in profile.events() if e.name == "aten::bmm"]
+    copying = [e for e in bmms if any(c.name in ("aten::contiguous", "aten::clone", "aten::copy_")
+                                      for c in e.cpu_children)]
+    assert len(bmms) >= 6 * 4  # 4 query blocks, 2 products forward and 6 backward each
+    assert not copying, f"{len(copying)} of {len(bmms)} bmm calls copied an operand"
+    for g in (dq, dk, dv):
+        assert g.transpose(1, 2).is_contiguous()

@@ -11,9 +11,11 @@ only meet the keys up to their own end, skipping most of the causal upper triang
   the softmax probabilities for backward: batch x heads x ~L^2/2 values per layer, quadratic in L.
 - blockwise_attention (flash-style, _Blockwise): each block also skips the keys before the first one
   any of its queries may see (read off the mask once per batch: for packed rows, the block meets only
-  the rows it lies in), and only the inputs q, k and v are kept for backward, linear in L. Backward
-  recomputes each block's scores and softmax and applies the softmax backward with dK and dV
-  accumulated in float32.
+  the rows it lies in), and only q, k and v are kept for backward (q as its pre-scaled blocks, in
+  place of the input, which the model then frees), linear in L. Backward recomputes each block's scores
+  and softmax and applies the softmax backward with dK and dV accumulated in float32. Every operand
+  of its batched matmuls is contiguous (torch's CPU bmm copies any other), and the gradients come out
+  in the projections' (B, L, heads, D) memory order.
 
 contract/decisions.py choose_attention picks between them by measured speed (grouped matmuls up to 256
 tokens, blockwise beyond; bench/attention.py, docs/PERFORMANCE.md). The mask is added in the compute
@@ -211,67 +213,75 @@ def _blockwise_function():
 def _define_blockwise():
     import torch
 
-    def grouped(query, key, value, scale, compute):
-        """q (pre-scaled), k and v in the compute dtype, in the grouped layout: (B * kv_heads,
-        positions * group, D) for q, row p * group + g being query head kv * group + g at position p,
-        so a query block is a contiguous run of rows that meets its keys in one matmul per KV head."""
-        b, heads, n, d = query.shape
-        kv = key.shape[1]
-        q = (query.view(b, kv, heads // kv, n, d).transpose(2, 3).to(compute) * scale).reshape(b * kv, -1, d)
-        return q, key.to(compute).reshape(b * kv, n, d), value.to(compute).reshape(b * kv, n, d)
+    def block_queries(query, kv, q0, q1, scale, compute):
+        """Query positions q0..q1 pre-scaled, in the compute dtype and the grouped layout, contiguous:
+        (B * kv_heads, rows * group, D), row p * group + g being query head kv * group + g at position p,
+        so a block meets its keys in one batched matmul per KV head. Contiguous per block because torch's
+        CPU bmm copies any operand whose matrices are not (a slice along the rows is not)."""
+        b, heads, _, d = query.shape
+        part = query[:, :, q0:q1].unflatten(1, (kv, heads // kv)).transpose(2, 3)  # (B, kv, rows, g, D)
+        out = torch.empty(part.shape, dtype=compute)
+        torch.mul(part, scale, out=out)  # the scale and the layout in one pass
+        return out.view(b * kv, -1, d)
+
+    def grouped_keys(key, compute):
+        b, kv, n, d = key.shape
+        return key.to(compute).reshape(b * kv, n, d)
 
     class _Blockwise(torch.autograd.Function):
-        """Attention per query block, keeping for backward only its inputs q, k and v. Backward
-        recomputes each block's scores and softmax and applies the softmax backward (torch's own
+        """Attention per query block, keeping for backward only q (as its pre-scaled blocks), k and v.
+        Backward recomputes each block's scores and softmax and applies the softmax backward (torch's own
         kernel: dS = P * (dP - rowsum(dP * P)), the rowsum being flash attention's D = rowsum(dO * O))
-        with dK and dV accumulated over the blocks in float32."""
+        with dK and dV accumulated over the blocks in float32. Every gradient is written in the memory
+        order of (B, L, heads, D), the projections' own, so none needs a copy on its way back to them."""
 
         @staticmethod
         def forward(ctx, query, key, value, blocks, scale, compute):
             b, heads, n, d = query.shape
             kv = key.shape[1]
             g = heads // kv
-            q, k, v = grouped(query, key, value, scale, compute)
+            k, v = grouped_keys(key, compute), grouped_keys(value, compute)
+            queries = [block_queries(query, kv, q0, q1, scale, compute) for q0, q1, _, _ in blocks]
             out = torch.empty(b, n, kv, g, d, dtype=compute)
             view = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
-            for q0, q1, k0, mask in blocks:
-                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
-                view[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1]).view(b, kv, q1 - q0, g, d)
-            ctx.save_for_backward(query, key, value)
-            ctx.blocks, ctx.scale, ctx.compute = blocks, scale, compute
+            for (q0, q1, k0, mask), q in zip(blocks, queries):
+                p = _probabilities(q, k[:, k0:q1].contiguous(), b, kv, g, q1 - q0, mask)
+                view[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1].contiguous()).view(b, kv, q1 - q0, g, d)
+            ctx.save_for_backward(k, v, *queries)
+            ctx.blocks, ctx.scale, ctx.dtypes = blocks, scale, (query.dtype, key.dtype, value.dtype)
             return out.view(b, n, heads, d).to(query.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            query, key, value = ctx.saved_tensors
-            b, heads, n, d = query.shape
-            kv = key.shape[1]
+            k, v, *queries = ctx.saved_tensors
+            b, n, heads, d = grad.shape
+            kv = k.shape[0] // b
             g = heads // kv
-            q, k, v = grouped(query, key, value, ctx.scale, ctx.compute)
-            do = grad.to(ctx.compute).view(b, n, kv, g, d).permute(0, 2, 1, 3, 4).reshape(b * kv, n * g, d)
-            dq = torch.empty_like(q)
-            dk = torch.zeros(k.shape, dtype=torch.float32)
-            dv = torch.zeros(v.shape, dtype=torch.float32)
-            for q0, q1, k0, mask in ctx.blocks:
-                rows = slice(q0 * g, q1 * g)
-                p = _probabilities(q, k, b, kv, g, q0, q1, k0, mask)
-                dv[:, k0:q1] += torch.bmm(p.transpose(1, 2), do[:, rows])
-                ds = torch._softmax_backward_data(torch.bmm(do[:, rows], v[:, k0:q1].transpose(1, 2)), p, -1,
-                                                  p.dtype)
-                dq[:, rows] = torch.bmm(ds, k[:, k0:q1])
-                dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q[:, rows])
-            dq = (dq * ctx.scale).view(b, kv, n, g, d).transpose(2, 3).reshape(b, heads, n, d)
-            return (dq.to(query.dtype), dk.view(key.shape).to(key.dtype), dv.view(value.shape).to(value.dtype),
-                    None, None, None)
+            do = grad.to(k.dtype).view(b, n, kv, g, d)
+            dq = torch.empty(b, n, kv, g, d, dtype=ctx.dtypes[0])
+            dk = torch.zeros(b, n, kv, d, dtype=torch.float32)
+            dv = torch.zeros(b, n, kv, d, dtype=torch.float32)
+            dq_view, dk_view, dv_view = dq.permute(0, 2, 1, 3, 4), dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
+            for (q0, q1, k0, mask), q in zip(ctx.blocks, queries):
+                rows, keys = q1 - q0, q1 - k0
+                kb, vb = k[:, k0:q1].contiguous(), v[:, k0:q1].contiguous()
+                dob = do[:, q0:q1].permute(0, 2, 1, 3, 4).reshape(b * kv, rows * g, d)
+                p = _probabilities(q, kb, b, kv, g, rows, mask)
+                dv_view[:, :, k0:q1].add_(torch.bmm(p.transpose(1, 2), dob).view(b, kv, keys, d))
+                ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, p.dtype)
+                torch.mul(torch.bmm(ds, kb).view(b, kv, rows, g, d), ctx.scale, out=dq_view[:, :, q0:q1])
+                dk_view[:, :, k0:q1].add_(torch.bmm(ds.transpose(1, 2), q).view(b, kv, keys, d))
+            return (dq.view(b, n, heads, d).transpose(1, 2), dk.to(ctx.dtypes[1]).transpose(1, 2),
+                    dv.to(ctx.dtypes[2]).transpose(1, 2), None, None, None)
 
     return _Blockwise
 
 
-def _probabilities(q, k, b, kv, g, q0, q1, k0, mask):
-    """Softmax of one query block's scores against keys k0..q1-1 (the mask added in the compute
-    dtype; torch's softmax accumulates in float32)."""
+def _probabilities(q, k, b, kv, g, rows, mask):
+    """Softmax of one query block's scores (q: the block's grouped queries, k: the keys it meets, both
+    contiguous), the mask added in the compute dtype; torch's softmax accumulates in float32."""
     import torch
 
-    scores = torch.bmm(q[:, q0 * g:q1 * g], k[:, k0:q1].transpose(1, 2))
-    scores.view(b, kv, q1 - q0, g, q1 - k0).add_(mask)
+    scores = torch.bmm(q, k.transpose(1, 2))
+    scores.view(b, kv, rows, g, k.shape[1]).add_(mask)
     return torch.softmax(scores, dim=-1)
