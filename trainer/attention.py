@@ -225,6 +225,7 @@ def _define_blockwise():
         return out.view(b * kv, -1, d)
 
     def grouped_keys(key, compute):
+        """k or v in the compute dtype as (B * kv_heads, L, D): a block's keys are a slice of its rows."""
         b, kv, n, d = key.shape
         return key.to(compute).reshape(b * kv, n, d)
 
@@ -257,7 +258,7 @@ def _define_blockwise():
             b, n, heads, d = grad.shape
             kv = k.shape[0] // b
             g = heads // kv
-            do = grad.to(k.dtype).view(b, n, kv, g, d)
+            do = grad.to(k.dtype).reshape(b, n, kv, g, d)
             dq = torch.empty(b, n, kv, g, d, dtype=ctx.dtypes[0])
             dk = torch.zeros(b, n, kv, d, dtype=torch.float32)
             dv = torch.zeros(b, n, kv, d, dtype=torch.float32)
