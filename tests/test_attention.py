@@ -150,7 +150,7 @@ def test_blockwise_hands_bmm_contiguous_operands_and_returns_gradients_in_the_pr
     bmms = [e for e in profile.events() if e.name == "aten::bmm"]
     copying = [e for e in bmms if any(c.name in ("aten::contiguous", "aten::clone", "aten::copy_")
                                       for c in e.cpu_children)]
-    assert len(bmms) >= 6 * 4  # 4 query blocks, 2 products forward and 6 backward each
+    assert len(bmms) >= 4 * 7  # 4 query blocks of 64: 2 products forward, 5 backward (scores again, dV, dP, dQ, dK)
     assert not copying, f"{len(copying)} of {len(bmms)} bmm calls copied an operand"
     for g in (dq, dk, dv):
         assert g.transpose(1, 2).is_contiguous()
