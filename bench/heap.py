@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             folder.mkdir()
             run = run_project(folder, cell.model, cell.data, None, {**os.environ, **env}, strategy="bench_matrix",
                               strategy_file=cell.strategy)
-            per_step = [t / s for t, s in zip(run["step_tokens"], run["step_seconds"])][measure.WARMUP_STEPS:]
+            per_step = measure.step_rates(run["step_seconds"], run["step_tokens"])
             medians[side].append(statistics.median(per_step))
             print(f"round {r + 1}, {side}: heap {run['decisions']['heap']['value']}, median "
                   f"{medians[side][-1]:.0f} tokens/s over steps {measure.WARMUP_STEPS + 1}-{a.steps}, peak RSS "

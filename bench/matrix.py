@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True)
     cores = len(os.sched_getaffinity(0))
     steps = measure.WARMUP_STEPS + a.steps
-    peaks = measure.matmul_peak(sorted({cores, 1}))
+    peaks = measure.matmul_peak(measure.peak_thread_counts())
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
     print(f"machine: {measure.cpu_model()}, {cores} cores, torch {torch.__version__}; matmul peak {peaks} GFLOP/s; "
           f"baseline precision {precision}; {len(cells)} cells, {steps} steps per side", flush=True)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps) for cell in cells]
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.
-    at_end = measure.matmul_peak(sorted({cores, 1}))
+    at_end = measure.matmul_peak(measure.peak_thread_counts())
     peaks = {name: max(rate, at_end[name]) for name, rate in peaks.items()}
     peak = max(peaks.values())
     target = TARGETS["quick" if a.quick else "full"]

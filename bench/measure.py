@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def lora_flops(config: dict, lengths: list[int], weight_gradients: bool = False)
     tokens = sum(lengths)
     keys = sum(n * (n + 1) / 2 for n in lengths)
     return (6 if weight_gradients else 4) * weights * tokens + 3 * 4 * d * layers * keys
+
+
+def step_rates(step_seconds: list[float], step_tokens: list[int]) -> list[float]:
+    """Tokens/s of each step after the warm-up ones."""
+    return [t / s for t, s in zip(step_tokens, step_seconds)][WARMUP_STEPS:]
+
+
+def peak_thread_counts() -> list[int]:
+    """The thread counts matmul_peak tries: one per core this process may use, and one."""
+    return sorted({len(os.sched_getaffinity(0)), 1})
 
 
 def after_warmup(step_seconds: list[float], step_tokens: list[int]) -> tuple[float, int, float]:

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cell = prepare_cell(a.cell, a.workdir, "mfu", a.steps)
     flops_per_token = cell_flops_per_token(cell.tokenizer, cell.rows, cell.length, cell.method)
-    threads = sorted({len(os.sched_getaffinity(0)), 1})
+    threads = measure.peak_thread_counts()
     compiled = "true" if a.compile else "false"
     mfus = []
     for r in range(a.rounds):
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                           sets=(f"training_args.torch_compile={compiled}",), strategy="bench_matrix",
                           strategy_file=cell.strategy)
         after = max(measure.matmul_peak(threads).values())
-        per_step = [t / s for t, s in zip(run["step_tokens"], run["step_seconds"])][measure.WARMUP_STEPS:]
+        per_step = measure.step_rates(run["step_seconds"], run["step_tokens"])
         tokens_per_second = statistics.median(per_step)
         mfus.append(tokens_per_second * flops_per_token / (max(before, after) * 1e9))
         decisions = {k: run["decisions"][k]["value"] for k in ("precision", "attention", "compile", "threads")}
