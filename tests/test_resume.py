@@ -161,8 +161,38 @@ def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
     assert resumed.kept_on_resume("compile") is None
     fresh = _Job(Path("."), "", None, {"decisions": earlier}, Decision("cpu", ""), Decision("lora", ""), None)
     assert fresh.kept_on_resume("threads") is None
+    assert resumed.keep_or_decide("threads", lambda: pytest.fail("decided again on a resume")) == kept
+    assert resumed.keep_or_decide("precision", lambda: Decision("fp32", "measured")).reason == "measured"
+    assert fresh.keep_or_decide("threads", lambda: Decision("2", "probe")).value == "2"
+    assert resumed.keep_or_decide("threads", lambda: Decision("2", "probe"), applies=False).value == "2"
     before = torch.get_num_threads()
     try:
-        assert performance.choose_threads(kept) == kept and torch.get_num_threads() == 1
+        assert performance.use_threads(kept) == kept and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name, recorded", [
+    ("threads", {"value": "two", "reason": "hand-edited"}),
+    ("threads", {"value": "0", "reason": "hand-edited"}),
+    ("precision", {"value": "fp8", "reason": "hand-edited"}),
+    ("compile", {"value": "on"}),
+    ("compile", "on"),
+    ("threads", None),  # the whole `decisions` replaced by a list, below
+])
+def test_a_resume_refuses_a_hand_edited_decision_it_would_keep_saying_where_and_what_to_do(name, recorded):
+    """A recorded decision the resumed run could not compute with stops it with the file, the field and
+    the values it takes (a non-numeric thread count used to end in a traceback)."""
+    from contract.decisions import Decision
+    from contract.job_folder import UnreadableJob
+    from trainer.entrypoint import _Job
+
+    decisions = {name: recorded} if recorded is not None else ["threads", "2"]
+    job = {"resume_from": "checkpoints/checkpoint-4", "decisions": decisions}
+    run = _Job(Path("/jobs/j1"), "", None, job, Decision("cpu", ""), Decision("lora", ""), None)
+    with pytest.raises(UnreadableJob) as raised:
+        run.keep_or_decide(name, lambda: pytest.fail("decided again over a bad record"))
+    message = str(raised.value)
+    where = f"decisions.{name}" if recorded is not None else "decisions"
+    assert message.startswith(f"job file /jobs/j1/job.json: {where} is ")
+    assert "restore what it recorded, or start the strategy again as a new job" in message

@@ -8,6 +8,7 @@ its reason, trains, and writes status, metrics, checkpoints and final weights ba
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from contract.decisions import Decision, choose_attention, choose_base_dtype
 from contract.errors import UserError
 from contract.job_folder import (
+    JOB_FILE,
+    UnreadableJob,
     complete_checkpoints,
     cut_metrics,
     read_job,
@@ -111,6 +114,11 @@ def _check_architecture(model_path: str, spec) -> None:
 
 
 KEPT = "kept from the run this resumes"
+KEEPABLE = {  # the decisions a resumed run keeps: which recorded values it can compute with, in words
+    "threads": (lambda v: str(v).isdigit() and int(v) >= 1, "a thread count (a whole number, at least 1)"),
+    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "compile": (lambda v: v in ("on", "off"), "on or off"),
+}
 
 
 @dataclass
@@ -139,18 +147,35 @@ class _Job:
         self.decisions[name] = _print_decision(label or name.replace("_", " "), decision)
         return decision
 
+    def keep_or_decide(self, name: str, decide, applies: bool = True) -> Decision:
+        """When this run resumes one and `applies` (the setting is left to auto), that run's decision
+        `name`, where it changes the arithmetic (the thread count, a measured precision, the compile):
+        deciding again on a machine busier or quieter than then could pick another, and the resumed steps
+        would no longer end bitwise identical to a run never interrupted. Else `decide()`."""
+        kept = self.kept_on_resume(name) if applies else None
+        return kept if kept is not None else decide()
+
     def kept_on_resume(self, name: str) -> Decision | None:
-        """When this run resumes one, that run's decision `name` where it changes the arithmetic (the
-        thread count, a measured precision, the compile): deciding again on a machine busier or quieter
-        than then could pick another, and the resumed steps would no longer end bitwise identical to a
-        run never interrupted. None for a fresh run, or when the earlier run recorded no such decision."""
-        earlier = (self.job.get("decisions") or {}).get(name) if self.job.get("resume_from") else None
-        if not earlier:
+        """The decision `name` recorded by the run this one resumes; None for a fresh run, or when the
+        earlier run recorded none. A recorded value the run could not compute with (job.json edited by
+        hand) stops the run with what to do, rather than failing somewhere later."""
+        if not self.job.get("resume_from"):
             return None
+        decisions = self.job.get("decisions") or {}
+        where, earlier = ((f"decisions.{name}", decisions.get(name)) if isinstance(decisions, dict)
+                          else ("decisions", decisions))
+        if earlier is None:
+            return None
+        valid, expected = KEEPABLE[name]
+        if not (isinstance(earlier, dict) and valid(earlier.get("value")) and isinstance(earlier.get("reason"), str)):
+            shown = json.dumps(earlier)[:200]
+            raise UnreadableJob(f"job file {self.folder / JOB_FILE}: {where} is {shown}, but the run this "
+                                f"resumes must have recorded its {name} as {{\"value\": ..., \"reason\": ...}} with "
+                                f"the value {expected}; restore what it recorded, or start the strategy again as a new job")
+        value = str(earlier["value"])
         if earlier["reason"].startswith(KEPT):  # a resume of a resume: the first run's reason, once
-            return Decision(earlier["value"], earlier["reason"])
-        return Decision(earlier["value"], f"{KEPT}, so the resumed steps compute as its steps did (there: "
-                                          f"{earlier['reason']})")
+            return Decision(value, earlier["reason"])
+        return Decision(value, f"{KEPT}, so the resumed steps compute as its steps did (there: {earlier['reason']})")
 
     def record(self, **fields) -> None:
         if self.world.writes:  # one writer per job folder
@@ -201,11 +226,11 @@ def _decide_precision(run: _Job, model_path) -> None:
     config = AutoConfig.from_pretrained(model_path, revision=base.revision, trust_remote_code=base.trust_remote_code)
     config = getattr(config, "text_config", None) or config
     # Local rank 0 measures and caches the rates; the other processes read them, so every rank decides alike.
-    kept = run.kept_on_resume("precision") if run.args.precision == "auto" else None
-    if kept is None:
+    def measure() -> Decision:
         with run.world.local_first():
-            kept = choose_precision(run.args.precision, run.device.value, config)
-    run.precision = run.decide("precision", kept)
+            return choose_precision(run.args.precision, run.device.value, config)
+
+    run.precision = run.decide("precision", run.keep_or_decide("precision", measure, run.args.precision == "auto"))
 
 
 def _load_tokenizer(run: _Job):
@@ -337,7 +362,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
     performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
         run.method.value, run.cfg.method.dropout, device)))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
-    run.decide("threads", performance.choose_threads(run.kept_on_resume("threads")))
+    run.decide("threads", performance.use_threads(run.keep_or_decide("threads", performance.choose_threads)))
     run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 
@@ -433,11 +458,10 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
             f"attention {run.decisions['attention']['value']}, batch {args.per_device_train_batch_size} x "
             f"{args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)
-    kept = run.kept_on_resume("compile") if args.torch_compile == "auto" else None
-    if kept is None or kept.value not in ("on", "off"):
-        kept = performance.choose_compile(args.torch_compile, run.device.value, train_estimate, run.world.active,
-                                          args.gradient_checkpointing, compile_probe.cached_gain(key))
-    decision = run.decide("compile", performance.use_compile(model, kept))
+    chosen = run.keep_or_decide("compile", lambda: performance.choose_compile(
+        args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,
+        compile_probe.cached_gain(key)), args.torch_compile == "auto")
+    decision = run.decide("compile", performance.use_compile(model, chosen))
     if decision.value == "measure":
         batch = objective.collate(sequences[:args.per_device_train_batch_size])
         measured = compile_probe.measure(model, objective, batch, key)

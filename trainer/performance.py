@@ -205,9 +205,8 @@ def choose_chunked_loss(model) -> Decision:
                           f"positions only; the full logits (tokens x {vocab}) are never built")
 
 
-def choose_threads(kept: Decision | None = None) -> Decision:
-    """Intra-op threads: one per core this process may use, unless those cores are busy; `kept`, the
-    count of the run this one resumes (the count changes how reductions split, so the result's bits).
+def choose_threads() -> Decision:
+    """Intra-op threads: one per core this process may use, unless those cores are busy (set here).
 
     Every parallel op waits for all its threads; on a machine where other processes hold the cores,
     a thread that is not scheduled stalls each op for a scheduler time slice (milliseconds, for ops
@@ -215,9 +214,6 @@ def choose_threads(kept: Decision | None = None) -> Decision:
     mix of ops with each thread count decides."""
     import torch
 
-    if kept is not None:  # before OMP_NUM_THREADS: a resume ends bitwise identical only at the same count
-        torch.set_num_threads(int(kept.value))
-        return kept
     if os.environ.get("OMP_NUM_THREADS"):
         return Decision(str(torch.get_num_threads()), "OMP_NUM_THREADS is set")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -238,6 +234,15 @@ def choose_threads(kept: Decision | None = None) -> Decision:
     torch.set_num_threads(cores)
     return Decision(str(cores), f"one per core this process may use (probe: {1e3 * timings[cores]:.0f} ms with "
                                 f"{cores} threads, {1e3 * timings[1]:.0f} ms with 1)")
+
+
+def use_threads(decision: Decision) -> Decision:
+    """Run with the decided count: a resumed run's count is the run it resumes (the count changes how
+    reductions split, so the result's bits), set before anything computes."""
+    import torch
+
+    torch.set_num_threads(int(decision.value))
+    return decision
 
 
 def _probe_seconds(threads: int) -> float:
