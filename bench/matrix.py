@@ -5,8 +5,9 @@
     .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
     .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
 
-A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; lora-all-r16-gc and full-gc are those with
-gradient checkpointing on both sides, a --cells choice outside the full matrix). Each cell trains the SmolLM2-135M-
+A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices outside the full matrix:
+lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
+checkpointing on both sides). Each cell trains the SmolLM2-135M-
 shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
 data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run:
 - the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32

@@ -232,10 +232,16 @@ def test_lever_decisions():
     assert decision.value == "off" and "gpt2" in decision.reason
 
 
-def test_benchmark_feeds_both_sides_the_same_token_ids():
-    """The baseline tokenizes `text + eos` itself; the project's text format must give the same ids."""
+def test_benchmark_feeds_both_sides_the_same_sequences():
+    """The baseline tokenizes `text + eos` itself, one row per sequence; the project, with the text settings
+    of bench/strategy.yaml, must build the same sequences of the same ids (plain text's default, blocks,
+    joins the rows and cuts across them: the two sides' held-out losses would then not compare)."""
+    from types import SimpleNamespace
+
+    import yaml
     from transformers import PreTrainedTokenizerFast
 
+    from bench.cpu_lora import ROOT
     from bench.model import MAX_TOKENS, MIN_TOKENS, make_rows
     from trainer.data.tokenize import ConversationEncoder, choose_template
     from inputs.models.builtin import get_spec, raw_tokenizer
@@ -244,12 +250,12 @@ def test_benchmark_feeds_both_sides_the_same_token_ids():
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, **names)
     tok.chat_template = chat
     rows = make_rows(tok, 3000, seed=1)
-    encoder = ConversationEncoder(tok, choose_template("auto", tok)[0], 256, False, "truncate")
-    for row in rows:
-        project_ids, _ = encoder.encode_text(row["text"])
-        baseline_ids = tok(row["text"] + tok.eos_token, truncation=True, max_length=256)["input_ids"]
-        assert project_ids == baseline_ids
-        assert MIN_TOKENS <= len(project_ids) <= MAX_TOKENS
+    dataset = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]["fine_tuner"]["config"]["dataset"]
+    encoder = ConversationEncoder(tok, choose_template("auto", tok)[0], 256, False, "truncate", dataset["text_mode"])
+    sequences, _ = encoder.encode_all([SimpleNamespace(text=row["text"], messages=None, tools=()) for row in rows])
+    assert [ids for ids, _ in sequences] == [tok(row["text"] + tok.eos_token, truncation=True, max_length=256)["input_ids"]
+                                             for row in rows]
+    assert all(MIN_TOKENS <= len(ids) <= MAX_TOKENS for ids, _ in sequences)
 
 
 def test_benchmark_measures():
