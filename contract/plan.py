@@ -8,12 +8,13 @@ decides and records under `decisions`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from contract.decisions import Decision
 from contract.errors import UserError
-from contract.job_folder import read_job
+from contract.job_folder import JOB_FILE, UnreadableJob, read_job
 
 PLAN_KEY = "plan"
 
@@ -72,6 +73,41 @@ def estimate_of(job: dict) -> dict:
 def runner_of(job: dict) -> str | None:
     """The name of the runner that runs a job (None for a folder without a plan)."""
     return ((job.get(PLAN_KEY) or {}).get("runner") or {}).get("value")
+
+
+KEPT = "kept from the run this resumes"
+KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded values it can compute with, in words
+    "threads": (lambda v: str(v).isdigit() and int(v) >= 1, "a thread count (a whole number, at least 1)"),
+    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "compile": (lambda v: v in ("on", "off"), "on or off"),
+}
+
+
+def kept_decision(folder: Path, job: dict, name: str) -> Decision | None:
+    """The decision `name` (one of KEEPABLE) recorded by the job's last run, as a resume keeps it; None
+    when it recorded none. A record the run could not compute with (job.json edited by hand) is an
+    UnreadableJob naming the file, the field and what it takes: `finetune resume` checks before it
+    launches (`check_kept_decisions`), the trainer when it keeps one."""
+    decisions = job.get("decisions") or {}
+    where, earlier = (f"decisions.{name}", decisions.get(name)) if isinstance(decisions, dict) else ("decisions", decisions)
+    if earlier is None:
+        return None
+    valid, expected = KEEPABLE[name]
+    if not (isinstance(earlier, dict) and valid(earlier.get("value")) and isinstance(earlier.get("reason"), str)):
+        raise UnreadableJob(f"job file {Path(folder) / JOB_FILE}: {where} is {json.dumps(earlier)[:200]}, but the "
+                            f"run this resumes must have recorded its {name} as {{\"value\": ..., \"reason\": ...}} "
+                            f"with the value {expected}; restore what it recorded, or start the strategy again as a "
+                            "new job")
+    value = str(earlier["value"])
+    if earlier["reason"].startswith(KEPT):  # a resume of a resume: the first run's reason, once
+        return Decision(value, earlier["reason"])
+    return Decision(value, f"{KEPT}, so the resumed steps compute as its steps did (there: {earlier['reason']})")
+
+
+def check_kept_decisions(folder: Path, job: dict) -> None:
+    """Refuse a resume whose kept decisions the trainer could not compute with, before anything starts."""
+    for name in KEEPABLE:
+        kept_decision(folder, job, name)
 
 
 def all_decisions(job: dict) -> dict:

@@ -68,6 +68,11 @@ def world(tmp_path):
         folder = jobs.create(name, strategy, Path("t.yaml"), Path(QA), None, {}, make_plan(strategy, "local"))
         update_job(folder, status=status, pid=pid, error="boom" if status == "failed" else None)
         made[name] = folder.name
+    # A stopped job whose job.json was edited by hand: a thread count the trainer could not run with.
+    strategy = parse_strategy("t", _strategy())
+    folder = jobs.create("edited", strategy, Path("t.yaml"), Path(QA), None, {}, make_plan(strategy, "local"))
+    update_job(folder, status="stopped", pid=1, decisions={"threads": {"value": "two", "reason": "hand-edited"}})
+    made["edited"] = folder.name
     (jobs.job_dir(made["completed"]) / "final").mkdir()
     # What the trainer saves beside final weights (the job's own strategy.yaml; no weights needed here).
     shutil.copy(jobs.job_dir(made["completed"]) / "strategy.yaml", jobs.job_dir(made["completed"]) / "final")
@@ -165,6 +170,9 @@ def _cases():
          "is pending; only a stopped or failed job can be resumed"),
         ("resume a completed job", lambda w: ["finetune", "resume", "--job-id", w["jobs"]["completed"]],
          "already completed; start a new job to train further"),
+        ("resume a hand-edited job", lambda w: ["finetune", "resume", "--job-id", w["jobs"]["edited"]],
+         'decisions.threads is {"reason": "hand-edited", "value": "two"}, but the run this resumes must have '
+         "recorded its threads as"),
         ("resume without a checkpoint", lambda w: ["finetune", "resume", "--job-id", w["jobs"]["failed"]],
          "has no complete checkpoint to resume from"),
         ("generate from a failed job", lambda w: ["generate", "--model", w["jobs"]["failed"], "--prompt", "hi"],

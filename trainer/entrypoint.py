@@ -8,7 +8,6 @@ its reason, trains, and writes status, metrics, checkpoints and final weights ba
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +15,13 @@ from pathlib import Path
 from contract.decisions import Decision, choose_attention, choose_base_dtype
 from contract.errors import UserError
 from contract.job_folder import (
-    JOB_FILE,
-    UnreadableJob,
     complete_checkpoints,
     cut_metrics,
     read_job,
     read_job_strategy,
     update_job,
 )
-from contract.plan import estimate_of, plan_of
+from contract.plan import estimate_of, kept_decision, plan_of
 from trainer.lifecycle import run_job
 
 
@@ -113,14 +110,6 @@ def _check_architecture(model_path: str, spec) -> None:
     print(f"architecture: {name} (family {arch.family}; GGUF architecture {arch.name})", flush=True)
 
 
-KEPT = "kept from the run this resumes"
-KEEPABLE = {  # the decisions a resumed run keeps: which recorded values it can compute with, in words
-    "threads": (lambda v: str(v).isdigit() and int(v) >= 1, "a thread count (a whole number, at least 1)"),
-    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
-    "compile": (lambda v: v in ("on", "off"), "on or off"),
-}
-
-
 @dataclass
 class _Job:
     """What the steps of one training run share: the job folder read once, the plan confirmed here,
@@ -156,26 +145,9 @@ class _Job:
         return kept if kept is not None else decide()
 
     def kept_on_resume(self, name: str) -> Decision | None:
-        """The decision `name` recorded by the run this one resumes; None for a fresh run, or when the
-        earlier run recorded none. A recorded value the run could not compute with (job.json edited by
-        hand) stops the run with what to do, rather than failing somewhere later."""
-        if not self.job.get("resume_from"):
-            return None
-        decisions = self.job.get("decisions") or {}
-        where, earlier = ((f"decisions.{name}", decisions.get(name)) if isinstance(decisions, dict)
-                          else ("decisions", decisions))
-        if earlier is None:
-            return None
-        valid, expected = KEEPABLE[name]
-        if not (isinstance(earlier, dict) and valid(earlier.get("value")) and isinstance(earlier.get("reason"), str)):
-            shown = json.dumps(earlier)[:200]
-            raise UnreadableJob(f"job file {self.folder / JOB_FILE}: {where} is {shown}, but the run this "
-                                f"resumes must have recorded its {name} as {{\"value\": ..., \"reason\": ...}} with "
-                                f"the value {expected}; restore what it recorded, or start the strategy again as a new job")
-        value = str(earlier["value"])
-        if earlier["reason"].startswith(KEPT):  # a resume of a resume: the first run's reason, once
-            return Decision(value, earlier["reason"])
-        return Decision(value, f"{KEPT}, so the resumed steps compute as its steps did (there: {earlier['reason']})")
+        """The decision `name` recorded by the run this one resumes (contract.plan.kept_decision, which
+        refuses a record it could not compute with); None for a fresh run, or when it recorded none."""
+        return kept_decision(self.folder, self.job, name) if self.job.get("resume_from") else None
 
     def record(self, **fields) -> None:
         if self.world.writes:  # one writer per job folder

@@ -230,7 +230,7 @@ def resume(job_id, foreground):
       llamafarm finetune resume --job-id tiny_demo-20260101-120000-ab12
     """
     from contract.job_folder import complete_checkpoints, read_job_strategy, update_job
-    from contract.plan import plan_of
+    from contract.plan import check_kept_decisions, plan_of
     from orchestrator import jobs
     from orchestrator.runners import get_runner
 
@@ -241,6 +241,7 @@ def resume(job_id, foreground):
                         f"`llamafarm finetune stop --job-id {job_id}` stops it with a checkpoint")
     if job["status"] == "completed":
         raise UserError(f"job {job_id} already completed; start a new job to train further")
+    check_kept_decisions(folder, job)  # the trainer would refuse them only after loading the model
     checkpoints = complete_checkpoints(folder)
     if not checkpoints:
         raise UserError(
