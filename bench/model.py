@@ -69,13 +69,13 @@ EXTRA_METHODS = {
     "lora-all-r64": {"type": "lora", "r": 64, "alpha": 128, "dropout": 0.05, "target_modules": ALL_LINEAR},
 }
 CHECKPOINTED = ("lora-all-r16-gc", "full-gc")
-METHOD_NAMES = (*METHODS, *EXTRA_METHODS, *CHECKPOINTED)
+_SETTINGS = {**METHODS, **EXTRA_METHODS}
+METHOD_NAMES = (*_SETTINGS, *CHECKPOINTED)
 
 
 def method_settings(name: str) -> tuple[dict, bool]:
     """(the strategy's method block, whether gradient checkpointing is on) for a METHOD_NAMES entry."""
-    base = name.removesuffix("-gc")
-    return dict({**METHODS, **EXTRA_METHODS}[base]), name in CHECKPOINTED
+    return dict(_SETTINGS[name.removesuffix("-gc")]), name in CHECKPOINTED
 
 
 def make_rows(tokenizer, target_tokens: int, seed: int, lengths: tuple[int, int] = (MIN_TOKENS, MAX_TOKENS)) -> list[dict]:

@@ -14,6 +14,8 @@ from pathlib import Path
 from contract.errors import UserError
 from contract.machine_cache import unkept_note
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # what a run computes in; a strategy may also say auto
+
 
 @dataclass(frozen=True)
 class Decision:

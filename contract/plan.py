@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from contract.decisions import Decision
+from contract.decisions import PRECISIONS, Decision
 from contract.errors import UserError
 from contract.job_folder import JOB_FILE, UnreadableJob, read_job
 
@@ -78,7 +78,7 @@ def runner_of(job: dict) -> str | None:
 KEPT = "kept from the run this resumes"
 KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded values it can compute with, in words
     "threads": (lambda v: str(v).isdigit() and int(v) >= 1, "a thread count (a whole number, at least 1)"),
-    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"),
     "compile": (lambda v: v in ("on", "off"), "on or off"),
 }
 

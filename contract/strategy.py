@@ -12,7 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from contract.decisions import PRECISIONS
 from contract.export_options import FORMATS, MERGED_PRECISIONS, QUANTIZATIONS, VERIFY_PROMPTS_FROM_DATA
+
+PRECISION_SETTINGS = ("auto", *PRECISIONS)
 
 
 # Upper bounds on counts: torch and numpy index with 64-bit (seeds: 32-bit) integers, and a value past
@@ -165,7 +168,7 @@ class TrainingArgs(_Strict):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward: less memory, about 20-30% slower."
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: Literal[PRECISION_SETTINGS] = Field(
         default="auto", description="Compute precision; auto picks the best the device supports."
     )
     torch_compile: Literal["auto"] | bool = Field(
