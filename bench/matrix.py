@@ -117,30 +117,42 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
-    try:
-        baseline = run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)
-    except SystemExit as failed:  # e.g. killed for memory (-9): the padded script cannot run this cell here
-        baseline = {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None,
-                    "eval_loss": None}
-        print(f"{cell}: the baseline did not finish ({baseline['failed']}); llamafarm's side runs on", flush=True)
+    baseline = _side_or_failure(cell, "the baseline", lambda: run_baseline(folder, model, data, evals, precision, steps,
+                                                                           env, extra=extra))
     strategy = write_strategy(folder, length, batch, method, steps)
-    sides = {runner: run_project(folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy,
-                                 runner=runner) for runner in runners}
+    sides = {runner: _side_or_failure(cell, f"llamafarm's {runner} runner", lambda runner=runner: run_project(
+        folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy, runner=runner))
+        for runner in runners}
     ours = sides[runners[0]]
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing",
                                                                      "lora_dropout")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
-              "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"] if baseline["tokens_per_second"] else None,
+              "ratio": _both(ours["tokens_per_second"], baseline["tokens_per_second"], lambda a, b: a / b),
               "runners": {runner: side["tokens_per_second"] for runner, side in sides.items()},
-              "loss_apart": (abs(ours["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"]
-                             if baseline["eval_loss"] else None)}
-    print(f"{cell}: llamafarm {ours['tokens_per_second']:.0f} vs baseline {_number(baseline['tokens_per_second'])} real "
-          f"tokens/s = {_ratio(result['ratio'])}; peak RSS {ours['peak_rss_mb']:,.0f} vs "
-          f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; held-out loss {ours['eval_loss']:.4f} vs "
+              "loss_apart": _both(ours["eval_loss"], baseline["eval_loss"], lambda a, b: abs(a - b) / b)}
+    print(f"{cell}: llamafarm {_number(ours['tokens_per_second'])} vs baseline {_number(baseline['tokens_per_second'])} "
+          f"real tokens/s = {_ratio(result)}; peak RSS {_number(ours['peak_rss_mb'], ',.0f')} vs "
+          f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; held-out loss {_number(ours['eval_loss'], '.4f')} vs "
           f"{_number(baseline['eval_loss'], '.4f')}; {decisions}; per runner "
-          f"{', '.join(f'{k} {v:.0f}' for k, v in result['runners'].items())} tokens/s", flush=True)
+          f"{', '.join(f'{k} {_number(v)}' for k, v in result['runners'].items())} tokens/s", flush=True)
     return result
+
+
+def _side_or_failure(cell: str, side: str, run) -> dict:
+    """One side of a cell, or what stopped it (e.g. killed for memory, -9: the padded baseline cannot run
+    2048 x 4 in 24 GB): the matrix records the failure in the cell and goes on to the next one."""
+    try:
+        return run()
+    except SystemExit as failed:
+        print(f"{cell}: {side} did not finish ({str(failed).splitlines()[0][:120]}); the matrix goes on", flush=True)
+        return {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None,
+                "eval_loss": None, "decisions": {}}
+
+
+def _both(ours, baseline, combine):
+    """combine(ours, baseline), or None where either side did not finish."""
+    return combine(ours, baseline) if ours is not None and baseline is not None else None
 
 
 def table(results: list[dict], peak: float) -> str:
@@ -152,11 +164,12 @@ def table(results: list[dict], peak: float) -> str:
         mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) if side["tokens_per_second"]
                else None for side in (b, o)]
         d = r["decisions"]
+        chosen = (f"{d['precision']}, {d['attention']}, compile {d['compile']}{_dropout(d)}" if d.get("precision")
+                  else "-")
         lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {_number(b['tokens_per_second'])} | "
-                     f"{o['tokens_per_second']:.0f} | {_ratio(r['ratio'])} | {_number(b['peak_rss_mb'], ',.0f')} / "
-                     f"{o['peak_rss_mb']:,.0f} | {_number(mfu[0])}% / {mfu[1]:.0f}% | "
-                     f"{_number(b['eval_loss'], '.3f')} / {o['eval_loss']:.3f} | {d['precision']}, {d['attention']}, "
-                     f"compile {d['compile']}{_dropout(d)} |")
+                     f"{_number(o['tokens_per_second'])} | {_ratio(r)} | {_number(b['peak_rss_mb'], ',.0f')} / "
+                     f"{_number(o['peak_rss_mb'], ',.0f')} | {_number(mfu[0])}% / {_number(mfu[1])}% | "
+                     f"{_number(b['eval_loss'], '.3f')} / {_number(o['eval_loss'], '.3f')} | {chosen} |")
     return "\n".join(lines)
 
 
@@ -164,8 +177,10 @@ def _number(value, spec: str = ".0f") -> str:
     return format(value, spec) if value is not None else "-"
 
 
-def _ratio(ratio) -> str:
-    return f"{ratio:.2f}x" if ratio is not None else "baseline failed"
+def _ratio(result: dict) -> str:
+    if result["ratio"] is not None:
+        return f"{result['ratio']:.2f}x"
+    return "baseline failed" if result["baseline"].get("failed") else "llamafarm failed"
 
 
 def _dropout(decisions: dict) -> str:
@@ -201,7 +216,10 @@ def main(argv=None) -> int:
     model = build_model(work / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
-    results = [run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps) for cell in cells]
+    results = []
+    for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
+        results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps))
+        _save(run_dir, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.
     at_end = measure.matmul_peak(measure.peak_thread_counts())
@@ -212,19 +230,25 @@ def main(argv=None) -> int:
     short = [r["cell"] for r in results if r["ratio"] is not None and r["ratio"] < target]
     apart = [f"{r['cell']} ({100 * r['loss_apart']:.1f}%)" for r in results
              if r["loss_apart"] is not None and r["loss_apart"] > LOSS_APART]
-    failed = [f"{r['cell']} ({r['baseline']['failed']})" for r in results if r["ratio"] is None]
+    failed = [f"{r['cell']} ({side}: {r[key]['failed']})" for r in results for side, key in
+              (("baseline", "baseline"), ("llamafarm", "project")) if r[key].get("failed")]
     if failed:
-        print("baseline failed (no ratio): " + "; ".join(failed))
+        print("did not finish (no ratio): " + "; ".join(failed))
     print(f"\nmatmul peak for MFU: {peak} GFLOP/s (the higher of the run's start, and its end: {at_end}); "
           f"cells under {target}x: {', '.join(short) or 'none'}; held-out losses more than {100 * LOSS_APART:.0f}% "
           f"apart: {', '.join(apart) or 'none'}")
     for runner in runners[1:]:
         for r in results:
-            print(f"{r['cell']}: {runner} runner {r['runners'][runner]:.0f} tokens/s = "
-                  f"{r['runners'][runner] / r['runners'][runners[0]]:.3f}x the {runners[0]} runner")
-    (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
+            relative = _both(r["runners"][runner], r["runners"][runners[0]], lambda a, b: f"{a / b:.3f}x")
+            print(f"{r['cell']}: {runner} runner {_number(r['runners'][runner])} tokens/s = "
+                  f"{relative or '-'} the {runners[0]} runner")
+    _save(run_dir, peaks, precision, results)
     print(f"result: {run_dir / 'result.json'}")
     return 1 if short or apart else 0
+
+
+def _save(run_dir: Path, peaks: dict, precision: str, results: list[dict]) -> None:
+    (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

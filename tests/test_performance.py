@@ -269,10 +269,17 @@ def test_benchmark_measures():
     assert lora_flops(SHAPE, [1]) == pytest.approx(4 * (134_515_008 - 35_136) + 12 * 576 * 30, rel=1e-9)
 
 
-def test_matrix_table_keeps_a_cell_whose_baseline_failed():
-    """A padded baseline that runs out of memory (2048 x 4 does on 24 GB) leaves its cell without a ratio;
-    the matrix goes on and says so instead of dying."""
-    from bench.matrix import table
+def test_matrix_table_keeps_a_cell_whose_side_failed():
+    """A padded baseline that runs out of memory (2048 x 4 does on 24 GB), or our side killed the same
+    way, leaves its cell without a ratio; the matrix goes on and says so instead of dying."""
+    from bench.matrix import _side_or_failure, table
+
+    def killed():
+        raise SystemExit("command failed (-9): python -m bench.baseline ...\nthe log's tail")
+
+    failed = _side_or_failure("2048x8:full", "the baseline", killed)
+    assert failed == {"failed": "command failed (-9): python -m bench.baseline ...", "tokens_per_second": None,
+                      "peak_rss_mb": None, "eval_loss": None, "decisions": {}}
 
     decisions = {"precision": "bf16", "attention": "blockwise", "compile": "off", "lora_dropout": "fast-mask"}
     ours = {"tokens_per_second": 600.0, "peak_rss_mb": 2000.0, "eval_loss": 10.0123}
@@ -283,11 +290,16 @@ def test_matrix_table_keeps_a_cell_whose_baseline_failed():
          "decisions": decisions, "baseline": {"failed": "command failed (-9)", "tokens_per_second": None,
                                               "peak_rss_mb": None, "eval_loss": None}, "project": ours},
     ]
+    results.append({"length": 2048, "batch": 8, "method": "lora-all-r16", "flops_per_token": 1e9, "ratio": None,
+                    "decisions": {k: None for k in decisions}, "baseline": results[1]["baseline"], "project": failed})
+    results.append({**results[0], "ratio": None, "decisions": {k: None for k in decisions}, "project": failed})
     rows = table(results, peak=1000.0).splitlines()[2:]
     assert rows[0] == ("| 512 | 4 | full | 300 | 600 | 2.00x | 4,000 / 2,000 | 30% / 60% | 10.100 / 10.012 | bf16, "
                        "blockwise, compile off, dropout fast-mask |")
     assert rows[1].startswith("| 2048 | 4 | lora-all-r16 | - | 600 | baseline failed | - / 2,000 | -% / 60% | "
                               "- / 10.012 |")
+    assert rows[2] == "| 2048 | 8 | lora-all-r16 | - | - | baseline failed | - / - | -% / -% | - / - | - |"
+    assert rows[3] == "| 512 | 4 | full | 300 | - | llamafarm failed | 4,000 / - | 30% / -% | 10.100 / - | - |"
 
 
 def test_compile_decision(monkeypatch):
