@@ -18,7 +18,8 @@ data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side
 Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
 peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each
 side's loss after training on the same held-out rows (~8 x LENGTH tokens of other text); at the end a
-markdown table (docs/PERFORMANCE.md) and result.json.
+markdown table (docs/PERFORMANCE.md) and result.json (also rewritten after every cell). A side that
+does not finish (killed for memory) leaves its cell without a ratio, and the matrix goes on.
 """
 
 from __future__ import annotations
