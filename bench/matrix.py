@@ -18,8 +18,9 @@ data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side
 Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
 peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each
 side's loss after training on the same held-out rows (~8 x LENGTH tokens of other text); at the end a
-markdown table (docs/PERFORMANCE.md) and result.json (also rewritten after every cell). A side that
-does not finish (killed for memory) leaves its cell without a ratio, and the matrix goes on.
+markdown table (docs/PERFORMANCE.md), result.json (also rewritten after every cell) and matrix.png
+(bench/matrix_plot.py). A side that does not finish (killed for memory) leaves its cell without a
+ratio, and the matrix goes on.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from types import SimpleNamespace
 
 from bench import measure
 from bench.cpu_lora import ROOT, run_baseline, run_project
+from bench.matrix_plot import plot_matrix, title_of
 from bench.model import METHOD_NAMES, METHODS, SHAPE, build_model, make_rows, method_settings, write_rows
 
 LENGTHS = (256, 512, 1024, 2048)
@@ -212,15 +214,16 @@ def main(argv=None) -> int:
     steps = measure.WARMUP_STEPS + a.steps
     peaks = measure.matmul_peak(measure.peak_thread_counts())
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
-    print(f"machine: {measure.cpu_model()}, {cores} cores, torch {torch.__version__}; matmul peak {peaks} GFLOP/s; "
-          f"baseline precision {precision}; {len(cells)} cells, {steps} steps per side", flush=True)
+    machine = f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    print(f"machine: {machine}; matmul peak {peaks} GFLOP/s; baseline precision {precision}; {len(cells)} cells, "
+          f"{steps} steps per side", flush=True)
     model = build_model(work / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
     results = []
     for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
         results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps))
-        _save(run_dir, peaks, precision, results)
+        _save(run_dir, machine, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.
     at_end = measure.matmul_peak(measure.peak_thread_counts())
@@ -243,13 +246,15 @@ def main(argv=None) -> int:
             relative = _both(r["runners"][runner], r["runners"][runners[0]], lambda a, b: f"{a / b:.3f}x")
             print(f"{r['cell']}: {runner} runner {_number(r['runners'][runner])} tokens/s = "
                   f"{relative or '-'} the {runners[0]} runner")
-    _save(run_dir, peaks, precision, results)
-    print(f"result: {run_dir / 'result.json'}")
+    saved = _save(run_dir, machine, peaks, precision, results)
+    print(f"result: {run_dir / 'result.json'}; picture: {plot_matrix(results, run_dir / 'matrix.png', title_of(saved))}")
     return 1 if short or apart else 0
 
 
-def _save(run_dir: Path, peaks: dict, precision: str, results: list[dict]) -> None:
-    (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "precision": precision, "results": results}, indent=1))
+def _save(run_dir: Path, machine: str, peaks: dict, precision: str, results: list[dict]) -> dict:
+    saved = {"machine": machine, "peaks": peaks, "precision": precision, "results": results}
+    (run_dir / "result.json").write_text(json.dumps(saved, indent=1))
+    return saved
 
 
 if __name__ == "__main__":

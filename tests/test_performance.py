@@ -302,6 +302,33 @@ def test_matrix_table_keeps_a_cell_whose_side_failed():
     assert rows[3] == "| 512 | 4 | full | 300 | - | llamafarm failed | 4,000 / - | 30% / -% | 10.100 / - | - |"
 
 
+
+def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
+    """matrix.png: one square per cell, its colour the band its ratio falls in (under the 1.5x floor,
+    under 2x, 2x or more; grey where a side did not finish), its text the ratio and both speeds."""
+    import json
+
+    from bench.matrix_plot import BANDS, FAILED, colour, label, main
+
+    def cell(length, batch, method, base, ours):
+        return {"length": length, "batch": batch, "method": method,
+                "ratio": ours / base if base and ours else None,
+                "baseline": {"tokens_per_second": base, **({} if base else {"failed": "command failed (-9)"})},
+                "project": {"tokens_per_second": ours, **({} if ours else {"failed": "command failed (-9)"})}}
+
+    results = [cell(256, 1, "lora-qv-r8", 400.0, 560.0), cell(256, 1, "full", 300.0, 510.0),
+               cell(2048, 8, "lora-qv-r8", None, 575.0), cell(2048, 8, "full", None, None)]
+    assert [colour(r["ratio"]) for r in results] == [BANDS[0][1], BANDS[1][1], FAILED, FAILED]
+    assert colour(2.0) == BANDS[2][1]
+    assert [label(r) for r in results] == ["1.40x\n400 / 560", "1.70x\n300 / 510",
+                                           "baseline\ndid not finish\nours 575", "baseline\ndid not finish"]
+    saved = tmp_path / "result.json"
+    saved.write_text(json.dumps({"machine": "a test", "peaks": {"bf16": 900.0}, "results": results}))
+    assert main([str(saved)]) == 0
+    assert (tmp_path / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="cannot read the matrix result .*pass a result.json that bench.matrix wrote"):
+        main([str(tmp_path / "missing.json")])
+
 def test_compile_decision(monkeypatch):
     """auto compiles by the gain measured on this machine: measured by a long enough run when missing,
     on when the cached gain repays the compile within the run, off when it does not or there is none."""
