@@ -41,7 +41,7 @@ def plot_matrix(results: list[dict], out: Path, title: str) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    from orchestrator.plot import _save
+    from orchestrator.plot import save_figure
 
     methods = list(dict.fromkeys(r["method"] for r in results))
     shapes = sorted({(r["length"], r["batch"]) for r in results})
@@ -66,7 +66,7 @@ def plot_matrix(results: list[dict], out: Path, title: str) -> Path:
                  pad=18)
     fig.tight_layout()
     try:
-        _save(fig, Path(out))
+        save_figure(fig, Path(out))
     finally:
         plt.close(fig)
     return Path(out)

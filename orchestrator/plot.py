@@ -48,13 +48,13 @@ def plot_metrics(metrics: list[dict], out: Path, title: str) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     try:
-        _save(fig, Path(out))
+        save_figure(fig, Path(out))
     finally:
         plt.close(fig)
     return Path(out)
 
 
-def _save(fig, out: Path) -> None:
+def save_figure(fig, out: Path) -> None:
     """Write under a temporary name, then rename: a failed save leaves nothing behind."""
     import os
 
