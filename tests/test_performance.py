@@ -329,6 +329,41 @@ def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
     with pytest.raises(SystemExit, match="cannot read the matrix result .*pass a result.json that bench.matrix wrote"):
         main([str(tmp_path / "missing.json")])
 
+def test_threads_go_to_one_only_when_the_cores_stay_busy(monkeypatch):
+    """One thread (half the speed on two cores) only when every check finds the cores busy: a probe
+    that catches a passing burst is checked again, and a later calm check keeps every core."""
+    import torch
+
+    from trainer import performance
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(performance.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(performance, "BUSY_RECHECK_SECONDS", 0)
+
+    def probe_busy_for(checks: int):
+        calls = []  # each check: a warm-up call per count, then 5 interleaved samples per count
+
+        def probe(threads: int) -> float:
+            busy = len(calls) // 12 < checks
+            calls.append(threads)
+            return (0.036 if threads == 2 else 0.008) if busy else (0.004 if threads == 2 else 0.006)
+        return probe
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(performance, "_probe_seconds", probe_busy_for(1))
+        calm = performance.choose_threads()
+        assert (calm.value, calm.reason) == ("2", "one per core this process may use (probe: 4 ms with 2 threads, "
+                                                  "6 ms with 1)")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(performance, "_probe_seconds", probe_busy_for(performance.BUSY_CHECKS))
+        busy = performance.choose_threads()
+        assert busy.value == "1" and torch.get_num_threads() == 1
+        assert busy.reason == ("the 2 cores are busy: a step-like probe took longer with 2 threads than with 1 in "
+                               "each of 3 checks 0 s apart (36 against 8 ms; 36 against 8 ms; 36 against 8 ms)")
+    finally:
+        torch.set_num_threads(before)
+
 def test_compile_decision(monkeypatch):
     """auto compiles by the gain measured on this machine: measured by a long enough run when missing,
     on when the cached gain repays the compile within the run, off when it does not or there is none."""

@@ -205,13 +205,23 @@ def choose_chunked_loss(model) -> Decision:
                           f"positions only; the full logits (tokens x {vocab}) are never built")
 
 
+# A busy verdict (one thread) must hold in this many probes, this many seconds apart: a single probe
+# once caught a passing burst (2026-12-02, one job of a benchmark run: 36 ms with 2 threads against 8
+# with 1, where the run's 28 other jobs read 3-6 against 6-9) and trained on one of two cores at half speed.
+BUSY_CHECKS = 3
+BUSY_RECHECK_SECONDS = 0.5
+
+
 def choose_threads() -> Decision:
     """Intra-op threads: one per core this process may use, unless those cores are busy (set here).
 
     Every parallel op waits for all its threads; on a machine where other processes hold the cores,
     a thread that is not scheduled stalls each op for a scheduler time slice (milliseconds, for ops
     that take microseconds), and one thread is several times faster. A short probe of a step-like
-    mix of ops with each thread count decides."""
+    mix of ops with each thread count decides; one thread only when the cores stay busy through
+    BUSY_CHECKS probes, since a passing burst would otherwise halve the whole run's speed."""
+    import time
+
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
@@ -220,20 +230,31 @@ def choose_threads() -> Decision:
     if cores == 1:
         torch.set_num_threads(1)
         return Decision("1", "one core available")
+    busy = []
+    for check in range(BUSY_CHECKS):
+        if check:
+            time.sleep(BUSY_RECHECK_SECONDS)
+        timings = _probe_timings(cores)
+        if timings[1] >= 0.9 * timings[cores]:
+            torch.set_num_threads(cores)
+            return Decision(str(cores), f"one per core this process may use (probe: {1e3 * timings[cores]:.0f} ms "
+                                        f"with {cores} threads, {1e3 * timings[1]:.0f} ms with 1)")
+        busy.append(f"{1e3 * timings[cores]:.0f} against {1e3 * timings[1]:.0f} ms")
+    torch.set_num_threads(1)
+    return Decision("1", f"the {cores} cores are busy: a step-like probe took longer with {cores} threads than "
+                         f"with 1 in each of {BUSY_CHECKS} checks {BUSY_RECHECK_SECONDS} s apart ({'; '.join(busy)})")
+
+
+def _probe_timings(cores: int) -> dict[int, float]:
+    """Median seconds of the probe with `cores` threads and with 1, interleaved so a burst of load
+    hits both counts alike."""
     samples: dict[int, list[float]] = {cores: [], 1: []}
     for n in samples:
         _probe_seconds(n)  # warm-up: the first call starts the thread pool
-    for _ in range(5):  # interleaved, so a burst of load hits both counts alike
+    for _ in range(5):
         for n in samples:
             samples[n].append(_probe_seconds(n))
-    timings = {n: sorted(times)[len(times) // 2] for n, times in samples.items()}
-    if timings[1] < 0.9 * timings[cores]:
-        torch.set_num_threads(1)
-        return Decision("1", f"the {cores} cores are busy: a step-like probe took {1e3 * timings[cores]:.0f} ms "
-                             f"with {cores} threads, {1e3 * timings[1]:.0f} ms with 1")
-    torch.set_num_threads(cores)
-    return Decision(str(cores), f"one per core this process may use (probe: {1e3 * timings[cores]:.0f} ms with "
-                                f"{cores} threads, {1e3 * timings[1]:.0f} ms with 1)")
+    return {n: sorted(times)[len(times) // 2] for n, times in samples.items()}
 
 
 def use_threads(decision: Decision) -> Decision:
