@@ -31,7 +31,8 @@ def label(result: dict) -> str:
     base, ours = result["baseline"]["tokens_per_second"], result["project"]["tokens_per_second"]
     if result["ratio"] is not None:
         return f"{result['ratio']:.2f}x\n{base:.0f} / {ours:.0f}"
-    stopped = "baseline" if result["baseline"].get("failed") else "llamafarm"
+    stopped = " and ".join(side for side, key in (("baseline", "baseline"), ("llamafarm", "project"))
+                           if result[key].get("failed"))
     return f"{stopped}\ndid not finish" + (f"\nours {ours:.0f}" if ours is not None else "")
 
 

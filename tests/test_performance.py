@@ -321,7 +321,8 @@ def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
     assert [colour(r["ratio"]) for r in results] == [BANDS[0][1], BANDS[1][1], FAILED, FAILED]
     assert colour(2.0) == BANDS[2][1]
     assert [label(r) for r in results] == ["1.40x\n400 / 560", "1.70x\n300 / 510",
-                                           "baseline\ndid not finish\nours 575", "baseline\ndid not finish"]
+                                           "baseline\ndid not finish\nours 575",
+                                           "baseline and llamafarm\ndid not finish"]
     saved = tmp_path / "result.json"
     saved.write_text(json.dumps({"machine": "a test", "peaks": {"bf16": 900.0}, "results": results}))
     assert main([str(saved)]) == 0
