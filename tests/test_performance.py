@@ -302,7 +302,6 @@ def test_matrix_table_keeps_a_cell_whose_side_failed():
     assert rows[3] == "| 512 | 4 | full | 300 | - | llamafarm failed | 4,000 / - | 30% / -% | 10.100 / - | - |"
 
 
-
 def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
     """matrix.png: one square per cell, its colour the band its ratio falls in (under the 1.5x floor,
     under 2x, 2x or more; grey where a side did not finish), its text the ratio and both speeds."""
@@ -329,6 +328,7 @@ def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
     assert (tmp_path / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="cannot read the matrix result .*pass a result.json that bench.matrix wrote"):
         main([str(tmp_path / "missing.json")])
+
 
 def test_threads_go_to_one_only_when_the_cores_stay_busy(monkeypatch):
     """One thread (half the speed on two cores) only when every check finds the cores busy: a probe
@@ -364,6 +364,7 @@ def test_threads_go_to_one_only_when_the_cores_stay_busy(monkeypatch):
                                "each of 3 checks 0 s apart (36 against 8 ms; 36 against 8 ms; 36 against 8 ms)")
     finally:
         torch.set_num_threads(before)
+
 
 def test_compile_decision(monkeypatch):
     """auto compiles by the gain measured on this machine: measured by a long enough run when missing,
