@@ -207,7 +207,7 @@ def choose_chunked_loss(model) -> Decision:
 
 # A busy verdict (one thread) must hold in this many probes, this many seconds apart: a single probe
 # once caught a passing burst (2026-12-02, one job of a benchmark run: 36 ms with 2 threads against 8
-# with 1, where the run's 28 other jobs read 3-6 against 6-9) and trained on one of two cores at half speed.
+# with 1, where the run's 35 other jobs read 3-6 against 6-9) and trained on one of two cores at half speed.
 BUSY_CHECKS = 3
 BUSY_RECHECK_SECONDS = 0.5
 
