@@ -42,7 +42,7 @@ def plot_matrix(results: list[dict], out: Path, title: str) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    from orchestrator.plot import save_figure
+    from orchestrator.plot import finish_figure
 
     methods = list(dict.fromkeys(r["method"] for r in results))
     shapes = sorted({(r["length"], r["batch"]) for r in results})
@@ -65,12 +65,7 @@ def plot_matrix(results: list[dict], out: Path, title: str) -> Path:
               bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title + "\nllamafarm's speed over Trainer + PEFT; real tokens/s: Trainer+PEFT / llamafarm", fontsize=9,
                  pad=18)
-    fig.tight_layout()
-    try:
-        save_figure(fig, Path(out))
-    finally:
-        plt.close(fig)
-    return Path(out)
+    return finish_figure(fig, out)
 
 
 def main(argv=None) -> int:

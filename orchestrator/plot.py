@@ -46,15 +46,22 @@ def plot_metrics(metrics: list[dict], out: Path, title: str) -> Path:
     lines = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(title)
+    return finish_figure(fig, out)
+
+
+def finish_figure(fig, out: Path) -> Path:
+    """Lay the figure out, write it to `out` (see _save) and close it, written or not."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
-        save_figure(fig, Path(out))
+        _save(fig, Path(out))
     finally:
         plt.close(fig)
     return Path(out)
 
 
-def save_figure(fig, out: Path) -> None:
+def _save(fig, out: Path) -> None:
     """Write under a temporary name, then rename: a failed save leaves nothing behind."""
     import os
 
