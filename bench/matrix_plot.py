@@ -79,8 +79,12 @@ def main(argv=None) -> int:
         results = saved["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"cannot read the matrix result {a.result}: {e}; pass a result.json that bench.matrix wrote")
-    title = a.title or title_of(saved)
-    print(plot_matrix(results, a.out or a.result.with_name("matrix.png"), title))
+    from contract.errors import UserError
+
+    try:
+        print(plot_matrix(results, a.out or a.result.with_name("matrix.png"), a.title or title_of(saved)))
+    except UserError as e:  # an --out that cannot be written: the message, not a traceback
+        sys.exit(str(e))
     return 0
 
 

@@ -79,4 +79,4 @@ def _save(fig, out: Path) -> None:
         if tmp.is_file():
             tmp.unlink()
         reason = exc.strerror or str(exc)
-        raise UserError(f"cannot write the plot to {out}: {reason}; give --plot a path in a writable folder") from None
+        raise UserError(f"cannot write the plot to {out}: {reason}; give a path in a writable folder") from None

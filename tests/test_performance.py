@@ -328,6 +328,8 @@ def test_matrix_picture_colours_each_cell_by_the_targets(tmp_path):
     assert (tmp_path / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="cannot read the matrix result .*pass a result.json that bench.matrix wrote"):
         main([str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="cannot write the plot to .*matrix.txt: unknown image type '.txt'"):
+        main([str(saved), "--out", str(tmp_path / "matrix.txt")])
 
 
 def test_threads_go_to_one_only_when_the_cores_stay_busy(monkeypatch):
