@@ -36,6 +36,10 @@ FINAL_DIR = "final"
 BEST_DIR = "best"
 TRAINER_STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 
+# Set in the trainer's environment when a process on the host watches it and owns job.json's pid (the
+# local runner's exit watch, the container runner's supervisor): the trainer then never records its own.
+SUPERVISED_ENV = "LLAMAFARM_SUPERVISED"
+
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
 FINISHED = ("completed", "failed", "stopped")
 
@@ -119,6 +123,27 @@ def update_job(folder: Path, **fields) -> dict:
         data.update(fields)
         write_json_atomic(path, data)
         return data
+
+
+def run_number(job: dict) -> int:
+    """Which run of the job this is: 0 for the first, one more for each resume."""
+    return job.get("resumes", 0)
+
+
+def end_unreported_run(folder: Path, run: int, **fields) -> bool:
+    """Write how a run ended (status, error) for a trainer that could not write it itself (killed
+    outright): only while the job is unfinished and still at that run, since a resume may have started
+    the next run already. Under the lock, so a status written at the same moment is never overwritten.
+    Returns whether it wrote."""
+    folder = Path(folder)
+    with _locked(folder):
+        path = folder / JOB_FILE
+        data = json.loads(path.read_text())
+        if data.get("status") in FINISHED or run_number(data) != run:
+            return False
+        data.update(fields, finished_at=now_iso())
+        write_json_atomic(path, data)
+        return True
 
 
 def append_metrics(folder: Path, record: dict) -> None:

@@ -337,7 +337,7 @@ def test_a_trainer_killed_in_its_container_resumes_bitwise_identical(run_cli, cp
     _wait(folder, _at_step(folder, random.Random().randint(3, 7)), "the step to kill the trainer at", poll=0.05)
     cpu_image.containers.get(f"llamafarm-{folder.name}").kill(signal="SIGKILL")
     job = _wait(folder, lambda j: j["status"] in ("completed", "failed", "stopped"), "the job to fail")
-    assert job["status"] == "failed" and "exited with code 137" in job["error"], job
+    assert job["status"] == "failed" and "exited with code 137: killed (SIGKILL)" in job["error"], job
     _removed(cpu_image, folder)
     resumed = run_cli("finetune", "resume", "--job-id", folder.name, "--foreground")
     assert resumed.exit_code == 0, (folder / "train.log").read_text()[-3000:]

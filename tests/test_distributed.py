@@ -157,6 +157,7 @@ def test_local_runner_wraps_the_one_entrypoint_in_the_launcher(tmp_path):
 
     folder = _job_folder(tmp_path, {"mode": "ddp", "nproc_per_node": 2})
     assert get_runner("local").launch_spec(folder).argv == [
+        sys.executable, "-m", "orchestrator.runners.exit_watch", str(folder), "--",
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0", "--standalone",
         "-m", "trainer", "train", str(folder)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,74 @@ def test_a_live_process_stays_running(tmp_path):
         proc.wait()
 
 
+def _watch(folder, child: str) -> subprocess.CompletedProcess:
+    """The exit watch around a child Python program, as the local runner starts it (minus detaching)."""
+    from orchestrator.runners.local import trainer_env, watched
+
+    return subprocess.run(watched(folder, [sys.executable, "-c", child]), cwd=PROJECT_ROOT, env=trainer_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_trainer_killed_outright_fails_with_what_killed_it(tmp_path):
+    """SIGKILL (the kernel's out-of-memory killer) cannot be caught: the exit watch writes the status."""
+    folder = _job(tmp_path)
+    update_job(folder, status="running", pid=123)
+    proc = _watch(folder, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    job = read_job(folder)
+    assert proc.returncode == 128 + 9 and job["status"] == "failed" and job["finished_at"]
+    assert job["error"] == (f"the training process ended with exit code -9: killed (SIGKILL), most often by the "
+                            "system for running out of memory: lower per_device_train_batch_size or max_seq_length, "
+                            f"or turn on gradient_checkpointing; see {folder / 'train.log'}")
+    assert job["pid"] == 123, "the job's pid stays the one the runner recorded"
+    assert jobs.refresh(folder)["error"] == job["error"]
+
+
+def test_the_exit_watch_keeps_a_status_the_trainer_wrote(tmp_path):
+    folder = _job(tmp_path)
+    child = ("import os; from contract.job_folder import update_job; "
+             f"update_job({str(folder)!r}, status='completed', supervised=os.environ['LLAMAFARM_SUPERVISED'])")
+    proc = _watch(folder, child)
+    job = read_job(folder)
+    assert proc.returncode == 0, proc.stderr
+    assert (job["status"], job.get("error"), job["supervised"]) == ("completed", None, "1")
+    other = _job(tmp_path)
+    proc = _watch(other, "raise SystemExit(4)")
+    assert proc.returncode == 4 and read_job(other)["error"].startswith(
+        "the training process ended with exit code 4: ended without reporting a status; see ")
+
+
+def test_the_exit_watch_leaves_a_resumed_job_to_its_next_run(tmp_path):
+    """A resume may start the next run before the last one's watch has looked: that watch writes nothing."""
+    folder = _job(tmp_path)
+    proc = _watch(folder, f"from contract.job_folder import update_job; update_job({str(folder)!r}, "
+                          "status='pending', resumes=1); raise SystemExit(9)")
+    job = read_job(folder)
+    assert proc.returncode == 9 and (job["status"], job.get("error")) == ("pending", None)
+
+
+def test_a_stop_that_ends_the_trainer_without_a_status_leaves_it_stopped(tmp_path):
+    """LocalRunner.stop signals the process group; the watch notes it and passes nothing on."""
+    from orchestrator.runners.base import LaunchSpec
+    from orchestrator.runners.local import LocalRunner, trainer_env, watched
+
+    folder = _job(tmp_path)
+    ready = tmp_path / "ready"
+    child = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+             f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
+    runner = LocalRunner()
+    pid = runner.start(LaunchSpec(argv=watched(folder, [sys.executable, "-c", child]), cwd=PROJECT_ROOT,
+                                  env=trainer_env(), log_path=folder / "train.log"))
+    update_job(folder, status="running", pid=pid)
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    runner.stop(read_job(folder))
+    while read_job(folder)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.05)
+    job = read_job(folder)
+    assert (job["status"], job.get("error")) == ("stopped", None), (folder / "train.log").read_text()
+
+
 def test_model_folder_resolution(tmp_path):
     folder = _job(tmp_path)
     with pytest.raises(UserError, match=f"job {folder.name} is pending; only a completed job has final weights"):
@@ -106,7 +175,8 @@ def test_model_folder_resolution(tmp_path):
 
 def test_local_runner_launch_spec(tmp_path):
     spec = get_runner("local").launch_spec(tmp_path / "job")
-    assert spec.argv == [sys.executable, "-m", "trainer", "train", str(tmp_path / "job")]
+    assert spec.argv == [sys.executable, "-m", "orchestrator.runners.exit_watch", str(tmp_path / "job"), "--",
+                         sys.executable, "-m", "trainer", "train", str(tmp_path / "job")]
     assert spec.cwd == PROJECT_ROOT and spec.log_path == tmp_path / "job" / "train.log"
     assert spec.env["PYTHONPATH"].split(":")[0] == str(PROJECT_ROOT) and spec.env["PYTHONUNBUFFERED"] == "1"
 

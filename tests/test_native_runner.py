@@ -20,7 +20,8 @@ QA = PROJECT_ROOT / "demos" / "datasets" / "medical_qa.jsonl"
 def test_native_launch_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("VIRTUAL_ENV", "/somewhere/.venv")
     spec = get_runner("native").launch_spec(tmp_path / "job")
-    assert spec.argv == [str(venv_dir() / "bin" / "python"), "-m", "trainer", "train", str(tmp_path / "job")]
+    assert spec.argv == [sys.executable, "-m", "orchestrator.runners.exit_watch", str(tmp_path / "job"), "--",
+                         str(venv_dir() / "bin" / "python"), "-m", "trainer", "train", str(tmp_path / "job")]
     assert venv_dir().parent.name == "native-venv" and venv_dir().name.startswith(f"py{sys.version_info[0]}")
     assert spec.env["PYTHONPATH"].split(":")[0] == str(PROJECT_ROOT)
     assert spec.env["PYTHONNOUSERSITE"] == "1" and spec.env["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contract.errors import UserError
-from contract.job_folder import now_iso, read_job, update_job
+from contract.job_folder import SUPERVISED_ENV, now_iso, read_job, update_job
 
 
 class Stopped(Exception):
@@ -48,9 +48,10 @@ def run_job(folder: Path, train: Callable[[Path, StopFlag], None], stop_message:
         on_stop()
 
     signal.signal(signal.SIGTERM, _on_term)
-    # In a container our pid means nothing to the host: the container runner's supervisor holds it.
-    # Under the distributed launcher the job's pid is the launcher's, which the runner recorded.
-    own_pid = {} if (os.environ.get("LLAMAFARM_SUPERVISED") or role.launched) else {"pid": os.getpid()}
+    # A watching process on the host holds the job's pid (the local runner's exit watch, the container
+    # runner's supervisor: a pid inside a container means nothing to the host); under the distributed
+    # launcher the job's pid is the launcher's, which the runner recorded.
+    own_pid = {} if (os.environ.get(SUPERVISED_ENV) or role.launched) else {"pid": os.getpid()}
     if role.writes:
         update_job(folder, status="running", started_at=now_iso(), **own_pid)
     try:

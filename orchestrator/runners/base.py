@@ -7,9 +7,31 @@ a pid, `stop` asks the job to checkpoint and end.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+# What a killed trainer's exit says, by signal; a SIGKILL nobody sent by hand is the kernel's
+# out-of-memory killer, the one end a process cannot catch and so cannot report itself.
+_SIGNAL_MEANINGS = {
+    signal.SIGKILL: "killed (SIGKILL), most often by the system for running out of memory: lower "
+                    "per_device_train_batch_size or max_seq_length, or turn on gradient_checkpointing",
+    signal.SIGSEGV: "crashed (segmentation fault)",
+}
+
+
+def describe_exit(code: int) -> str:
+    """What a trainer's exit code means when it ended without writing its status. Python's subprocess
+    reports a signal as minus its number, container engines and shells as 128 plus it."""
+    number = -code if code < 0 else code - 128 if code > 128 else None
+    try:
+        sig = signal.Signals(number) if number else None
+    except ValueError:
+        sig = None
+    if sig is None:
+        return "ended without reporting a status"
+    return _SIGNAL_MEANINGS.get(sig, f"ended by signal {sig.name}")
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from contract.errors import UserError
-from contract.job_folder import LOG_FILE, pid_alive, read_job, read_job_strategy
+from contract.job_folder import LOG_FILE, SUPERVISED_ENV, pid_alive, read_job, read_job_strategy
 from contract.plan import plan_of
 from orchestrator.runners.base import LaunchSpec
 from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env
 
 CACHE_IN_CONTAINER = "/cache/llamafarm"
 HF_HOME_IN_CONTAINER = "/cache/huggingface"
-# Tells the trainer that a supervisor on the host owns job.json's pid (a pid inside the container
-# means nothing to the host).
-SUPERVISED_ENV = "LLAMAFARM_SUPERVISED"
 
 
 @dataclass(frozen=True)

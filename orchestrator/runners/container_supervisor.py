@@ -17,11 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-from contract.job_folder import FINISHED, now_iso, read_job, update_job
+from contract.job_folder import FINISHED, end_unreported_run, now_iso, read_job, run_number, update_job
+from orchestrator.runners.base import describe_exit
 from orchestrator.runners.container import ContainerSpec
 from orchestrator.runners.engine import API_VERSION
-
-_EXIT_MEANINGS = {137: "killed (SIGKILL), most often for running out of memory", 139: "crashed (segmentation fault)"}
 
 
 def _log(msg: str) -> None:
@@ -52,6 +51,7 @@ def supervise(job_dir: Path, spec: ContainerSpec) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run = run_number(read_job(job_dir))  # a resume may start the next run before this one is cleaned up
     client = docker.DockerClient(base_url=spec.engine_url, version=API_VERSION, timeout=120)
     _remove_leftover(client, spec.name)
     container = client.containers.create(**spec.create_kwargs(dict(os.environ)))
@@ -81,12 +81,10 @@ def supervise(job_dir: Path, spec: ContainerSpec) -> int:
     logs.join(timeout=10)
     code = int(container.attrs["State"]["ExitCode"])
     container.remove(force=True)
-    job = read_job(job_dir)
-    if job.get("status") not in FINISHED:
-        meaning = _EXIT_MEANINGS.get(code, "ended without reporting a status")
-        status = "stopped" if signalled else "failed"
-        update_job(job_dir, status=status, finished_at=now_iso(),
-                   error=None if signalled else f"the container exited with code {code}: {meaning}; see train.log")
+    meaning = describe_exit(code)
+    status = "stopped" if signalled else "failed"
+    if end_unreported_run(job_dir, run, status=status,
+                          error=None if signalled else f"the container exited with code {code}: {meaning}; see train.log"):
         _log(f"the container exited with code {code} ({meaning}); job status: {status}")
     return code
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from contract.job_folder import LOG_FILE
 from orchestrator.runners.base import LaunchSpec
-from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env
+from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env, watched
 
 
 class LlamaFactoryRunner(LocalRunner):
@@ -25,7 +25,7 @@ class LlamaFactoryRunner(LocalRunner):
 
     def launch_spec(self, job_dir: Path) -> LaunchSpec:
         return LaunchSpec(
-            argv=[sys.executable, "-m", "trainer.llamafactory.supervise", str(job_dir)],
+            argv=watched(job_dir, [sys.executable, "-m", "trainer.llamafactory.supervise", str(job_dir)]),
             cwd=PROJECT_ROOT,
             env=trainer_env(),
             log_path=job_dir / LOG_FILE,

@@ -1,4 +1,5 @@
-"""The local runner: the shared entrypoint as a detached process on this machine."""
+"""The local runner: the shared entrypoint as a detached process on this machine, under the exit watch
+(runners/exit_watch.py), which turns a trainer killed outright into a job status that says so."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from orchestrator.runners.base import LaunchSpec
 from contract.paths import PROJECT_ROOT
 
 
-
 def trainer_env() -> dict[str, str]:
     """The caller's environment plus what the trainer needs; PYTHONPATH makes a plain checkout
     (`python cli.py`) work as well as an installed package."""
@@ -25,6 +25,12 @@ def trainer_env() -> dict[str, str]:
 def trainer_argv(*args: str) -> list[str]:
     """The command line of a trainer subcommand (`python -m trainer ...`) in this interpreter."""
     return [sys.executable, "-m", "trainer", *args]
+
+
+def watched(job_dir: Path, argv: list[str]) -> list[str]:
+    """argv run under the exit watch (runners/exit_watch.py), whose pid becomes the job's: a trainer
+    killed outright (out of memory) still leaves a status in job.json that says how it ended."""
+    return [sys.executable, "-m", "orchestrator.runners.exit_watch", str(job_dir), "--", *argv]
 
 
 def run_trainer(*args: str, stdin: str | None = None) -> str:
@@ -49,7 +55,7 @@ class LocalRunner:
 
         return LaunchSpec(
             # distributed.mode ddp/fsdp: the same command inside torch.distributed.run
-            argv=job_launch_argv(job_dir, trainer_argv("train", str(job_dir))),
+            argv=watched(job_dir, job_launch_argv(job_dir, trainer_argv("train", str(job_dir)))),
             cwd=PROJECT_ROOT,
             env=trainer_env(),
             log_path=job_dir / LOG_FILE,

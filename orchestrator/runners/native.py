@@ -17,7 +17,7 @@ from pathlib import Path
 from contract.errors import UserError
 from contract.job_folder import LOG_FILE
 from orchestrator.runners.base import LaunchSpec
-from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env
+from orchestrator.runners.local import PROJECT_ROOT, LocalRunner, trainer_env, watched
 
 LOCK = PROJECT_ROOT / "images" / "native-mps" / "requirements.txt"
 _COMPLETE = ".llamafarm-complete"  # written last: a venv without it is half-built
@@ -96,7 +96,7 @@ class NativeRunner:
         # Only the project on the path, never the caller's site-packages; ops that MPS lacks run on the CPU.
         env.update({"PYTHONNOUSERSITE": "1", "PYTORCH_ENABLE_MPS_FALLBACK": "1"})
         return LaunchSpec(
-            argv=[str(venv_python(venv_dir())), "-m", "trainer", "train", str(job_dir)],
+            argv=watched(job_dir, [str(venv_python(venv_dir())), "-m", "trainer", "train", str(job_dir)]),
             cwd=PROJECT_ROOT,
             env=env,
             log_path=Path(job_dir) / LOG_FILE,
