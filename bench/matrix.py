@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 from bench import measure
 from bench.cpu_lora import ROOT, run_baseline, run_project
-from bench.matrix_plot import plot_matrix, title_of
+from bench.matrix_plot import SIDES, plot_matrix, title_of, unfinished
 from bench.model import METHOD_NAMES, METHODS, SHAPE, build_model, make_rows, method_settings, write_rows
 
 LENGTHS = (256, 512, 1024, 2048)
@@ -183,7 +183,7 @@ def _number(value, spec: str = ".0f") -> str:
 def _ratio(result: dict) -> str:
     if result["ratio"] is not None:
         return f"{result['ratio']:.2f}x"
-    return "baseline failed" if result["baseline"].get("failed") else "llamafarm failed"
+    return " and ".join(unfinished(result)) + " failed"
 
 
 def _dropout(decisions: dict) -> str:
@@ -234,8 +234,7 @@ def main(argv=None) -> int:
     short = [r["cell"] for r in results if r["ratio"] is not None and r["ratio"] < target]
     apart = [f"{r['cell']} ({100 * r['loss_apart']:.1f}%)" for r in results
              if r["loss_apart"] is not None and r["loss_apart"] > LOSS_APART]
-    failed = [f"{r['cell']} ({side}: {r[key]['failed']})" for r in results for side, key in
-              (("baseline", "baseline"), ("llamafarm", "project")) if r[key].get("failed")]
+    failed = [f"{r['cell']} ({side}: {r[key]['failed']})" for r in results for side, key in SIDES if r[key].get("failed")]
     if failed:
         print("did not finish (no ratio): " + "; ".join(failed))
     print(f"\nmatmul peak for MFU: {peak} GFLOP/s (the higher of the run's start, and its end: {at_end}); "

@@ -26,14 +26,20 @@ def colour(ratio: float | None) -> str:
     return next(c for upper, c in BANDS if ratio < upper)
 
 
+SIDES = (("baseline", "baseline"), ("llamafarm", "project"))  # (name, key in a cell's result)
+
+
+def unfinished(result: dict) -> list[str]:
+    """The names of a cell's sides that did not finish (SIDES order)."""
+    return [side for side, key in SIDES if result[key].get("failed")]
+
+
 def label(result: dict) -> str:
     """What one square says: the ratio and both sides' real tokens/s, or which side did not finish."""
     base, ours = result["baseline"]["tokens_per_second"], result["project"]["tokens_per_second"]
     if result["ratio"] is not None:
         return f"{result['ratio']:.2f}x\n{base:.0f} / {ours:.0f}"
-    stopped = " and ".join(side for side, key in (("baseline", "baseline"), ("llamafarm", "project"))
-                           if result[key].get("failed"))
-    return f"{stopped}\ndid not finish" + (f"\nours {ours:.0f}" if ours is not None else "")
+    return f"{' and '.join(unfinished(result))}\ndid not finish" + (f"\nours {ours:.0f}" if ours is not None else "")
 
 
 def plot_matrix(results: list[dict], out: Path, title: str) -> Path:

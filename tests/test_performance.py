@@ -298,7 +298,7 @@ def test_matrix_table_keeps_a_cell_whose_side_failed():
                        "blockwise, compile off, dropout fast-mask |")
     assert rows[1].startswith("| 2048 | 4 | lora-all-r16 | - | 600 | baseline failed | - / 2,000 | -% / 60% | "
                               "- / 10.012 |")
-    assert rows[2] == "| 2048 | 8 | lora-all-r16 | - | - | baseline failed | - / - | -% / -% | - / - | - |"
+    assert rows[2] == "| 2048 | 8 | lora-all-r16 | - | - | baseline and llamafarm failed | - / - | -% / -% | - / - | - |"
     assert rows[3] == "| 512 | 4 | full | 300 | - | llamafarm failed | 4,000 / - | 30% / -% | 10.100 / - | - |"
 
 
