@@ -1,4 +1,5 @@
-"""The heap lever (trainer/heap.py): what it decides, and that keeping freed memory really keeps it.
+"""The heap lever (trainer/heap.py): what it decides, that keeping freed memory really keeps it, and that
+malloc_defaults gives it back for a stretch of other work.
 
 malloc's state is process-wide, so each check that sets it runs in a fresh interpreter. glibc's own
 accounting (`mallinfo2`, read before and after) tells where a block came from: `hblkhd` counts bytes in
@@ -26,6 +27,10 @@ class MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                  "keepcost")]
 
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "keep":
@@ -34,9 +39,19 @@ before = libc.mallinfo2()
 block = torch.ones(32 << 20)  # 128 MB
 held = libc.mallinfo2()
 del block
-freed = libc.mallinfo2()
+freed, resident_freed = libc.mallinfo2(), resident()
+with heap.malloc_defaults():  # as around an evaluation
+    given_back = resident_freed - resident()
+    inside = libc.mallinfo2()
+    block = torch.ones(32 << 20)
+    mapped_inside = libc.mallinfo2().hblkhd - inside.hblkhd
+    del block
+after = libc.mallinfo2()
+block = torch.ones(32 << 20)
 print(json.dumps({"mapped_while_held": held.hblkhd - before.hblkhd,
-                  "heap_kept_after_free": freed.arena - before.arena}))
+                  "heap_kept_after_free": freed.arena - before.arena,
+                  "resident_given_back": given_back, "mapped_in_defaults": mapped_inside,
+                  "mapped_after_defaults": libc.mallinfo2().hblkhd - after.hblkhd}))
 """
 
 
@@ -55,6 +70,11 @@ def test_kept_memory_serves_a_large_tensor_from_the_heap_and_keeps_it_after_free
     assert default["heap_kept_after_free"] < block
     assert kept["mapped_while_held"] < block  # kept: from the heap, and the heap keeps it after free
     assert kept["heap_kept_after_free"] >= block
+    # Around an evaluation: the kept pages go back, large blocks are mapped again, then kept again after.
+    assert kept["resident_given_back"] >= block * 3 // 4
+    assert kept["mapped_in_defaults"] >= block and kept["mapped_after_defaults"] < block
+    assert abs(default["resident_given_back"]) < block // 4, "nothing kept, nothing to give back"
+    assert default["mapped_in_defaults"] >= block and default["mapped_after_defaults"] >= block, "and no change"
 
 
 def test_heap_decision(monkeypatch):

@@ -12,7 +12,7 @@ from typing import Callable
 
 from contract.job_folder import update_job
 from contract.strategy import TrainingArgs
-from trainer import performance
+from trainer import heap, performance
 from trainer.chunked_loss import forward_loss as chunked_loss_forward
 from trainer.data.batching import collate, pack, sequence_length
 from trainer.devices import core_wait_share, scheduler_snapshot
@@ -311,7 +311,8 @@ class _Run:
     def evaluate(self, step: int, best: float | None) -> float | None:
         """Eval loss (and the objective's metrics) logged; a new best saved when save_best is on."""
         fit = self.fit
-        scores = fit.objective.evaluate(fit.model, fit.eval_rows, fit.args.per_device_train_batch_size)
+        with heap.malloc_defaults():  # in a kept heap the evaluation's own shapes would grow it past the steps' peak
+            scores = fit.objective.evaluate(fit.model, fit.eval_rows, fit.args.per_device_train_batch_size)
         loss = scores["eval_loss"]
         fit.sink.log({"step": step, "epoch": round(step / self.per_epoch, 4), **scores})
         print(f"eval at step {step}: loss {loss:.4f} " + " ".join(
