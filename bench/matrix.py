@@ -9,7 +9,9 @@ A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices 
 lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
 checkpointing on both sides). Each cell trains the SmolLM2-135M-
 shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
-data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run:
+data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run;
+a cell of batch B times at least TIMED_ROWS / B steps (8 at batch 1), so the baseline's timed rows,
+whose lengths set its attention's cost per token, are never just three:
 - the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32
   and bf16 ran the matmul faster on this machine (the harder baseline);
 - llamafarm, `finetune start` with bench/strategy.yaml and only the cell's settings set
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,9 +45,18 @@ LENGTHS = (256, 512, 1024, 2048)
 BATCHES = (1, 4, 8)
 QUICK = ("256x8:lora-qv-r8", "512x4:lora-qv-r8", "512x4:lora-all-r16", "512x4:full")
 TIMED_STEPS = 3  # per side, after measure.WARMUP_STEPS untimed ones (--steps)
+# At least this many rows per side in the timed steps: at batch 1 the baseline's step is one row of
+# LENGTH/4 to LENGTH tokens, and three such rows (seen: 301, 623 and 472 of 1024 against a mean of
+# 640) move its tokens/s by several percent either way, the attention's cost per token being the row's.
+TIMED_ROWS = 8
 TARGETS = {"quick": 2.0, "full": 1.5}  # the least ratio per cell (issue #24)
 LOSS_APART = 0.02  # the most the two sides' held-out losses may differ, relative to the baseline's (issue #24)
 EVAL_ROWS_TOKENS = 8  # held-out rows per cell: about this many times LENGTH tokens
+
+
+def timed_steps(cell: str, least: int) -> int:
+    """Timed steps per side for a cell: `least`, or enough for TIMED_ROWS rows at its batch size."""
+    return max(least, math.ceil(TIMED_ROWS / parse_cell(cell)[1]))
 
 
 def parse_cell(text: str) -> tuple[int, int, str]:
@@ -195,7 +207,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
-    p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per side (more: steadier, slower)")
+    p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per side, at least (more: steadier, slower; batch 1 times 8)")
     p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
                    "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
@@ -211,17 +223,17 @@ def main(argv=None) -> int:
     run_dir = work / time.strftime("matrix-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     cores = len(os.sched_getaffinity(0))
-    steps = measure.WARMUP_STEPS + a.steps
     peaks = measure.matmul_peak(measure.peak_thread_counts())
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
     machine = f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     print(f"machine: {machine}; matmul peak {peaks} GFLOP/s; baseline precision {precision}; {len(cells)} cells, "
-          f"{steps} steps per side", flush=True)
+          f"{measure.WARMUP_STEPS} warm-up and at least {a.steps} timed steps per side", flush=True)
     model = build_model(work / "smollm2-135m-shape")
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
     results = []
     for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
+        steps = measure.WARMUP_STEPS + timed_steps(cell, a.steps)
         results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps))
         _save(run_dir, machine, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow

@@ -269,6 +269,14 @@ def test_benchmark_measures():
     assert lora_flops(SHAPE, [1]) == pytest.approx(4 * (134_515_008 - 35_136) + 12 * 576 * 30, rel=1e-9)
 
 
+def test_matrix_times_at_least_eight_rows_per_side():
+    """Batch 1 times 8 steps (one row each for the baseline), larger batches the default 3 or --steps."""
+    from bench.matrix import timed_steps
+
+    assert [timed_steps(cell, 3) for cell in ("2048x1:full", "512x4:lora-qv-r8", "256x8:full")] == [8, 3, 3]
+    assert timed_steps("1024x1:lora-all-r16", 12) == 12 and timed_steps("512x4:full", 5) == 5
+
+
 def test_matrix_table_keeps_a_cell_whose_side_failed():
     """A padded baseline that runs out of memory (2048 x 4 does on 24 GB), or our side killed the same
     way, leaves its cell without a ratio; the matrix goes on and says so instead of dying."""
