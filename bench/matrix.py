@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.matrix                  # every cell: 4 lengths x 3 batches x 3 methods (hours)
     .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
     .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
+    .venv/bin/python -m bench.matrix --cells 1024x1:lora-qv-r8 --rounds 2   # each side twice, B L L B, pooled
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices outside the full matrix:
 lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
@@ -22,7 +23,9 @@ peak (the higher of a measurement at the start and one at the end of the run), t
 side's loss after training on the same held-out rows (~8 x LENGTH tokens of other text); at the end a
 markdown table (docs/PERFORMANCE.md), result.json (also rewritten after every cell) and matrix.png
 (bench/matrix_plot.py). A side that does not finish (killed for memory) leaves its cell without a
-ratio, and the matrix goes on.
+ratio, and the matrix goes on. With --rounds N each side runs N times per cell, alternated (B L L B ...),
+and its tokens/s is over all its timed steps: the two sides of a cell run minutes apart, and this
+machine's speed has moved one side's by tens of percent between runs.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def prepare_cell(cell: str, workdir: str, prefix: str, steps: int) -> SimpleName
 
 
 def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
-             steps: int) -> dict:
+             steps: int, rounds: int = 1) -> dict:
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
@@ -132,13 +135,20 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
-    baseline = _side_or_failure(cell, "the baseline", lambda: run_baseline(folder, model, data, evals, precision, steps,
-                                                                           env, extra=extra))
     strategy = write_strategy(folder, length, batch, method, steps)
-    sides = {runner: _side_or_failure(cell, f"llamafarm's {runner} runner", lambda runner=runner: run_project(
-        folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy, runner=runner))
-        for runner in runners}
-    ours = sides[runners[0]]
+
+    def ours_on(runner: str) -> dict:
+        return _side_or_failure(cell, f"llamafarm's {runner} runner", lambda: run_project(
+            folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy, runner=runner))
+
+    runs = {"baseline": [], "llamafarm": []}
+    for side in alternation(rounds):
+        if runs[side] and runs[side][-1].get("failed"):
+            continue  # one that ran out of memory will again: not another few minutes for it
+        runs[side].append(ours_on(runners[0]) if side == "llamafarm" else _side_or_failure(
+            cell, "the baseline", lambda: run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)))
+    baseline, ours = pooled(runs["baseline"]), pooled(runs["llamafarm"])
+    sides = {runners[0]: ours, **{runner: ours_on(runner) for runner in runners[1:]}}
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "compile", "packing",
                                                                      "lora_dropout")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
@@ -151,7 +161,31 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
           f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; held-out loss {_number(ours['eval_loss'], '.4f')} vs "
           f"{_number(baseline['eval_loss'], '.4f')}; {decisions}; per runner "
           f"{', '.join(f'{k} {_number(v)}' for k, v in result['runners'].items())} tokens/s", flush=True)
+    if rounds > 1:
+        print(f"{cell}: per run, in order {' '.join(alternation(rounds))}: baseline "
+              f"{', '.join(_number(r['tokens_per_second']) for r in runs['baseline'])}; llamafarm "
+              f"{', '.join(_number(r['tokens_per_second']) for r in runs['llamafarm'])} tokens/s", flush=True)
     return result
+
+
+def alternation(rounds: int) -> list[str]:
+    """The order of a cell's runs: the baseline and llamafarm alternated as B L L B B L ..., so a drift of
+    the machine's speed over the cell weighs on both sides alike (one round: B L, as before)."""
+    order = []
+    for i in range(rounds):
+        order += ["baseline", "llamafarm"] if i % 2 == 0 else ["llamafarm", "baseline"]
+    return order
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One side's runs of a cell as one: real tokens/s over all their timed steps, the highest peak RSS, the
+    first run's held-out loss and decisions (the runs train the same rows alike); a failed run if any."""
+    failed = next((r for r in runs if r.get("failed")), None)
+    if failed is not None or len(runs) == 1:
+        return failed or runs[0]
+    tokens, seconds = sum(r["timed_tokens"] for r in runs), sum(r["timed_seconds"] for r in runs)
+    return {**runs[0], "tokens_per_second": tokens / seconds, "timed_tokens": tokens, "timed_seconds": seconds,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": [r["tokens_per_second"] for r in runs]}
 
 
 def _side_or_failure(cell: str, side: str, run) -> dict:
@@ -208,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
     p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per side, at least (more: steadier, slower; batch 1 times 8)")
+    p.add_argument("--rounds", type=int, default=1, help="runs per side and cell, alternated B L L B ... "
+                   "(2: a drift of the machine over the cell weighs on both sides alike)")
     p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
                    "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
@@ -234,7 +270,8 @@ def main(argv=None) -> int:
     results = []
     for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
         steps = measure.WARMUP_STEPS + timed_steps(cell, a.steps)
-        results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps))
+        results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps,
+                                a.rounds))
         _save(run_dir, machine, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.

@@ -277,6 +277,23 @@ def test_matrix_times_at_least_eight_rows_per_side():
     assert timed_steps("1024x1:lora-all-r16", 12) == 12 and timed_steps("512x4:full", 5) == 5
 
 
+def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():
+    from bench.matrix import alternation, pooled
+
+    assert alternation(1) == ["baseline", "llamafarm"]
+    assert alternation(3) == ["baseline", "llamafarm", "llamafarm", "baseline", "baseline", "llamafarm"]
+    first = {"tokens_per_second": 100.0, "timed_tokens": 300, "timed_seconds": 3.0, "peak_rss_mb": 900.0,
+             "eval_loss": 9.5, "decisions": {"precision": "bf16"}}
+    second = {**first, "tokens_per_second": 300.0, "timed_tokens": 900, "timed_seconds": 3.0, "peak_rss_mb": 950.0,
+              "eval_loss": 9.6}
+    both = pooled([first, second])
+    assert both["tokens_per_second"] == 200.0 and (both["timed_tokens"], both["timed_seconds"]) == (1200, 6.0)
+    assert (both["peak_rss_mb"], both["eval_loss"], both["runs"]) == (950.0, 9.5, [100.0, 300.0])
+    assert pooled([first]) is first
+    killed = {"failed": "command failed (-9)", "tokens_per_second": None}
+    assert pooled([first, killed]) is killed, "a run that did not finish leaves the side without a figure"
+
+
 def test_matrix_table_keeps_a_cell_whose_side_failed():
     """A padded baseline that runs out of memory (2048 x 4 does on 24 GB), or our side killed the same
     way, leaves its cell without a ratio; the matrix goes on and says so instead of dying."""
