@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 
 from contract.errors import UserError
 from contract.decisions import Decision, chunk_rows
@@ -254,7 +255,7 @@ def _probe_timings(cores: int) -> dict[int, float]:
     for _ in range(5):
         for n in samples:
             samples[n].append(_probe_seconds(n))
-    return {n: sorted(times)[len(times) // 2] for n, times in samples.items()}
+    return {n: statistics.median(times) for n, times in samples.items()}
 
 
 def use_threads(decision: Decision) -> Decision:
