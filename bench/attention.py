@@ -1,7 +1,8 @@
 """Attention kernels for packed CPU batches, one layer's forward and backward on SmolLM2-135M's attention
 shape (9 query heads over 3 KV heads, head dim 64): transformers' sdpa with the block-diagonal mask,
-trainer/attention.py's grouped matmuls and its blockwise kernel, interleaved round by round so a busy
-machine slows them alike; the median per cell, and what each keeps for backward.
+trainer/attention.py's grouped matmuls and its blockwise kernel, with torch's softmax and with ours
+(trainer/softmax_kernel.py, "blockwise-fused"; built with the machine's C++ compiler), interleaved round by
+round so a busy machine slows them alike; the median per cell, and what each keeps for backward.
 
     .venv/bin/python -m bench.attention [--quick] [--rounds 3] [--rows 64-256|full]
 
@@ -19,7 +20,7 @@ import time
 from bench.model import MAX_TOKENS, MIN_TOKENS
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-KERNELS = ("sdpa", "grouped-matmul", "blockwise")
+KERNELS = ("sdpa", "grouped-matmul", "blockwise", "blockwise-fused")
 FULL = {"fp32": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)],
         "bf16": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)]}
 # bf16 matmuls are emulated on CPUs without AVX512-BF16 or AMX (~1 GFLOP/s against ~90 for fp32): there
@@ -46,8 +47,9 @@ def packed_mask(batch: int, n: int, rows: str, seed: int = 0):
     return collate(sequences, 0, packed=True, mask_dtype=torch.float32).attention_mask
 
 
-def run_kernel(kernel: str, query, key, value, mask, grad):
-    """One forward and backward; returns the bytes the forward saved for backward."""
+def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None):
+    """One forward and backward; returns the bytes the forward saved for backward. `softmax`: our
+    softmax kernel, which "blockwise-fused" runs with."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -56,7 +58,8 @@ def run_kernel(kernel: str, query, key, value, mask, grad):
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = HEADS // KV_HEADS, True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
-                "blockwise": attention.blockwise_attention}[kernel]
+                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention}[kernel]
+    attention.use_softmax_kernel(softmax if kernel == "blockwise-fused" else None)
     saved = {}
 
     def pack(t):
@@ -83,9 +86,14 @@ def main(argv=None) -> None:
     import torch
 
     from contract.decisions import cpu_has_bf16
-    from trainer.performance import choose_threads
+    from trainer import softmax_kernel
+    from trainer.performance import _cpp_compiler, choose_threads
 
     choose_threads()
+    if not _cpp_compiler():
+        raise SystemExit("bench.attention: no C++ compiler (g++, clang++ or $CXX) on PATH to build the softmax "
+                         "kernel with; install one (Debian: apt-get install g++)")
+    softmax = softmax_kernel.load(_cpp_compiler())
     cells = QUICK if a.quick else dict(FULL)
     if not a.quick and not a.all_bf16 and not cpu_has_bf16():
         cells["bf16"] = EMULATED_BF16
@@ -109,7 +117,7 @@ def main(argv=None) -> None:
             for r in range(a.rounds + 1):  # round 0 warms up (and cuts the mask into blocks once)
                 for kernel in KERNELS:
                     start = time.perf_counter()
-                    saved[kernel] = run_kernel(kernel, query, key, value, mask, grad)
+                    saved[kernel] = run_kernel(kernel, query, key, value, mask, grad, softmax)
                     if r:
                         times[kernel].append(time.perf_counter() - start)
             print(f"{precision:9} {batch:5} {n:6} "

@@ -80,6 +80,7 @@ KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded valu
     "threads": (lambda v: str(v).isdigit() and int(v) >= 1, "a thread count (a whole number, at least 1)"),
     "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"),
     "compile": (lambda v: v in ("on", "off"), "on or off"),
+    "attention_softmax": (lambda v: v in ("fused", "aten"), "fused or aten"),
 }
 
 

@@ -1,5 +1,6 @@
 """trainer/attention.py's kernels for packed CPU batches against transformers' sdpa attention with the
-same block-diagonal mask (outputs and q/k/v gradients), and the blockwise kernel's memory: what it keeps
+same block-diagonal mask (outputs and q/k/v gradients), the blockwise kernel with torch's softmax and
+with ours (trainer/softmax_kernel.py, "blockwise-fused"), and the blockwise kernel's memory: what it keeps
 for backward grows linearly in the sequence length. The model-level checks (logits and LoRA gradients of
 a packed batch, bf16 autocast) are in tests/test_performance.py."""
 
@@ -9,7 +10,20 @@ import random
 
 import pytest
 
-KERNELS = ("grouped-matmul", "blockwise")
+KERNELS = ("grouped-matmul", "blockwise", "blockwise-fused")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def softmax_kernel():
+    """Our softmax kernel, built with the machine's C++ compiler (CI installs g++); the blockwise kernel
+    uses it only inside `_run("blockwise-fused", ...)`."""
+    from trainer import attention, softmax_kernel
+    from trainer.performance import _cpp_compiler
+
+    kernel = softmax_kernel.load(_cpp_compiler())
+    attention.use_softmax_kernel(None)
+    yield kernel
+    attention.use_softmax_kernel(None)
 
 
 def _mask(batch: int, n: int, rows: tuple[int, ...], seed: int = 0):
@@ -51,9 +65,17 @@ def _run(kernel, q, k, v, mask, grad):
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = q.shape[1] // k.shape[1], True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
-                "blockwise": attention.blockwise_attention}[kernel]
-    out, _ = function(module, q, k, v, mask.to(q.dtype))
-    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
+                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention}[kernel]
+    if kernel == "blockwise-fused":
+        from trainer import softmax_kernel
+        from trainer.performance import _cpp_compiler
+
+        attention.use_softmax_kernel(softmax_kernel.load(_cpp_compiler()))
+    try:
+        out, _ = function(module, q, k, v, mask.to(q.dtype))
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
+    finally:
+        attention.use_softmax_kernel(None)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

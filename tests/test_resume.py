@@ -140,8 +140,8 @@ def test_stop_then_resume_completes(run_cli, tmp_path):
 
 def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
     """A resumed run takes the recorded decision of the run it resumes (the entrypoint asks this for the
-    threads, a measured precision and the compile), whatever the machine would decide now; a resume of a
-    resume quotes the first run's reason once; a fresh run keeps nothing. The thread count is applied,
+    threads, a measured precision, the compile and the attention softmax), whatever the machine would
+    decide now; a resume of a resume quotes the first run's reason once; a fresh run keeps nothing. The thread count is applied,
     not only recorded."""
     import torch
 
@@ -159,7 +159,7 @@ def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
                                        "decisions": {"threads": kept.__dict__}},
                  Decision("cpu", ""), Decision("lora", ""), None)
     assert again.kept_on_resume("threads") == kept
-    assert resumed.kept_on_resume("compile") is None
+    assert resumed.kept_on_resume("compile") is None and resumed.kept_on_resume("attention_softmax") is None
     fresh = _Job(Path("."), "", None, {"decisions": earlier}, Decision("cpu", ""), Decision("lora", ""), None)
     assert fresh.kept_on_resume("threads") is None
     assert resumed.keep_or_decide("threads", lambda: pytest.fail("decided again on a resume")) == kept
@@ -179,6 +179,7 @@ def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
     ("precision", {"value": "fp8", "reason": "hand-edited"}),
     ("compile", {"value": "on"}),
     ("compile", "on"),
+    ("attention_softmax", {"value": "c++", "reason": "hand-edited"}),
     ("threads", None),  # the whole `decisions` replaced by a list, below
 ])
 def test_a_resume_refuses_a_hand_edited_decision_it_would_keep_saying_where_and_what_to_do(name, recorded):

@@ -13,7 +13,10 @@ only meet the keys up to their own end, skipping most of the causal upper triang
   any of its queries may see (read off the mask once per batch: for packed rows, the block meets only
   the rows it lies in), and only q, k and v are kept for backward (q as its pre-scaled blocks, in
   place of the input, which the model then frees), linear in L. Backward recomputes each block's scores
-  and softmax and applies the softmax backward with dK and dV accumulated in float32. Every operand
+  and softmax and applies the softmax backward with dK and dV accumulated in float32. Where the
+  attention_softmax decision chose it, our C++ kernel (trainer/softmax_kernel.py) adds the mask and takes
+  the softmax in one pass, keeping each row's log-sum-exp, and backward recomputes the probabilities
+  from it in one more (exp(scores + mask - lse)) instead of a second softmax. Every operand
   of its batched matmuls is contiguous (torch's CPU bmm copies any other), and the gradients come out
   in the projections' (B, L, heads, D) memory order.
 
@@ -200,6 +203,14 @@ def _compute_dtype(dtype):
 
 
 _function = None
+# The blockwise kernel's masked softmax: our C++ kernel (trainer/softmax_kernel.py) when the
+# attention_softmax decision chose it, else None (torch's operators, _probabilities).
+_softmax_kernel = None
+
+
+def use_softmax_kernel(kernel) -> None:
+    global _softmax_kernel
+    _softmax_kernel = kernel
 
 
 def _blockwise_function():
@@ -245,16 +256,25 @@ def _define_blockwise():
             queries = [block_queries(query, kv, q0, q1, scale, compute) for q0, q1, _, _ in blocks]
             out = torch.empty(b, n, kv, g, d, dtype=compute)
             view = out.permute(0, 2, 1, 3, 4)  # (B, kv, L, g, D) view of the (B, L, H, D) result
+            softmax = _softmax_kernel if compute in (torch.bfloat16, torch.float32) else None
+            lses = []  # with our softmax kernel: each block's row log-sum-exps, for backward's recompute
             for (q0, q1, k0, mask), q in zip(blocks, queries):
-                p = _probabilities(q, k[:, k0:q1].contiguous(), b, kv, g, q1 - q0, mask)
+                kb = k[:, k0:q1].contiguous()
+                if softmax is None:
+                    p = _probabilities(q, kb, b, kv, g, q1 - q0, mask)
+                else:
+                    p = torch.bmm(q, kb.transpose(1, 2))
+                    lses.append(softmax.softmax_(p, mask, kv, g))
                 view[:, :, q0:q1] = torch.bmm(p, v[:, k0:q1].contiguous()).view(b, kv, q1 - q0, g, d)
-            ctx.save_for_backward(k, v, *queries)
+            ctx.save_for_backward(k, v, *queries, *lses)
             ctx.blocks, ctx.scale, ctx.dtypes = blocks, scale, (query.dtype, key.dtype, value.dtype)
+            ctx.softmax = softmax
             return out.view(b, n, heads, d).to(query.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            k, v, *queries = ctx.saved_tensors
+            k, v, *saved = ctx.saved_tensors
+            queries, lses = saved[:len(ctx.blocks)], saved[len(ctx.blocks):]
             b, n, heads, d = grad.shape
             kv = k.shape[0] // b
             g = heads // kv
@@ -263,11 +283,15 @@ def _define_blockwise():
             dk = torch.zeros(b, n, kv, d, dtype=torch.float32)
             dv = torch.zeros(b, n, kv, d, dtype=torch.float32)
             dq_view, dk_view, dv_view = dq.permute(0, 2, 1, 3, 4), dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
-            for (q0, q1, k0, mask), q in zip(ctx.blocks, queries):
+            for i, ((q0, q1, k0, mask), q) in enumerate(zip(ctx.blocks, queries)):
                 rows, keys = q1 - q0, q1 - k0
                 kb, vb = k[:, k0:q1].contiguous(), v[:, k0:q1].contiguous()
                 dob = do[:, q0:q1].permute(0, 2, 1, 3, 4).reshape(b * kv, rows * g, d)
-                p = _probabilities(q, kb, b, kv, g, rows, mask)
+                if ctx.softmax is None:
+                    p = _probabilities(q, kb, b, kv, g, rows, mask)
+                else:  # the forward's probabilities again: exp(scores + mask - lse), one pass
+                    p = torch.bmm(q, kb.transpose(1, 2))
+                    ctx.softmax.exp_(p, mask, lses[i], kv, g)
                 dv_view[:, :, k0:q1].add_(torch.bmm(p.transpose(1, 2), dob).view(b, kv, keys, d))
                 ds = torch._softmax_backward_data(torch.bmm(dob, vb.transpose(1, 2)), p, -1, p.dtype)
                 torch.mul(torch.bmm(ds, kb).view(b, kv, rows, g, d), ctx.scale, out=dq_view[:, :, q0:q1])

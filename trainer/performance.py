@@ -45,6 +45,61 @@ def use_attention(model, decision: Decision) -> None:
         causal_lm(model).set_attn_implementation(attention.register(decision.value))
 
 
+def choose_attention_softmax(attention: str, config, precision: str, max_len: int) -> Decision:
+    """The blockwise kernel's masked softmax: our C++ kernel (trainer/softmax_kernel.py), built here with
+    the C++ compiler, when it measures faster than torch's operators on one of this job's query blocks;
+    "aten" (torch's operators) otherwise, or when it cannot be built."""
+    if attention != "blockwise":
+        return Decision("aten", f"the {attention} attention has no softmax kernel of ours")
+    import torch
+
+    from trainer import attention as kernels
+    from trainer import softmax_kernel
+
+    if precision == "fp16":
+        return Decision("aten", "the softmax kernel computes in bf16 or float32, not fp16")
+    dtype = kernels._compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    compiler = _cpp_compiler()
+    if not compiler:
+        return Decision("aten", "torch's operators: no C++ compiler (g++, clang++ or $CXX) on PATH to build "
+                                "the softmax kernel with")
+    try:
+        kernel = softmax_kernel.load(compiler)
+    except softmax_kernel.BuildFailed as error:
+        return Decision("aten", f"torch's operators: {error}")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    group = config.num_attention_heads // kv
+    keys = min(max_len, 1024)
+    timed = softmax_kernel.measure(kernel, dtype, kv, group, kernels.BLOCKWISE_QUERY_BLOCK, keys)
+    seen = (f"one {kernels.BLOCKWISE_QUERY_BLOCK}-query block against {keys} keys in {str(dtype)[6:]}, forward and "
+            f"backward: {timed['fused_ns']:.2f} ns per score with the kernel, {timed['aten_ns']:.2f} with torch's "
+            "operators")
+    if timed["fused_ns"] >= timed["aten_ns"]:
+        return Decision("aten", f"torch's operators, measured faster here ({seen})")
+    return Decision("fused", f"our C++ kernel ({compiler}, cached as {kernel.path.name}), measured "
+                             f"{timed['aten_ns'] / timed['fused_ns']:.1f}x faster here ({seen})")
+
+
+def use_attention_softmax(decision: Decision) -> Decision:
+    """Hand the blockwise kernel our softmax kernel, or torch's operators; a kept "fused" (a resumed run)
+    that cannot be built here falls back to the operators, saying so."""
+    from trainer import attention, softmax_kernel
+
+    kernel = None
+    if decision.value == "fused":
+        compiler = _cpp_compiler()
+        try:
+            if not compiler:
+                raise softmax_kernel.BuildFailed("no C++ compiler on PATH")
+            kernel = softmax_kernel.load(compiler)
+        except softmax_kernel.BuildFailed as error:
+            decision = Decision("aten", f"torch's operators: the softmax kernel was decided ({decision.reason}), "
+                                        f"but cannot be built here ({error}); the probabilities can differ from "
+                                        "the kernel's in the last bit")
+    attention.use_softmax_kernel(kernel)
+    return decision
+
+
 def choose_adapter_inputs(method: str, precision: str) -> Decision:
     """Whether PEFT casts each adapter's input to the adapter's fp32 dtype. Under autocast that cast is
     undone by the adapter's own matmul (it runs in the autocast dtype), so it only costs two copies

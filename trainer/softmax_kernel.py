@@ -1,0 +1,169 @@
+"""The blockwise attention's masked softmax as one C++ pass per score row (trainer/softmax_kernel.cpp).
+
+With torch's operators, each query block of the blockwise kernel (trainer/attention.py) adds the mask
+to its scores, then runs torch's softmax (a max, an exponential, a sum and a division over the row),
+and its backward recomputes both: together 11% of a batch-1 LoRA step at 1,024 tokens (torch.profiler,
+docs/PERFORMANCE.md). This kernel adds the mask, takes the softmax and keeps each row's log-sum-exp
+in one pass, so the backward recomputes the probabilities as exp(scores + mask - lse) in one more:
+about 2x faster than torch's operators forward and 2.5x in the backward, the same values to bf16's
+rounding.
+
+Why our own code: no library has it. torch's fused `_masked_softmax` takes a boolean mask and ran
+~10x slower than the two operators here; its CPU flash attention (scaled_dot_product_attention) and
+FlexAttention were measured against this kernel (docs/PERFORMANCE.md: slower, and no CPU backward);
+inductor's fused softmax needs the layers compiled, which pays only on long runs. The kernel is ~200
+lines of portable C++ (vector extensions, no intrinsics), built once per machine and compiler with
+the C++ compiler torch.compile uses, into the llamafarm cache, and loaded with ctypes (no Python
+headers, ~1 s). Its OpenMP is torch's own runtime (libgomp.so.1, already loaded by torch), so both
+share one thread pool. Without a compiler the attention keeps torch's operators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("softmax_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+BUILD_SECONDS = 300  # a C++ compile of one small file; far more means the compiler is stuck
+
+
+class BuildFailed(Exception):
+    """The kernel could not be built or loaded here; the message says why."""
+
+
+class SoftmaxKernel:
+    """The built kernel. Scores (B*kv, rows*group, keys) contiguous, in bf16 or float32, are turned into
+    probabilities in place; `mask` is the block's (B, 1, rows, 1, keys) additive mask in the same dtype."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path):
+        self.path = path
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        self._functions = {}
+        for name in ("masked_softmax", "masked_exp"):
+            for suffix in ("bf16", "f32"):
+                function = getattr(library, f"{name}_{suffix}")
+                function.argtypes = [pointer, pointer, pointer] + [size] * 7 + [ctypes.c_int]
+                function.restype = None
+                self._functions[name, suffix] = function
+
+    def softmax_(self, scores, mask, kv: int, group: int):
+        """softmax(scores + mask) over the last dim, written over scores; returns each row's log-sum-exp
+        (float32, one per score row), what `exp_` needs to recompute the probabilities."""
+        import torch
+
+        lse = torch.empty(scores.shape[0] * scores.shape[1], dtype=torch.float32)
+        self._call("masked_softmax", scores, mask, lse, kv, group)
+        return lse
+
+    def exp_(self, scores, mask, lse, kv: int, group: int) -> None:
+        """exp(scores + mask - lse) in place: the probabilities `softmax_` gave for the same scores."""
+        self._call("masked_exp", scores, mask, lse, kv, group)
+
+    def _call(self, name: str, scores, mask, lse, kv: int, group: int) -> None:
+        import torch
+
+        batch, _, rows, _, keys = mask.shape
+        if not (scores.is_contiguous() and mask.stride(-1) == 1 and scores.dtype == mask.dtype
+                and scores.shape == (batch * kv, rows * group, keys)):
+            raise ValueError(f"scores {tuple(scores.shape)} {scores.dtype} and mask {tuple(mask.shape)} {mask.dtype} "
+                             "do not match the kernel's layout")
+        suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}[scores.dtype]
+        self._functions[name, suffix](scores.data_ptr(), mask.data_ptr(), lse.data_ptr(), batch, kv, rows, group,
+                                      keys, mask.stride(0), mask.stride(2), torch.get_num_threads())
+
+
+_loaded: dict[str, SoftmaxKernel] = {}
+
+
+def load(compiler: str) -> SoftmaxKernel:
+    """The kernel built with `compiler` for this machine (once; later jobs load the cached build).
+    BuildFailed says why not."""
+    path = _library_path(compiler)
+    if str(path) not in _loaded:
+        if not path.exists():
+            _build(compiler, path)
+        try:
+            _loaded[str(path)] = SoftmaxKernel(ctypes.CDLL(str(path)), path)
+        except (OSError, AttributeError) as error:
+            raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
+    return _loaded[str(path)]
+
+
+def _library_path(compiler: str) -> Path:
+    """One build per source, compiler, flags, CPU and C library: a cache shared by the host and the
+    containers (which mount it) never hands one of them a library built for the other."""
+    from contract.paths import cache_root
+    from contract.platform import cpu_model
+
+    key = "\n".join([SOURCE.read_text(), _compiler_version(compiler), " ".join(FLAGS), cpu_model(),
+                     platform.machine(), " ".join(platform.libc_ver())])
+    return cache_root() / "kernels" / f"softmax-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildFailed(f"{compiler} --version failed: {error}") from None
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else compiler
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile into a file of this process's own, then rename: a job building at the same time as
+    another never loads a half-written library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    command = [compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        partial.unlink(missing_ok=True)
+        raise BuildFailed(f"{' '.join(command)} failed: {error}") from None
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BuildFailed(f"{compiler} could not build {SOURCE.name} (exit {done.returncode}): {last}")
+    partial.replace(path)
+
+
+def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int, rounds: int = 5) -> dict:
+    """Nanoseconds per score of one query block's softmax work, forward and backward's recompute, with
+    this kernel and with torch's operators (the mask added, then torch's softmax, twice), alternated
+    `rounds` times on random scores under a causal mask; the fastest round of each."""
+    import time
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randn(kv, rows * group, keys, generator=generator) * 3).to(dtype)
+    mask = torch.zeros(1, 1, rows, 1, keys, dtype=dtype)
+    visible = torch.arange(keys)[None, :] <= torch.arange(keys - rows, keys)[:, None]
+    mask.view(rows, keys).masked_fill_(~visible, torch.finfo(dtype).min)
+
+    def with_kernel():
+        lse = kernel.softmax_(scores.clone(), mask, kv, group)
+        kernel.exp_(scores.clone(), mask, lse, kv, group)
+
+    def with_aten():
+        for _ in range(2):
+            x = scores.clone()
+            x.view(1, kv, rows, group, keys).add_(mask)
+            torch.softmax(x, dim=-1)
+
+    def seconds(work) -> float:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    with_kernel(), with_aten()  # first calls start the thread pool and allocate
+    fused, aten = [], []
+    for _ in range(rounds):
+        fused.append(seconds(with_kernel))
+        aten.append(seconds(with_aten))
+    per_score = 1e9 / scores.numel()
+    return {"fused_ns": round(min(fused) * per_score, 3), "aten_ns": round(min(aten) * per_score, 3)}
