@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         per_step = measure.step_rates(run["step_seconds"], run["step_tokens"])
         tokens_per_second = statistics.median(per_step)
         mfus.append(tokens_per_second * flops_per_token / (max(before, after) * 1e9))
-        decisions = {k: run["decisions"][k]["value"] for k in ("precision", "attention", "compile", "threads")}
+        decisions = {k: run["decisions"][k]["value"]
+                     for k in ("precision", "attention", "attention_softmax", "compile", "threads")}
         print(f"run {r + 1}: median {tokens_per_second:.0f} tokens/s over steps {measure.WARMUP_STEPS + 1}-{a.steps} "
               f"({min(per_step):.0f}-{max(per_step):.0f}); peak {before:.0f} before, {after:.0f} after; "
               f"MFU {100 * mfus[-1]:.1f}%; {decisions}", flush=True)
