@@ -96,9 +96,31 @@ def test_blockwise_attention_with_the_kernel_runs_no_torch_softmax(kernel):
     assert "aten::_softmax" not in names and "aten::_softmax_backward_data" in names
 
 
+def test_blockwise_attention_with_the_kernel_takes_a_mask_in_any_memory_layout(kernel):
+    """A mask whose keys are not contiguous (here: stored transposed) gives what the contiguous one gives."""
+    import torch
+
+    from trainer import attention
+    from tests.test_attention import _inputs, _mask
+
+    q, k, v, grad = _inputs(2, 6, 2, 150, 16, torch.float32)
+    mask = _mask(2, 150, (30, 90))
+    transposed = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert transposed.stride(-1) != 1 and torch.equal(transposed, mask)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    attention.use_softmax_kernel(kernel)
+    try:
+        outs = [attention.blockwise_attention(module, q, k, v, m)[0] for m in (mask, transposed)]
+    finally:
+        attention.use_softmax_kernel(None)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
-    """A compiler that fails: BuildFailed with its last line, no library (whole or partial) left. A
-    working one builds once; a second load, even in a new process, finds the cached library."""
+    """A compiler that fails: BuildFailed with its last line, no library (whole or partial) left; so
+    does a cache folder that cannot be made. A working compiler builds once; a second load (the
+    loaded-library memo cleared, as in a new process) finds the cached library."""
     from trainer import softmax_kernel
     from trainer.performance import _cpp_compiler
 
@@ -112,6 +134,12 @@ def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypat
         softmax_kernel.load(str(broken))
     kernels = tmp_path / "cache" / "kernels"
     assert list(kernels.iterdir()) == []
+    # A cache that cannot be written (here: a file where its folder should be) is a refusal too.
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "not-a-folder" / "cache"))
+    with pytest.raises(softmax_kernel.BuildFailed, match="failed: .*Not a directory"):
+        softmax_kernel.load(_cpp_compiler())
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
     built = softmax_kernel.load(_cpp_compiler())
     assert [p.name for p in kernels.iterdir()] == [built.path.name]
     modified = built.path.stat().st_mtime_ns

@@ -112,7 +112,7 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    compute = _compute_dtype(query.dtype)
+    compute = compute_dtype(query.dtype)
     if _MaskCache.source is not attention_mask or _MaskCache.dtype != compute:
         cuts = _cuts(n, QUERY_BLOCK)
         full = attention_mask.to(compute)[:, :, None].expand(b, kv_heads, group, n, n)
@@ -159,8 +159,10 @@ def _blocks(attention_mask, n: int, dtype) -> list:
         blocks = []
         for q0, q1 in zip(cuts, cuts[1:]):
             k0 = int(first[:, q0:q1].min())
-            part = mask[:, q0:q1, k0:q1]
-            blocks.append((q0, q1, k0, part.to(dtype)[:, None, :, None, :]))
+            part = mask[:, q0:q1, k0:q1].to(dtype)
+            if part.stride(-1) != 1:  # our softmax kernel reads each mask row as contiguous keys
+                part = part.contiguous()
+            blocks.append((q0, q1, k0, part[:, None, :, None, :]))
         _BlockCache.blocks, _BlockCache.source, _BlockCache.dtype = blocks, attention_mask, dtype
     return _BlockCache.blocks
 
@@ -172,7 +174,7 @@ def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     import torch
 
-    compute = _compute_dtype(query.dtype)
+    compute = compute_dtype(query.dtype)
     blocks = _blocks(attention_mask, query.shape[2], compute)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
@@ -182,7 +184,7 @@ def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, 
 _bf16 = None
 
 
-def _compute_dtype(dtype):
+def compute_dtype(dtype):
     """Autocast's dtype when it is on (eager attention's matmuls would run in it; and with float32
     weights the rotary embedding hands over q and k in float32, which would make a full fine-tune's
     attention several times slower than its bf16 matmuls), else the inputs' dtype; float32 for bf16 on a

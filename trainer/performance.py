@@ -58,7 +58,7 @@ def choose_attention_softmax(attention: str, config, precision: str, max_len: in
 
     if precision == "fp16":
         return Decision("aten", "the softmax kernel computes in bf16 or float32, not fp16")
-    dtype = kernels._compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    dtype = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
     compiler = _cpp_compiler()
     if not compiler:
         return Decision("aten", "torch's operators: no C++ compiler (g++, clang++ or $CXX) on PATH to build "

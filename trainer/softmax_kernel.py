@@ -9,8 +9,8 @@ about 2x faster than torch's operators forward and 2.5x in the backward, the sam
 rounding.
 
 Why our own code: no library has it. torch's fused `_masked_softmax` takes a boolean mask and ran
-~10x slower than the two operators here; its CPU flash attention (scaled_dot_product_attention) and
-FlexAttention were measured against this kernel (docs/PERFORMANCE.md: slower, and no CPU backward);
+~10x slower than the two operators here; its CPU flash attention (scaled_dot_product_attention) ran
+slower than our blockwise attention, and FlexAttention has no CPU backward (docs/PERFORMANCE.md);
 inductor's fused softmax needs the layers compiled, which pays only on long runs. The kernel is ~200
 lines of portable C++ (vector extensions, no intrinsics), built once per machine and compiler with
 the C++ compiler torch.compile uses, into the llamafarm cache, and loaded with ctypes (no Python
@@ -20,6 +20,7 @@ share one thread pool. Without a compiler the attention keeps torch's operators.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -116,19 +117,20 @@ def _compiler_version(compiler: str) -> str:
 def _build(compiler: str, path: Path) -> None:
     """Compile into a file of this process's own, then rename: a job building at the same time as
     another never loads a half-written library."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     command = [compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise BuildFailed(f"{compiler} could not build {SOURCE.name} (exit {done.returncode}): {last}")
+        partial.replace(path)
     except (OSError, subprocess.TimeoutExpired) as error:
-        partial.unlink(missing_ok=True)
         raise BuildFailed(f"{' '.join(command)} failed: {error}") from None
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BuildFailed(f"{compiler} could not build {SOURCE.name} (exit {done.returncode}): {last}")
-    partial.replace(path)
+    finally:
+        with contextlib.suppress(OSError):  # gone already after the rename, or never made
+            partial.unlink()
 
 
 def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int, rounds: int = 5) -> dict:
