@@ -87,13 +87,16 @@ def main(argv=None) -> None:
 
     from contract.decisions import cpu_has_bf16
     from trainer import softmax_kernel
-    from trainer.performance import _cpp_compiler, choose_threads
+    from trainer.performance import cpp_compiler, choose_threads
 
     choose_threads()
-    if not _cpp_compiler():
+    if not cpp_compiler():
         raise SystemExit("bench.attention: no C++ compiler (g++, clang++ or $CXX) on PATH to build the softmax "
                          "kernel with; install one (Debian: apt-get install g++)")
-    softmax = softmax_kernel.load(_cpp_compiler())
+    try:
+        softmax = softmax_kernel.load(cpp_compiler())
+    except softmax_kernel.BuildFailed as error:
+        raise SystemExit(f"bench.attention: {error}") from None
     cells = QUICK if a.quick else dict(FULL)
     if not a.quick and not a.all_bf16 and not cpu_has_bf16():
         cells["bf16"] = EMULATED_BF16

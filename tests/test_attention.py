@@ -18,9 +18,9 @@ def softmax_kernel():
     """Our softmax kernel, built with the machine's C++ compiler (CI installs g++); the blockwise kernel
     uses it only inside `_run("blockwise-fused", ...)`."""
     from trainer import attention, softmax_kernel
-    from trainer.performance import _cpp_compiler
+    from trainer.performance import cpp_compiler
 
-    kernel = softmax_kernel.load(_cpp_compiler())
+    kernel = softmax_kernel.load(cpp_compiler())
     attention.use_softmax_kernel(None)
     yield kernel
     attention.use_softmax_kernel(None)
@@ -68,9 +68,9 @@ def _run(kernel, q, k, v, mask, grad):
                 "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention}[kernel]
     if kernel == "blockwise-fused":
         from trainer import softmax_kernel
-        from trainer.performance import _cpp_compiler
+        from trainer.performance import cpp_compiler
 
-        attention.use_softmax_kernel(softmax_kernel.load(_cpp_compiler()))
+        attention.use_softmax_kernel(softmax_kernel.load(cpp_compiler()))
     try:
         out, _ = function(module, q, k, v, mask.to(q.dtype))
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))

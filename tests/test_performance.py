@@ -402,7 +402,7 @@ def test_compile_decision(monkeypatch):
     from trainer.performance import choose_compile
 
     long = 2 * MEASURE_AFTER_SECONDS
-    monkeypatch.setattr(performance, "_cpp_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: "/usr/bin/g++")
     assert choose_compile("auto", "cpu", long, False, False).value == "measure"
     short = choose_compile("auto", "cpu", MEASURE_AFTER_SECONDS / 2, False, False)
     assert short.value == "off" and "not measured on this machine" in short.reason
@@ -422,7 +422,7 @@ def test_compile_decision(monkeypatch):
     assert choose_compile(True, "cpu", 1.0, False, False, slower).value == "on"
     assert choose_compile(True, "cuda", None, False, False).value == "on"
     assert choose_compile(False, "cpu", long, False, False, pays).value == "off"
-    monkeypatch.setattr(performance, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: None)
     missing = choose_compile("auto", "cpu", long, False, False, pays)
     assert missing.value == "off" and "C++ compiler" in missing.reason
     with pytest.raises(UserError, match="torch_compile: true needs a C.. compiler"):

@@ -10,9 +10,9 @@ import pytest
 @pytest.fixture(scope="module")
 def kernel():
     from trainer import softmax_kernel
-    from trainer.performance import _cpp_compiler
+    from trainer.performance import cpp_compiler
 
-    return softmax_kernel.load(_cpp_compiler())
+    return softmax_kernel.load(cpp_compiler())
 
 
 def _block(dtype, batch, kv, rows, group, keys, seed=0):
@@ -122,7 +122,7 @@ def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypat
     does a cache folder that cannot be made. A working compiler builds once; a second load (the
     loaded-library memo cleared, as in a new process) finds the cached library."""
     from trainer import softmax_kernel
-    from trainer.performance import _cpp_compiler
+    from trainer.performance import cpp_compiler
 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(softmax_kernel, "_loaded", {})
@@ -138,13 +138,13 @@ def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypat
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "not-a-folder" / "cache"))
     with pytest.raises(softmax_kernel.BuildFailed, match="failed: .*Not a directory"):
-        softmax_kernel.load(_cpp_compiler())
+        softmax_kernel.load(cpp_compiler())
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
-    built = softmax_kernel.load(_cpp_compiler())
+    built = softmax_kernel.load(cpp_compiler())
     assert [p.name for p in kernels.iterdir()] == [built.path.name]
     modified = built.path.stat().st_mtime_ns
     monkeypatch.setattr(softmax_kernel, "_loaded", {})
-    assert softmax_kernel.load(_cpp_compiler()).path.stat().st_mtime_ns == modified
+    assert softmax_kernel.load(cpp_compiler()).path.stat().st_mtime_ns == modified
 
 
 def _config(heads=9, kv_heads=3):
@@ -166,7 +166,7 @@ def test_the_decision_keeps_torchs_operators_where_the_kernel_cannot_be_built(tm
 
     assert performance.choose_attention_softmax("grouped-matmul", _config(), "bf16", 256).value == "aten"
     assert performance.choose_attention_softmax("blockwise", _config(), "fp16", 512).value == "aten"
-    monkeypatch.setattr(performance, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: None)
     decision = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
     assert decision.value == "aten" and "no C++ compiler" in decision.reason
     # A resumed run that kept "fused" on a machine that cannot build it: torch's operators, said so.
@@ -177,6 +177,6 @@ def test_the_decision_keeps_torchs_operators_where_the_kernel_cannot_be_built(tm
     broken = tmp_path / "g++"
     broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\necho 'no' >&2; exit 1\n")
     broken.chmod(0o755)
-    monkeypatch.setattr(performance, "_cpp_compiler", lambda: str(broken))
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: str(broken))
     decision = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
     assert decision.value == "aten" and "could not build softmax_kernel.cpp (exit 1): no" in decision.reason

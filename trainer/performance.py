@@ -59,7 +59,7 @@ def choose_attention_softmax(attention: str, config, precision: str, max_len: in
     if precision == "fp16":
         return Decision("aten", "the softmax kernel computes in bf16 or float32, not fp16")
     dtype = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
-    compiler = _cpp_compiler()
+    compiler = cpp_compiler()
     if not compiler:
         return Decision("aten", "torch's operators: no C++ compiler (g++, clang++ or $CXX) on PATH to build "
                                 "the softmax kernel with")
@@ -87,7 +87,7 @@ def use_attention_softmax(decision: Decision) -> Decision:
 
     kernel = None
     if decision.value == "fused":
-        compiler = _cpp_compiler()
+        compiler = cpp_compiler()
         try:
             if not compiler:
                 raise softmax_kernel.BuildFailed("no C++ compiler on PATH")
@@ -127,7 +127,7 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
 
     if setting is False:
         return Decision("off", "training_args.torch_compile is false")
-    if device == "cpu" and not _cpp_compiler():
+    if device == "cpu" and not cpp_compiler():
         if setting is True:
             raise UserError("training_args.torch_compile: true needs a C++ compiler (g++, clang++ or $CXX) on PATH "
                             "for torch.compile on CPU, and there is none here; "
@@ -184,7 +184,8 @@ def choose_optimizer(device: str, distributed_mode: str) -> Decision:
                                    "update; the Trainer's default optimizer too)")
 
 
-def _cpp_compiler() -> str | None:
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile on CPU and our softmax kernel build with: $CXX, else the first on PATH."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else []
     return next((found for name in names + ["g++", "clang++", "c++"] if (found := shutil.which(name))), None)
 
