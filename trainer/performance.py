@@ -51,22 +51,17 @@ def choose_attention_softmax(attention: str, config, precision: str, max_len: in
     "aten" (torch's operators) otherwise, or when it cannot be built."""
     if attention != "blockwise":
         return Decision("aten", f"the {attention} attention has no softmax kernel of ours")
+    if precision == "fp16":
+        return Decision("aten", "the softmax kernel computes in bf16 or float32, not fp16")
     import torch
 
     from trainer import attention as kernels
     from trainer import softmax_kernel
 
-    if precision == "fp16":
-        return Decision("aten", "the softmax kernel computes in bf16 or float32, not fp16")
+    kernel, why_not = _softmax_kernel()
+    if kernel is None:
+        return Decision("aten", f"torch's operators: {why_not}")
     dtype = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
-    compiler = cpp_compiler()
-    if not compiler:
-        return Decision("aten", "torch's operators: no C++ compiler (g++, clang++ or $CXX) on PATH to build "
-                                "the softmax kernel with")
-    try:
-        kernel = softmax_kernel.load(compiler)
-    except softmax_kernel.BuildFailed as error:
-        return Decision("aten", f"torch's operators: {error}")
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     group = config.num_attention_heads // kv
     keys = min(max_len, 1024)
@@ -76,28 +71,37 @@ def choose_attention_softmax(attention: str, config, precision: str, max_len: in
             "operators")
     if timed["fused_ns"] >= timed["aten_ns"]:
         return Decision("aten", f"torch's operators, measured faster here ({seen})")
-    return Decision("fused", f"our C++ kernel ({compiler}, cached as {kernel.path.name}), measured "
+    return Decision("fused", f"our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}), measured "
                              f"{timed['aten_ns'] / timed['fused_ns']:.1f}x faster here ({seen})")
 
 
 def use_attention_softmax(decision: Decision) -> Decision:
     """Hand the blockwise kernel our softmax kernel, or torch's operators; a kept "fused" (a resumed run)
     that cannot be built here falls back to the operators, saying so."""
-    from trainer import attention, softmax_kernel
+    from trainer import attention
 
     kernel = None
     if decision.value == "fused":
-        compiler = cpp_compiler()
-        try:
-            if not compiler:
-                raise softmax_kernel.BuildFailed("no C++ compiler on PATH")
-            kernel = softmax_kernel.load(compiler)
-        except softmax_kernel.BuildFailed as error:
+        kernel, why_not = _softmax_kernel()
+        if kernel is None:
             decision = Decision("aten", f"torch's operators: the softmax kernel was decided ({decision.reason}), "
-                                        f"but cannot be built here ({error}); the probabilities can differ from "
+                                        f"but cannot be built here ({why_not}); the probabilities can differ from "
                                         "the kernel's in the last bit")
     attention.use_softmax_kernel(kernel)
     return decision
+
+
+def _softmax_kernel():
+    """(our softmax kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
+    from trainer import softmax_kernel
+
+    compiler = cpp_compiler()
+    if not compiler:
+        return None, "no C++ compiler (g++, clang++ or $CXX) on PATH to build the softmax kernel with"
+    try:
+        return softmax_kernel.load(compiler), None
+    except softmax_kernel.BuildFailed as error:
+        return None, str(error)
 
 
 def choose_adapter_inputs(method: str, precision: str) -> Decision:

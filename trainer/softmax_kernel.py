@@ -41,8 +41,8 @@ class SoftmaxKernel:
     """The built kernel. Scores (B*kv, rows*group, keys) contiguous, in bf16 or float32, are turned into
     probabilities in place; `mask` is the block's (B, 1, rows, 1, keys) additive mask in the same dtype."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path):
-        self.path = path
+    def __init__(self, library: ctypes.CDLL, path: Path, compiler: str):
+        self.path, self.compiler = path, compiler
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         self._functions = {}
         for name in ("masked_softmax", "masked_exp"):
@@ -78,21 +78,21 @@ class SoftmaxKernel:
                                       keys, mask.stride(0), mask.stride(2), torch.get_num_threads())
 
 
-_loaded: dict[str, SoftmaxKernel] = {}
+_loaded: dict[str, SoftmaxKernel] = {}  # by compiler: a process finds its library (and asks the compiler) once
 
 
 def load(compiler: str) -> SoftmaxKernel:
     """The kernel built with `compiler` for this machine (once; later jobs load the cached build).
     BuildFailed says why not."""
-    path = _library_path(compiler)
-    if str(path) not in _loaded:
+    if compiler not in _loaded:
+        path = _library_path(compiler)
         if not path.exists():
             _build(compiler, path)
         try:
-            _loaded[str(path)] = SoftmaxKernel(ctypes.CDLL(str(path)), path)
+            _loaded[compiler] = SoftmaxKernel(ctypes.CDLL(str(path)), path, compiler)
         except (OSError, AttributeError) as error:
             raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
-    return _loaded[str(path)]
+    return _loaded[compiler]
 
 
 def _library_path(compiler: str) -> Path:
@@ -162,7 +162,8 @@ def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: 
         work()
         return time.perf_counter() - start
 
-    with_kernel(), with_aten()  # first calls start the thread pool and allocate
+    with_kernel()  # the first calls start the thread pool and allocate
+    with_aten()
     fused, aten = [], []
     for _ in range(rounds):
         fused.append(seconds(with_kernel))
