@@ -81,6 +81,7 @@ KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded valu
     "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"),
     "compile": (lambda v: v in ("on", "off"), "on or off"),
     "attention_softmax": (lambda v: v in ("fused", "aten"), "fused or aten"),
+    "lora_dropout": (lambda v: v in ("kernel", "fast-mask", "torch", "none"), "kernel, fast-mask, torch or none"),
 }
 
 

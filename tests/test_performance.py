@@ -511,16 +511,20 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fast_lora_dropout_is_torchs_dropout_with_another_generator(dtype):
+@pytest.mark.parametrize("mask", ["numpy", "kernel"])
+def test_fast_lora_dropout_is_torchs_dropout_with_another_generator(dtype, mask):
     """Same keep rate, same scaled value in the input's dtype, gradient through the same mask, identity in
-    eval, and the mask a function of torch's RNG state (so seeds and resume govern it)."""
+    eval, and the mask a function of torch's RNG state (so seeds and resume govern it): numpy's mask
+    and our C++ kernel's (trainer/dropout_kernel.py) alike."""
     import torch
 
+    from trainer import dropout_kernel
     from trainer.lora_dropout import FastDropout
+    from trainer.performance import cpp_compiler
 
     dtype = getattr(torch, dtype)
     x = torch.ones(1000, 1000, dtype=dtype, requires_grad=True)
-    dropout = FastDropout(0.1)
+    dropout = FastDropout(0.1, dropout_kernel.load(cpp_compiler()) if mask == "kernel" else None)
     torch.manual_seed(7)
     y = dropout(x)
     kept_value = torch.nn.functional.dropout(torch.ones(100, dtype=dtype), 0.1, True).max()
@@ -550,24 +554,41 @@ def test_fast_lora_dropout_inside_a_compiled_layer_is_torchs_own():
     assert torch.equal(y, torch.nn.functional.dropout(x, 0.3, True))
 
 
-def test_lora_dropout_and_optimizer_decisions():
+def test_lora_dropout_and_optimizer_decisions(monkeypatch):
     import torch
 
+    from trainer import performance
     from trainer.lora_dropout import FastDropout
-    from trainer.performance import choose_lora_dropout, choose_optimizer, use_lora_dropout
+    from trainer.performance import Decision, choose_lora_dropout, choose_optimizer, use_lora_dropout
 
-    fast = choose_lora_dropout("lora", 0.05, "cpu")
-    assert fast.value == "fast-mask"
-    assert choose_lora_dropout("lora", 0.05, "cuda").value == "torch"
-    assert choose_lora_dropout("lora", 0.0, "cpu").value == "none"
-    assert choose_lora_dropout("full", 0.05, "cpu").value == "none"
-    model = _lora_tiny()
-    for module in model.modules():
-        if hasattr(module, "lora_dropout"):
-            module.lora_dropout["default"] = torch.nn.Dropout(0.05)
-    use_lora_dropout(model, fast)
-    kinds = {type(d) for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}
-    assert kinds == {FastDropout}
+    fast = choose_lora_dropout("lora", 0.05, "cpu", 576)
+    assert fast.value in ("kernel", "fast-mask")
+    assert "ms with the kernel" in fast.reason and "a 512 x 576 activation" in fast.reason
+    assert choose_lora_dropout("lora", 0.05, "cuda", 576).value == "torch"
+    assert choose_lora_dropout("lora", 0.0, "cpu", 576).value == "none"
+    assert choose_lora_dropout("full", 0.05, "cpu", 576).value == "none"
+
+    def dropouts(model):
+        return [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+
+    def lora_model():
+        model = _lora_tiny()
+        for module in model.modules():
+            if hasattr(module, "lora_dropout"):
+                module.lora_dropout["default"] = torch.nn.Dropout(0.05)
+        return model
+
+    model = lora_model()
+    assert use_lora_dropout(model, Decision("kernel", "measured")).value == "kernel"
+    assert {type(d) for d in dropouts(model)} == {FastDropout} and all(d.kernel for d in dropouts(model))
+    # Without a compiler: numpy's mask, and a kept "kernel" (a resumed run) falls back to it, saying so.
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: None)
+    decision = choose_lora_dropout("lora", 0.05, "cpu", 576)
+    assert decision.value == "fast-mask" and "no C++ compiler" in decision.reason
+    model = lora_model()
+    kept = use_lora_dropout(model, Decision("kernel", "kept"))
+    assert kept.value == "fast-mask" and "cannot be built here" in kept.reason
+    assert {type(d) for d in dropouts(model)} == {FastDropout} and not any(d.kernel for d in dropouts(model))
 
     assert choose_optimizer("cpu", "none").value == "adamw-fused"
     assert choose_optimizer("cuda", "ddp").value == "adamw-fused"

@@ -113,7 +113,8 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     log = (killed / "train.log").read_text()
     assert f"resume: from {newest.name}" in log
     assert "threads: 2 (kept from the run this resumes" in log
-    assert "lora dropout: fast-mask" in log, "dropout 0.1 on CPU: the numpy-drawn masks resume bitwise too"
+    assert "lora dropout: kernel (kept from the run this resumes" in log, \
+        "dropout 0.1 on CPU: the kernel's masks (seeded from torch's generator) resume bitwise too"
 
 
 def test_stop_then_resume_completes(run_cli, tmp_path):

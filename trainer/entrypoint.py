@@ -312,8 +312,8 @@ class _Levers:
 
 
 def _decide_levers(run: _Job, model) -> _Levers:
-    """Packing, attention kernel, adapter inputs, chunked loss, LoRA dropout, optimizer, threads, the attention's
-    softmax and heap for this model on this device (trainer/performance.py, trainer/heap.py); the compile
+    """Packing, attention kernel, adapter inputs, chunked loss, optimizer, threads, the attention's softmax,
+    LoRA dropout and heap for this model on this device (trainer/performance.py, trainer/heap.py); the compile
     waits for the first batch (`_decide_compile`)."""
     from trainer import distributed, heap, performance
 
@@ -331,14 +331,15 @@ def _decide_levers(run: _Job, model) -> _Levers:
                                       "output layer in chunks over answer positions only, for the policy and the "
                                       "reference; the full logits are never built")
     run.decide("chunked_loss", chunked_loss)
-    performance.use_lora_dropout(model, run.decide("lora_dropout", performance.choose_lora_dropout(
-        run.method.value, run.cfg.method.dropout, device)))
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.use_threads(run.keep_or_decide("threads", performance.choose_threads)))
     # Measured with the thread count just decided.
     run.decide("attention_softmax", performance.use_attention_softmax(run.keep_or_decide(
         "attention_softmax", lambda: performance.choose_attention_softmax(
             attention.value, model.config, precision, args.max_seq_length))))
+    run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
+        "lora_dropout", lambda: performance.choose_lora_dropout(
+            run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
     run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 

@@ -95,12 +95,23 @@ def _softmax_kernel():
     """(our softmax kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
     from trainer import softmax_kernel
 
+    return _native_kernel(softmax_kernel, "softmax kernel")
+
+
+def _dropout_kernel():
+    """(our LoRA dropout kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
+    from trainer import dropout_kernel
+
+    return _native_kernel(dropout_kernel, "dropout kernel")
+
+
+def _native_kernel(module, what: str):
     compiler = cpp_compiler()
     if not compiler:
-        return None, "no C++ compiler (g++, clang++ or $CXX) on PATH to build the softmax kernel with"
+        return None, f"no C++ compiler (g++, clang++ or $CXX) on PATH to build the {what} with"
     try:
-        return softmax_kernel.load(compiler), None
-    except softmax_kernel.BuildFailed as error:
+        return module.load(compiler), None
+    except module.BuildFailed as error:
         return None, str(error)
 
 
@@ -159,22 +170,49 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
                                "on the first batch")
 
 
-def choose_lora_dropout(method: str, dropout: float, device: str) -> Decision:
-    """Who draws the LoRA dropout mask (method.dropout > 0): torch's nn.Dropout or our fast CPU mask."""
+def choose_lora_dropout(method: str, dropout: float, device: str, width: int) -> Decision:
+    """Who draws the LoRA dropout mask (method.dropout > 0): torch's nn.Dropout, our C++ kernel
+    (trainer/dropout_kernel.py) or numpy's generator (trainer/lora_dropout.py), whichever of the two
+    measures faster on CPU on an activation `width` wide (the model's hidden size)."""
     if method not in ("lora", "qlora") or not dropout:
         return Decision("none", "no LoRA dropout in this strategy")
     if device != "cpu":
         return Decision("torch", f"torch's dropout: on {device} its mask is drawn in parallel")
-    return Decision("fast-mask", f"p {dropout}: masks from numpy's PCG64 in 16-bit lanes, seeded from torch's "
-                                 "generator (~4x faster than torch's one-draw-per-element CPU mask); compiled "
-                                 "layers draw theirs inside their fused kernels (inductor's generator)")
+    compiled = "; compiled layers draw theirs inside their fused kernels (inductor's generator)"
+    numpy_mask = (f"p {dropout}: masks from numpy's PCG64 in 16-bit lanes, seeded from torch's generator (~4x "
+                  "faster than torch's one-draw-per-element CPU mask)")
+    kernel, why_not = _dropout_kernel()
+    if kernel is None:
+        return Decision("fast-mask", f"{numpy_mask}; our dropout kernel: {why_not}{compiled}")
+    from trainer import dropout_kernel
+
+    timed = dropout_kernel.measure(kernel, dropout, width)
+    seen = (f"a {dropout_kernel.MEASURE_ROWS} x {width} activation: {timed['kernel_ms']:.2f} ms with the kernel, "
+            f"{timed['numpy_ms']:.2f} ms with numpy's mask")
+    if timed["kernel_ms"] >= timed["numpy_ms"]:
+        return Decision("fast-mask", f"{numpy_mask}, measured faster here than our dropout kernel ({seen}){compiled}")
+    return Decision("kernel", f"p {dropout}: our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}) draws "
+                              "each mask from SplitMix64 of the element's index, seeded from torch's generator, and "
+                              "multiplies in the same pass, keeping no mask for backward; measured "
+                              f"{timed['numpy_ms'] / timed['kernel_ms']:.1f}x faster here than numpy's mask ({seen})"
+                              f"{compiled}")
 
 
-def use_lora_dropout(model, decision: Decision) -> None:
-    if decision.value == "fast-mask":
+def use_lora_dropout(model, decision: Decision) -> Decision:
+    """Give the LoRA layers the chosen mask; a kept "kernel" (a resumed run) that cannot be built here
+    falls back to numpy's mask, saying so."""
+    kernel = None
+    if decision.value == "kernel":
+        kernel, why_not = _dropout_kernel()
+        if kernel is None:
+            decision = Decision("fast-mask", f"numpy's masks: the dropout kernel was decided ({decision.reason}), but "
+                                             f"cannot be built here ({why_not}); the masks from here on differ from "
+                                             "the ones the kernel would have drawn")
+    if decision.value in ("kernel", "fast-mask"):
         from trainer.lora_dropout import use_fast_dropout
 
-        use_fast_dropout(model)
+        use_fast_dropout(model, kernel)
+    return decision
 
 
 def choose_optimizer(device: str, distributed_mode: str) -> Decision:

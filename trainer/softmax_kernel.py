@@ -11,30 +11,20 @@ rounding.
 Why our own code: no library has it. torch's fused `_masked_softmax` takes a boolean mask and ran
 ~10x slower than the two operators here; its CPU flash attention (scaled_dot_product_attention) ran
 slower than our blockwise attention, and FlexAttention has no CPU backward (docs/PERFORMANCE.md);
-inductor's fused softmax needs the layers compiled, which pays only on long runs. The kernel is ~200
-lines of portable C++ (vector extensions, no intrinsics), built once per machine and compiler with
-the C++ compiler torch.compile uses, into the llamafarm cache, and loaded with ctypes (no Python
-headers, ~1 s). Its OpenMP is torch's own runtime (libgomp.so.1, already loaded by torch), so both
-share one thread pool. Without a compiler the attention keeps torch's operators.
+inductor's fused softmax needs the layers compiled, which pays only on long runs. Built and loaded
+by trainer/native.py; without a compiler the attention keeps torch's operators.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
 from pathlib import Path
 
+from trainer.native import BuildFailed, load_library
+
+__all__ = ["BuildFailed", "SoftmaxKernel", "load", "measure"]
+
 SOURCE = Path(__file__).with_name("softmax_kernel.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
-BUILD_SECONDS = 300  # a C++ compile of one small file; far more means the compiler is stuck
-
-
-class BuildFailed(Exception):
-    """The kernel could not be built or loaded here; the message says why."""
 
 
 class SoftmaxKernel:
@@ -85,52 +75,12 @@ def load(compiler: str) -> SoftmaxKernel:
     """The kernel built with `compiler` for this machine (once; later jobs load the cached build).
     BuildFailed says why not."""
     if compiler not in _loaded:
-        path = _library_path(compiler)
-        if not path.exists():
-            _build(compiler, path)
+        library, path = load_library(SOURCE, compiler)
         try:
-            _loaded[compiler] = SoftmaxKernel(ctypes.CDLL(str(path)), path, compiler)
-        except (OSError, AttributeError) as error:
+            _loaded[compiler] = SoftmaxKernel(library, path, compiler)
+        except AttributeError as error:
             raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
     return _loaded[compiler]
-
-
-def _library_path(compiler: str) -> Path:
-    """One build per source, compiler, flags, CPU and C library: a cache shared by the host and the
-    containers (which mount it) never hands one of them a library built for the other."""
-    from contract.paths import cache_root
-    from contract.platform import cpu_model
-
-    key = "\n".join([SOURCE.read_text(), _compiler_version(compiler), " ".join(FLAGS), cpu_model(),
-                     platform.machine(), " ".join(platform.libc_ver())])
-    return cache_root() / "kernels" / f"softmax-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def _compiler_version(compiler: str) -> str:
-    try:
-        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise BuildFailed(f"{compiler} --version failed: {error}") from None
-    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else compiler
-
-
-def _build(compiler: str, path: Path) -> None:
-    """Compile into a file of this process's own, then rename: a job building at the same time as
-    another never loads a half-written library."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    command = [compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise BuildFailed(f"{compiler} could not build {SOURCE.name} (exit {done.returncode}): {last}")
-        partial.replace(path)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise BuildFailed(f"{' '.join(command)} failed: {error}") from None
-    finally:
-        with contextlib.suppress(OSError):  # gone already after the rename, or never made
-            partial.unlink()
 
 
 def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int, rounds: int = 5) -> dict:
