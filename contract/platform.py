@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -31,3 +32,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile on CPU and our kernels (trainer/native.py) build with: $CXX, else
+    the first on PATH."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    return next((found for name in names + ["g++", "clang++", "c++"] if (found := shutil.which(name))), None)

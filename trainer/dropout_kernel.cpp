@@ -25,7 +25,6 @@ namespace {
 constexpr int W = 16;  // elements per vector: eight 64-bit draws
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint64_t vq __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 

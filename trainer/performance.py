@@ -25,10 +25,10 @@ docs/PERFORMANCE.md has the measured effect of each.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 
 from contract.errors import UserError
+from contract.platform import cpp_compiler
 from contract.decisions import Decision, chunk_rows
 from trainer.chunked_loss import causal_lm
 
@@ -224,12 +224,6 @@ def choose_optimizer(device: str, distributed_mode: str) -> Decision:
         return Decision("adamw", "torch's default AdamW: the fused kernel was not measured on FSDP's sharded parameters")
     return Decision("adamw-fused", f"AdamW's fused {device} kernel: one pass over all parameters (the same "
                                    "update; the Trainer's default optimizer too)")
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile on CPU and our softmax kernel build with: $CXX, else the first on PATH."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
-    return next((found for name in names + ["g++", "clang++", "c++"] if (found := shutil.which(name))), None)
 
 
 def use_compile(model, decision: Decision) -> Decision:

@@ -23,6 +23,7 @@ from contract.strategy import Strategy
 from orchestrator.estimate.shapes import ModelShape, shape_for
 from orchestrator.estimate.throughput import busy_note, device_memory_gb, matmul_gflops, precision_rates
 from contract.decisions import chunk_rows
+from contract.platform import cpp_compiler
 
 MB = 1024 * 1024
 # Host memory of a Python process with torch, transformers and peft loaded and a job running.
@@ -48,8 +49,11 @@ ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 2, 3
 # the attention output, already kept) and both norms' normalised inputs.
 ACT_DENSE_HIDDEN, ACT_DENSE_INTER = 4, 1
 # A LoRA adapter with dropout keeps its dropped input and the dropout mask (a float tensor on CPU): twice its
-# input size; without dropout it keeps the input itself, which adapters on the same input share.
+# input size; without dropout it keeps the input itself, which adapters on the same input share. Our CPU dropout
+# kernel (trainer/dropout_kernel.py, built wherever a C++ compiler is: the CPU image ships one) draws the mask
+# again in backward instead of keeping it: once.
 ACT_DROPOUT_COPIES = 2
+ACT_DROPOUT_COPIES_KERNEL = 1
 # On a CPU the C allocator (glibc malloc) keeps freed activations in its heaps instead of returning them, and
 # batches of other lengths fragment them, so peak RSS grows over the first steps by this share of the
 # activations (real SmolLM2-135M LoRA, 512 tokens: 3,221 MB peak with MALLOC_MMAP_THRESHOLD_ fixed, so nothing
@@ -128,7 +132,10 @@ def _weight_bytes(method: str, precision: str) -> float:
     return 2.0 if choose_base_dtype(method, precision).value in ("bf16", "fp16") else 4.0
 
 
-def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpointing: bool | None = None) -> dict:
+def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpointing: bool | None = None,
+           dropout_kernel: bool | None = None) -> dict:
+    """Peak memory in MB by part. `dropout_kernel`: whether our CPU LoRA dropout kernel will draw the masks
+    (None: on a CPU wherever a C++ compiler is on PATH, as the trainer decides where it has one)."""
     cfg = strategy.cfg
     args = cfg.training_args
     ckpt = args.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
@@ -146,7 +153,9 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     preference = cfg.method.stage != "sft"
     if preference:  # each item is two rows (chosen and rejected, or a KTO answer and its mismatched twin)
         tokens *= 2
-    per_token_layer = _activation_values(shape, strategy, device, precision) * act_bytes
+    if dropout_kernel is None:
+        dropout_kernel = device == "cpu" and cpp_compiler() is not None
+    per_token_layer = _activation_values(shape, strategy, device, precision, dropout_kernel) * act_bytes
     if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
@@ -179,7 +188,8 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     return {k: round(v / MB, 1) for k, v in parts.items()}
 
 
-def _activation_values(shape: ModelShape, strategy: Strategy, device: str, precision: str) -> float:
+def _activation_values(shape: ModelShape, strategy: Strategy, device: str, precision: str,
+                       dropout_kernel: bool) -> float:
     """Values one decoder layer keeps per token for backward (see the ACT_ constants)."""
     from types import SimpleNamespace
 
@@ -194,7 +204,8 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
         shapes = shape.linear_shapes()
         targets = [n for n in shapes if cfg.method.target_modules == "auto" or n in cfg.method.target_modules]
         if cfg.method.dropout > 0:
-            values += ACT_DROPOUT_COPIES * sum(shapes[n][0] for n in targets)
+            copies = ACT_DROPOUT_COPIES_KERNEL if dropout_kernel else ACT_DROPOUT_COPIES
+            values += copies * sum(shapes[n][0] for n in targets)
         else:  # q/k/v share the first norm's output, gate/up the second's; o_proj's input is the attention output
             groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
             values += sum(shapes[g[0]][0] for g in groups if any(n in targets for n in g))
