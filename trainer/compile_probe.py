@@ -28,8 +28,8 @@ MEASURE_AFTER_SECONDS = 375
 
 def step_key(config, trainable: int, step_text: str) -> str:
     """The cache key: this machine, torch, the model's shape (its config), its trainable parameter count
-    and what the step does (method, precision, attention kernel, batch), everything the gain of
-    compiling depends on."""
+    and what the step does (method, precision, attention kernel and its softmax, who draws the LoRA
+    dropout masks, batch), everything the gain of compiling depends on."""
     import torch
 
     shape = (f"{config.model_type} {config.num_hidden_layers} layers x {config.hidden_size}/"

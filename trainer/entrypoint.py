@@ -431,9 +431,12 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
     # Training time only: evaluation runs eager, so compiling does not shorten it.
     train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
                       if estimate.get("device") == run.device.value and estimate.get("seconds") is not None else None)
+    # Every decision that changes the eager step's speed: a faster eager step changes what compiling gains.
+    decided = {name: run.decisions.get(name, {}).get("value") for name in ("attention", "attention_softmax",
+                                                                           "lora_dropout")}
     step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
-            f"attention {run.decisions['attention']['value']}, batch {args.per_device_train_batch_size} x "
-            f"{args.max_seq_length}")
+            f"attention {decided['attention']} softmax {decided['attention_softmax']} dropout mask "
+            f"{decided['lora_dropout']}, batch {args.per_device_train_batch_size} x {args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)
     chosen = run.keep_or_decide("compile", lambda: performance.choose_compile(
         args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,
