@@ -10,7 +10,7 @@ so the strategy's seed, checkpoints and resume govern it exactly as they govern 
 The drop probability is p to within 1/65536 (a relative error under 1e-4 at p 0.05) and kept values
 are scaled by 1 / (1 - p), torch's own value in the input's dtype. numpy is used because torch has no faster CPU
 generator. Where a C++ compiler builds trainer/dropout_kernel.cpp (the `lora_dropout` decision "kernel"),
-that kernel draws and multiplies in one pass instead (~14x faster again, on torch's threads) and keeps
+that kernel draws and multiplies in one pass instead (9-14x faster again, on torch's threads) and keeps
 no mask for backward; its generator differs from numpy's, so the two give different masks.
 """
 
