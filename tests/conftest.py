@@ -68,3 +68,11 @@ def pytest_collection_modifyitems(items):
         for fixture, marker in NEEDS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+
+
+def broken_compiler(folder: Path, message: str) -> Path:
+    """A C++ compiler that answers --version and fails every build, printing `message` last."""
+    broken = folder / "g++"
+    broken.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\necho '{message}' >&2; exit 1\n")
+    broken.chmod(0o755)
+    return broken

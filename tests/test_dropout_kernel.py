@@ -7,6 +7,7 @@ FastDropout with the kernel against torch's dropout is in tests/test_performance
 from __future__ import annotations
 
 import pytest
+from conftest import broken_compiler
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +103,13 @@ def test_the_backward_draws_the_same_mask_and_keeps_none(kernel):
 def test_the_decision_is_measured_and_falls_back_without_a_kernel(tmp_path, monkeypatch):
     """With a compiler the kernel is timed against numpy's mask; a compiler that fails is numpy's mask,
     the compiler's last line in the reason, and no library left behind."""
-    from trainer import dropout_kernel, performance
+    from trainer import native, performance
 
     decision = performance.choose_lora_dropout("lora", 0.05, "cpu", 64)
     assert decision.value in ("kernel", "fast-mask") and "ms with numpy's mask" in decision.reason
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dropout_kernel, "_loaded", {})
-    broken = tmp_path / "g++"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\necho 'no' >&2; exit 1\n")
-    broken.chmod(0o755)
+    monkeypatch.setattr(native, "_loaded", {})
+    broken = broken_compiler(tmp_path, "no")
     monkeypatch.setattr(performance, "cpp_compiler", lambda: str(broken))
     decision = performance.choose_lora_dropout("lora", 0.05, "cpu", 64)
     assert decision.value == "fast-mask" and "could not build dropout_kernel.cpp (exit 1): no" in decision.reason

@@ -5,6 +5,7 @@ with it, against sdpa, is in tests/test_attention.py ("blockwise-fused")."""
 from __future__ import annotations
 
 import pytest
+from conftest import broken_compiler
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +122,12 @@ def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypat
     """A compiler that fails: BuildFailed with its last line, no library (whole or partial) left; so
     does a cache folder that cannot be made. A working compiler builds once; a second load (the
     loaded-library memo cleared, as in a new process) finds the cached library."""
-    from trainer import softmax_kernel
+    from trainer import native, softmax_kernel
     from trainer.performance import cpp_compiler
 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(softmax_kernel, "_loaded", {})
-    broken = tmp_path / "broken-g++"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\n"
-                      "echo 'fatal error: the compiler is broken' >&2; exit 1\n")
-    broken.chmod(0o755)
+    monkeypatch.setattr(native, "_loaded", {})
+    broken = broken_compiler(tmp_path, "fatal error: the compiler is broken")
     with pytest.raises(softmax_kernel.BuildFailed, match="the compiler is broken"):
         softmax_kernel.load(str(broken))
     kernels = tmp_path / "cache" / "kernels"
@@ -143,7 +141,7 @@ def test_the_build_is_cached_and_a_failed_one_leaves_nothing(tmp_path, monkeypat
     built = softmax_kernel.load(cpp_compiler())
     assert [p.name for p in kernels.iterdir()] == [built.path.name]
     modified = built.path.stat().st_mtime_ns
-    monkeypatch.setattr(softmax_kernel, "_loaded", {})
+    monkeypatch.setattr(native, "_loaded", {})
     assert softmax_kernel.load(cpp_compiler()).path.stat().st_mtime_ns == modified
 
 
@@ -162,7 +160,7 @@ def test_the_decision_measures_the_kernel_against_torchs_operators():
 
 
 def test_the_decision_keeps_torchs_operators_where_the_kernel_cannot_be_built(tmp_path, monkeypatch):
-    from trainer import performance, softmax_kernel
+    from trainer import native, performance
 
     assert performance.choose_attention_softmax("grouped-matmul", _config(), "bf16", 256).value == "aten"
     assert performance.choose_attention_softmax("blockwise", _config(), "fp16", 512).value == "aten"
@@ -173,10 +171,8 @@ def test_the_decision_keeps_torchs_operators_where_the_kernel_cannot_be_built(tm
     kept = performance.use_attention_softmax(performance.Decision("fused", "kept"))
     assert kept.value == "aten" and "cannot be built here" in kept.reason
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(softmax_kernel, "_loaded", {})
-    broken = tmp_path / "g++"
-    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\necho 'no' >&2; exit 1\n")
-    broken.chmod(0o755)
+    monkeypatch.setattr(native, "_loaded", {})
+    broken = broken_compiler(tmp_path, "no")
     monkeypatch.setattr(performance, "cpp_compiler", lambda: str(broken))
     decision = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
     assert decision.value == "aten" and "could not build softmax_kernel.cpp (exit 1): no" in decision.reason

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, load_library
+from trainer.native import BuildFailed, load_kernel
 
 __all__ = ["BuildFailed", "DropoutKernel", "load"]
 
@@ -69,19 +69,10 @@ def dropout(kernel: DropoutKernel, x, seed: int, p: float):
     return _function().apply(x, kernel, seed, p)
 
 
-_loaded: dict[str, DropoutKernel] = {}  # by compiler: a process finds its library (and asks the compiler) once
-
-
 def load(compiler: str) -> DropoutKernel:
     """The kernel built with `compiler` for this machine (once; later jobs load the cached build).
     BuildFailed says why not."""
-    if compiler not in _loaded:
-        library, path = load_library(SOURCE, compiler)
-        try:
-            _loaded[compiler] = DropoutKernel(library, path, compiler)
-        except AttributeError as error:
-            raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
-    return _loaded[compiler]
+    return load_kernel(DropoutKernel, SOURCE, compiler)
 
 
 _FUNCTION = None

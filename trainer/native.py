@@ -25,6 +25,21 @@ class BuildFailed(Exception):
     """A kernel could not be built or loaded here; the message says why."""
 
 
+_loaded: dict[tuple[Path, str], object] = {}  # by source and compiler: a process loads (and asks the compiler) once
+
+
+def load_kernel(wrapper, source: Path, compiler: str):
+    """`wrapper(library, path, compiler)` around the library built from `source` with `compiler`, once
+    per process. BuildFailed says why not (a library missing a function the wrapper binds included)."""
+    if (source, compiler) not in _loaded:
+        library, path = load_library(source, compiler)
+        try:
+            _loaded[source, compiler] = wrapper(library, path, compiler)
+        except AttributeError as error:
+            raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
+    return _loaded[source, compiler]
+
+
 def load_library(source: Path, compiler: str) -> tuple[ctypes.CDLL, Path]:
     """The library built from `source` with `compiler` for this machine, and its path: built on first
     use, loaded from the cache after. BuildFailed says why not."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, load_library
+from trainer.native import BuildFailed, load_kernel
 
 __all__ = ["BuildFailed", "SoftmaxKernel", "load", "measure"]
 
@@ -68,19 +68,10 @@ class SoftmaxKernel:
                                       keys, mask.stride(0), mask.stride(2), torch.get_num_threads())
 
 
-_loaded: dict[str, SoftmaxKernel] = {}  # by compiler: a process finds its library (and asks the compiler) once
-
-
 def load(compiler: str) -> SoftmaxKernel:
     """The kernel built with `compiler` for this machine (once; later jobs load the cached build).
     BuildFailed says why not."""
-    if compiler not in _loaded:
-        library, path = load_library(SOURCE, compiler)
-        try:
-            _loaded[compiler] = SoftmaxKernel(library, path, compiler)
-        except AttributeError as error:
-            raise BuildFailed(f"the built kernel {path} does not load: {error}") from None
-    return _loaded[compiler]
+    return load_kernel(SoftmaxKernel, SOURCE, compiler)
 
 
 def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int, rounds: int = 5) -> dict:
