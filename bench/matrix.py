@@ -150,7 +150,8 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     baseline, ours = pooled(runs["baseline"]), pooled(runs["llamafarm"])
     sides = {runners[0]: ours, **{runner: ours_on(runner) for runner in runners[1:]}}
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "attention_softmax",
-                                                                     "compile", "packing", "lora_dropout")}
+                                                                     "compile", "packing", "lora_dropout",
+                                                                     "layer_kernel")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
               "ratio": _both(ours["tokens_per_second"], baseline["tokens_per_second"], lambda a, b: a / b),
@@ -213,7 +214,7 @@ def table(results: list[dict], peak: float) -> str:
         mfu = [100 * side["tokens_per_second"] * r["flops_per_token"] / (peak * 1e9) if side["tokens_per_second"]
                else None for side in (b, o)]
         d = r["decisions"]
-        chosen = (f"{d['precision']}, {d['attention']}, compile {d['compile']}{_dropout(d)}" if d.get("precision")
+        chosen = (f"{d['precision']}, {d['attention']}, compile {d['compile']}{_kernels(d)}" if d.get("precision")
                   else "-")
         lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {_number(b['tokens_per_second'])} | "
                      f"{_number(o['tokens_per_second'])} | {_ratio(r)} | {_number(b['peak_rss_mb'], ',.0f')} / "
@@ -232,9 +233,11 @@ def _ratio(result: dict) -> str:
     return " and ".join(unfinished(result)) + " failed"
 
 
-def _dropout(decisions: dict) -> str:
+def _kernels(decisions: dict) -> str:
+    """The table's note of the CPU kernels' decisions: the LoRA dropout's, and the layer kernel where it is ours."""
     value = decisions.get("lora_dropout")
-    return f", dropout {value}" if value not in (None, "none") else ""
+    dropout = f", dropout {value}" if value not in (None, "none") else ""
+    return dropout + (", layer kernel" if decisions.get("layer_kernel") == "kernel" else "")
 
 
 def main(argv=None) -> int:

@@ -82,6 +82,7 @@ KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded valu
     "compile": (lambda v: v in ("on", "off"), "on or off"),
     "attention_softmax": (lambda v: v in ("fused", "aten"), "fused or aten"),
     "lora_dropout": (lambda v: v in ("kernel", "fast-mask", "torch", "none"), "kernel, fast-mask, torch or none"),
+    "layer_kernel": (lambda v: v in ("kernel", "torch"), "kernel or torch"),
 }
 
 

@@ -43,7 +43,7 @@ def test_shapes_and_parameter_counts():
 def test_memory_breakdown_golden():
     # Precision set explicitly: auto depends on the CPU (the faster of bf16 and fp32, measured there).
     s = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048, precision="fp32"))
-    parts = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", dropout_kernel=False)
+    parts = memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", cpu_kernels=False)
     # fp32 weights; 12 bytes per adapter parameter (its gradients fit in the activations' place); per token
     # and layer 2 x hidden + 3 x intermediate, plus the q/v adapters' dropped inputs and masks (2 x 2 x hidden)
     # and their rank, plus what the blockwise attention keeps for 2048 tokens (q, k and v: (32 + 2 x 8) heads
@@ -51,15 +51,16 @@ def test_memory_breakdown_golden():
     # activations' memory.
     assert parts == {"weights": 30633.0, "trainable_state": 39.0, "activations": 73744.0, "logits": 190.8,
                      "framework": 430.0, "allocator_kept": 40559.2}
-    # Our CPU dropout kernel draws the mask again in backward: one copy of each adapter's input less,
-    # 8,192 tokens x 32 layers x 2 adapters x 4,096 x 4 bytes = 8,192 MB.
-    assert memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", dropout_kernel=True) == {
-        "weights": 30633.0, "trainable_state": 39.0, "activations": 65552.0, "logits": 190.8, "framework": 430.0,
-        "allocator_kept": 36053.6}
+    # Our CPU kernels: the dropout kernel draws the mask again in backward, one copy of each adapter's input
+    # less (8,192 tokens x 32 layers x 2 adapters x 4,096 x 4 bytes = 8,192 MB), and the layer kernel keeps
+    # no SiLU output (8,192 x 32 x 14,336 x 4 bytes = 14,336 MB).
+    assert memory(KNOWN["meta-llama/Llama-3.1-8B"], s, "cpu", cpu_kernels=True) == {
+        "weights": 30633.0, "trainable_state": 39.0, "activations": 51216.0, "logits": 190.8, "framework": 430.0,
+        "allocator_kept": 28168.8}
     bf16 = parse_strategy("x", _strategy(model="meta-llama/Llama-3.1-8B", max_seq_length=2048, precision="bf16"))
     # Frozen weights and activations in bf16, oneDNN's bf16 runtime on top of the framework, and the
     # loss chunk's logits and softmax in bf16 (2 x 2 bytes against 3 x 4 in fp32).
-    assert memory(KNOWN["meta-llama/Llama-3.1-8B"], bf16, "cpu", dropout_kernel=False) == {
+    assert memory(KNOWN["meta-llama/Llama-3.1-8B"], bf16, "cpu", cpu_kernels=False) == {
         "weights": 15316.5, "trainable_state": 39.0, "activations": 36872.0, "logits": 63.6, "framework": 695.0,
         "allocator_kept": 20279.6}
     assert "allocator_kept" not in memory(KNOWN["meta-llama/Llama-3.1-8B"], bf16, "cuda")

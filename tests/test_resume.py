@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -115,6 +116,8 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(run_cli, t
     assert "threads: 2 (kept from the run this resumes" in log
     assert "lora dropout: kernel (kept from the run this resumes" in log, \
         "dropout 0.1 on CPU: the kernel's masks (seeded from torch's generator) resume bitwise too"
+    # Measured, so either value; kept, so the resumed steps compute the layers as the killed run did.
+    assert re.search(r"layer kernel: (kernel|torch) \(kept from the run this resumes", log)
 
 
 def test_stop_then_resume_completes(run_cli, tmp_path):

@@ -15,18 +15,18 @@
 // dropout, which multiplies by its mask too); bf16 values are widened, multiplied and rounded to
 // nearest even once, as torch rounds a bf16 product.
 //
-// Written with GCC/Clang vector extensions rather than intrinsics, as trainer/softmax_kernel.cpp.
+// Written with the vector extensions of trainer/kernel_common.h, as trainer/softmax_kernel.cpp.
 
 #include <cstdint>
 #include <cstring>
 
+#include "kernel_common.h"
+
 namespace {
 
-constexpr int W = 16;  // elements per vector: eight 64-bit draws
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+using namespace kernel;  // W = 16 elements per vector: eight 64-bit draws
+
 typedef uint64_t vq __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
 
 constexpr uint64_t GAMMA = 0x9e3779b97f4a7c15ULL;  // SplitMix64's increment (the golden ratio)
 
@@ -60,45 +60,6 @@ inline float mask_one(uint64_t start, int64_t i, uint32_t threshold, float scale
     uint64_t draw = mix(start + (uint64_t)(i / 2 + 1) * GAMMA);
     uint32_t half = (uint32_t)(i % 2 ? draw >> 32 : draw);
     return half >= threshold ? scale : 0.0f;
-}
-
-inline vf load(const float *p) {
-    vf f;
-    std::memcpy(&f, p, sizeof f);
-    return f;
-}
-inline vf load(const uint16_t *p) {  // bf16 is the top half of a float32
-    vh h;
-    std::memcpy(&h, p, sizeof h);
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline void store(float *p, vf f) { std::memcpy(p, &f, sizeof f); }
-inline void store(uint16_t *p, vf f) {  // round to nearest even; NaN stays a quiet NaN, as torch rounds
-    vu u;
-    std::memcpy(&u, &f, sizeof u);
-    vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    vu nan = (vu)(f != f);
-    rounded = (rounded & ~nan) | (0x7FC0u & nan);
-    vh h = __builtin_convertvector(rounded, vh);
-    std::memcpy(p, &h, sizeof h);
-}
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline void store_one(float *p, float f) { *p = f; }
-inline void store_one(uint16_t *p, float f) {
-    vf v = vf{} + f;
-    uint16_t h[W];
-    store(h, v);
-    *p = h[0];
 }
 
 template <typename T>

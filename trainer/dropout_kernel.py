@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, load_kernel
+from trainer.native import BuildFailed, fastest_alternated, load_kernel
 
 __all__ = ["BuildFailed", "DropoutKernel", "load"]
 
@@ -103,8 +103,6 @@ MEASURE_ROWS = 512  # rows of the activation the decision times: a packed step's
 def measure(kernel: DropoutKernel, p: float, width: int, rounds: int = 3) -> dict:
     """Milliseconds to drop out one float32 (MEASURE_ROWS x width) activation with this kernel and with
     numpy's mask (trainer/lora_dropout.py), alternated `rounds` times; the fastest round of each."""
-    import time
-
     import torch
 
     from trainer.lora_dropout import FastDropout
@@ -113,16 +111,6 @@ def measure(kernel: DropoutKernel, p: float, width: int, rounds: int = 3) -> dic
     state = torch.get_rng_state()  # the seeds drawn here must not move the training's stream
     with_numpy = FastDropout(p)
 
-    def seconds(work) -> float:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-
-    kernel.apply(x, 0, p)  # the first call starts the thread pool and allocates
-    with_numpy(x)
-    timed = {"kernel": [], "numpy": []}
-    for _ in range(rounds):
-        timed["kernel"].append(seconds(lambda: kernel.apply(x, 0, p)))
-        timed["numpy"].append(seconds(lambda: with_numpy(x)))
+    timed = fastest_alternated({"kernel": lambda: kernel.apply(x, 0, p), "numpy": lambda: with_numpy(x)}, rounds)
     torch.set_rng_state(state)
-    return {f"{name}_ms": round(1e3 * min(times), 3) for name, times in timed.items()}
+    return {f"{name}_ms": round(1e3 * seconds, 3) for name, seconds in timed.items()}

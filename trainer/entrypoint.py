@@ -313,7 +313,7 @@ class _Levers:
 
 def _decide_levers(run: _Job, model) -> _Levers:
     """Packing, attention kernel, adapter inputs, chunked loss, optimizer, threads, the attention's softmax,
-    LoRA dropout and heap for this model on this device (trainer/performance.py, trainer/heap.py); the compile
+    LoRA dropout, the layer kernel and heap for this model on this device (trainer/performance.py, trainer/heap.py); the compile
     waits for the first batch (`_decide_compile`)."""
     from trainer import distributed, heap, performance
 
@@ -340,6 +340,8 @@ def _decide_levers(run: _Job, model) -> _Levers:
     run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
         "lora_dropout", lambda: performance.choose_lora_dropout(
             run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
+    run.decide("layer_kernel", performance.use_layer_kernel(model, run.keep_or_decide(
+        "layer_kernel", lambda: performance.choose_layer_kernel(model, device))))
     run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 
@@ -433,10 +435,11 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
                       if estimate.get("device") == run.device.value and estimate.get("seconds") is not None else None)
     # Every decision that changes the eager step's speed: a faster eager step changes what compiling gains.
     decided = {name: run.decisions.get(name, {}).get("value") for name in ("attention", "attention_softmax",
-                                                                           "lora_dropout")}
+                                                                           "lora_dropout", "layer_kernel")}
     step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
             f"attention {decided['attention']} softmax {decided['attention_softmax']} dropout mask "
-            f"{decided['lora_dropout']}, batch {args.per_device_train_batch_size} x {args.max_seq_length}")
+            f"{decided['lora_dropout']} layers {decided['layer_kernel']}, "
+            f"batch {args.per_device_train_batch_size} x {args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)
     chosen = run.keep_or_decide("compile", lambda: performance.choose_compile(
         args.torch_compile, run.device.value, train_estimate, run.world.active, args.gradient_checkpointing,

@@ -1,8 +1,8 @@
 """Our C++ kernels (trainer/*_kernel.cpp) built once per machine and compiler, and loaded with ctypes.
 
-Each is one small file of portable C++ (GCC vector extensions, no intrinsics, no Python headers),
-compiled with the C++ compiler torch.compile uses, into the llamafarm cache (which the container
-runner mounts), in ~1 s. OpenMP is torch's own runtime (libgomp.so.1, already loaded by torch), so a
+Each is one small file of portable C++ (GCC vector extensions, no intrinsics, no Python headers) that
+includes trainer/kernel_common.h, compiled with the C++ compiler torch.compile uses, into the llamafarm
+cache (which the container runner mounts), in ~1 s. OpenMP is torch's own runtime (libgomp.so.1, already loaded by torch), so a
 kernel and torch share one thread pool. BuildFailed says why a kernel cannot be had here; the
 decisions that use a kernel then keep torch's operators.
 """
@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# What every kernel includes (vector types, bf16 conversions); part of each build's cache key.
+COMMON_HEADER = Path(__file__).with_name("kernel_common.h")
 BUILD_SECONDS = 300  # a C++ compile of one small file; far more means the compiler is stuck
 
 
@@ -58,8 +60,8 @@ def _library_path(source: Path, compiler: str) -> Path:
     from contract.paths import cache_root
     from contract.platform import cpu_model
 
-    key = "\n".join([source.read_text(), _compiler_version(compiler), " ".join(FLAGS), cpu_model(),
-                     platform.machine(), " ".join(platform.libc_ver())])
+    key = "\n".join([source.read_text(), COMMON_HEADER.read_text(), _compiler_version(compiler), " ".join(FLAGS),
+                     cpu_model(), platform.machine(), " ".join(platform.libc_ver())])
     stem = source.stem.removesuffix("_kernel")
     return cache_root() / "kernels" / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
@@ -76,7 +78,7 @@ def _build(source: Path, compiler: str, path: Path) -> None:
     """Compile into a file of this process's own, then rename: a job building at the same time as
     another never loads a half-written library."""
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    command = [compiler, *FLAGS, str(source), "-o", str(partial)]
+    command = [compiler, *FLAGS, f"-I{COMMON_HEADER.parent}", str(source), "-o", str(partial)]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
@@ -89,3 +91,19 @@ def _build(source: Path, compiler: str, path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):  # gone already after the rename, or never made
             partial.unlink()
+
+
+def fastest_alternated(works: dict, rounds: int) -> dict[str, float]:
+    """Seconds of each of `works` (name -> function of no arguments): each run once first (the first calls
+    start the thread pool and allocate), then all alternated `rounds` times; the fastest round of each."""
+    import time
+
+    for work in works.values():
+        work()
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(rounds):
+        for name, work in works.items():
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}

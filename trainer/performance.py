@@ -12,6 +12,8 @@
   measured on this machine (trainer/compile_probe.py) repays the one-time compile within the run.
 - LoRA dropout: on CPU the mask is drawn by trainer/lora_dropout.py (numpy's PCG64) instead of
   torch's one-draw-per-element generator (compiled layers draw it inside their fused kernels).
+- layer kernel: on CPU, each decoder layer's RMSNorm, SwiGLU and rotary embedding computed by
+  trainer/layer_kernel.py in one pass forward and one backward, where measured faster.
 - optimizer: torch's fused AdamW kernel (one pass over all parameters) where it runs.
 - threads: torch's intra-op threads, one per core this process may use, or one when a short probe
   shows other processes holding the cores.
@@ -82,11 +84,8 @@ def use_attention_softmax(decision: Decision) -> Decision:
 
     kernel = None
     if decision.value == "fused":
-        kernel, why_not = _softmax_kernel()
-        if kernel is None:
-            decision = Decision("aten", f"torch's operators: the softmax kernel was decided ({decision.reason}), "
-                                        f"but cannot be built here ({why_not}); the probabilities can differ from "
-                                        "the kernel's in the last bit")
+        kernel, decision = _kept_kernel(decision, _softmax_kernel, Decision(
+            "aten", "torch's operators (the probabilities can differ from the softmax kernel's in the last bit)"))
     attention.use_softmax_kernel(kernel)
     return decision
 
@@ -113,6 +112,17 @@ def _native_kernel(module, what: str):
         return module.load(compiler), None
     except module.BuildFailed as error:
         return None, str(error)
+
+
+def _kept_kernel(decision: Decision, build, instead: Decision):
+    """(the kernel, the decision) for a decision whose value names one of our kernels: `build()` gives
+    (kernel, None) or (None, why not). Where a decision kept from the run this resumes names a kernel
+    that cannot be built here, `instead` with both reasons."""
+    kernel, why_not = build()
+    if kernel is not None:
+        return kernel, decision
+    return None, Decision(instead.value, f"{instead.reason}: the kernel was decided ({decision.reason}), but cannot be "
+                                         f"built here ({why_not})")
 
 
 def choose_adapter_inputs(method: str, precision: str) -> Decision:
@@ -203,15 +213,59 @@ def use_lora_dropout(model, decision: Decision) -> Decision:
     falls back to numpy's mask, saying so."""
     kernel = None
     if decision.value == "kernel":
-        kernel, why_not = _dropout_kernel()
-        if kernel is None:
-            decision = Decision("fast-mask", f"numpy's masks: the dropout kernel was decided ({decision.reason}), but "
-                                             f"cannot be built here ({why_not}); the masks from here on differ from "
-                                             "the ones the kernel would have drawn")
+        kernel, decision = _kept_kernel(decision, _dropout_kernel, Decision(
+            "fast-mask", "numpy's masks (from here on they differ from the ones the dropout kernel would have drawn)"))
     if decision.value in ("kernel", "fast-mask"):
         from trainer.lora_dropout import use_fast_dropout
 
         use_fast_dropout(model, kernel)
+    return decision
+
+
+def _layer_kernel():
+    """(our decoder-layer kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
+    from trainer import layer_kernel
+
+    return _native_kernel(layer_kernel, "layer kernel")
+
+
+def choose_layer_kernel(model, device: str) -> Decision:
+    """Who computes the decoder layers' RMSNorm, SwiGLU and rotary embedding: our C++ kernel
+    (trainer/layer_kernel.py) where it is measured faster on this CPU than the model's own operators, on
+    the model's widths; else torch's operators."""
+    from trainer import fused_layers, layer_kernel
+
+    config = causal_lm(model).config
+    family = getattr(config, "model_type", "?")
+    if device != "cpu":
+        return Decision("torch", f"torch's operators: the layer kernel is CPU code, this is {device}")
+    if fused_layers.family_layers(config) is None:
+        return Decision("torch", f"torch's operators: the layer kernel is verified for {', '.join(fused_layers.FAMILIES)} "
+                                 f"models, this is {family}")
+    kernel, why_not = _layer_kernel()
+    if kernel is None:
+        return Decision("torch", f"torch's operators: our layer kernel: {why_not}")
+    timed = layer_kernel.measure(kernel, config)
+    seen = (f"one layer's at {layer_kernel.MEASURE_ROWS} tokens, forward and backward: {timed['kernel_ms']:.2f} ms with "
+            f"the kernel, {timed['torch_ms']:.2f} ms with torch's operators")
+    if timed["kernel_ms"] >= timed["torch_ms"]:
+        return Decision("torch", f"torch's operators, measured faster here than our layer kernel ({seen})")
+    return Decision("kernel", f"our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}) computes each norm, "
+                              "SwiGLU and rotary embedding in one pass forward and one backward, keeping no silu(gate) "
+                              f"for backward; measured {timed['torch_ms'] / timed['kernel_ms']:.1f}x faster here ({seen}); "
+                              "compiled layers fuse them themselves")
+
+
+def use_layer_kernel(model, decision: Decision) -> Decision:
+    """Hand the model's norms, MLPs and rotary embedding the kernel; a kept "kernel" (a resumed run) that
+    cannot be built here falls back to torch's operators, saying so."""
+    from trainer.fused_layers import use_fused_layers
+
+    kernel = None
+    if decision.value == "kernel":
+        kernel, decision = _kept_kernel(decision, _layer_kernel, Decision(
+            "torch", "torch's operators (values can differ from the layer kernel's in the last bit)"))
+    use_fused_layers(model, kernel)
     return decision
 
 

@@ -7,45 +7,18 @@
 // Scores and mask are bf16 (as uint16_t) or float32; every sum and exponential is float32, and the
 // result is rounded once, as torch's CPU softmax rounds it.
 //
-// Written with GCC/Clang vector extensions rather than intrinsics, so the compiler emits whichever
-// vector instructions -march=native allows (AVX-512, AVX2, NEON), 16 floats per vector.
+// Written with the vector extensions of trainer/kernel_common.h, 16 floats per vector.
 
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "kernel_common.h"
+
 namespace {
 
-constexpr int W = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-
-inline vf splat(float x) { return vf{} + x; }
-
-inline vf load(const uint16_t *p) {  // bf16 is the top half of a float32
-    vh h;
-    std::memcpy(&h, p, sizeof h);
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline vf load(const float *p) {
-    vf f;
-    std::memcpy(&f, p, sizeof f);
-    return f;
-}
-inline void store(uint16_t *p, vf f) {  // round to nearest even, as torch rounds float32 to bf16
-    vu u;
-    std::memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    vh h = __builtin_convertvector(u >> 16, vh);
-    std::memcpy(p, &h, sizeof h);
-}
-inline void store(float *p, vf f) { std::memcpy(p, &f, sizeof f); }
+using namespace kernel;
 
 // e^x for x <= 0 as 2^t, t = x log2(e) = n + f with |f| <= 1/2: 2^f by its degree-5 Taylor polynomial
 // (relative error under 3e-6, far below bf16's rounding step of 4e-3), 2^n put into the exponent
@@ -72,12 +45,6 @@ inline float reduce_max(vf v) {
     for (int i = 1; i < W; i++) m = v[i] > m ? v[i] : m;
     return m;
 }
-inline float reduce_sum(vf v) {
-    float s = 0;
-    for (int i = 0; i < W; i++) s += v[i];
-    return s;
-}
-
 // The last keys % W values of a row, padded to a whole vector (zeros: their results are dropped).
 template <typename T>
 struct Tail {

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, load_kernel
+from trainer.native import BuildFailed, fastest_alternated, load_kernel
 
 __all__ = ["BuildFailed", "SoftmaxKernel", "load", "measure"]
 
@@ -78,8 +78,6 @@ def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: 
     """Nanoseconds per score of one query block's softmax work, forward and backward's recompute, with
     this kernel and with torch's operators (the mask added, then torch's softmax, twice), alternated
     `rounds` times on random scores under a causal mask; the fastest round of each."""
-    import time
-
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -98,16 +96,6 @@ def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: 
             x.view(1, kv, rows, group, keys).add_(mask)
             torch.softmax(x, dim=-1)
 
-    def seconds(work) -> float:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-
-    with_kernel()  # the first calls start the thread pool and allocate
-    with_aten()
-    fused, aten = [], []
-    for _ in range(rounds):
-        fused.append(seconds(with_kernel))
-        aten.append(seconds(with_aten))
+    timed = fastest_alternated({"fused": with_kernel, "aten": with_aten}, rounds)
     per_score = 1e9 / scores.numel()
-    return {"fused_ns": round(min(fused) * per_score, 3), "aten_ns": round(min(aten) * per_score, 3)}
+    return {f"{name}_ns": round(seconds * per_score, 3) for name, seconds in timed.items()}

@@ -48,6 +48,9 @@ ACT_COMMON_HIDDEN, ACT_COMMON_INTER = 2, 3
 # When the layer's own weights train (full): the inputs of the q/k/v, gate/up and down projections (o_proj's is
 # the attention output, already kept) and both norms' normalised inputs.
 ACT_DENSE_HIDDEN, ACT_DENSE_INTER = 4, 1
+# With our CPU layer kernel (trainer/layer_kernel.py): SwiGLU keeps no SiLU output (its backward recomputes
+# it from the gate), and a norm whose weight trains recomputes its normalised input from the input kept.
+ACT_COMMON_INTER_KERNEL, ACT_DENSE_HIDDEN_KERNEL = 2, 2
 # A LoRA adapter with dropout keeps its dropped input and the dropout mask (a float tensor on CPU): twice its
 # input size; without dropout it keeps the input itself, which adapters on the same input share. Our CPU dropout
 # kernel (trainer/dropout_kernel.py, built wherever a C++ compiler is: the CPU image ships one) draws the mask
@@ -133,9 +136,9 @@ def _weight_bytes(method: str, precision: str) -> float:
 
 
 def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpointing: bool | None = None,
-           dropout_kernel: bool | None = None) -> dict:
-    """Peak memory in MB by part. `dropout_kernel`: whether our CPU LoRA dropout kernel will draw the masks
-    (None: on a CPU wherever a C++ compiler is on PATH, as the trainer decides where it has one)."""
+           cpu_kernels: bool | None = None) -> dict:
+    """Peak memory in MB by part. `cpu_kernels`: whether our CPU kernels (LoRA dropout, decoder layers) will
+    run (None: on a CPU wherever a C++ compiler is on PATH, as the trainer decides where it has one)."""
     cfg = strategy.cfg
     args = cfg.training_args
     ckpt = args.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
@@ -153,9 +156,9 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
     preference = cfg.method.stage != "sft"
     if preference:  # each item is two rows (chosen and rejected, or a KTO answer and its mismatched twin)
         tokens *= 2
-    if dropout_kernel is None:
-        dropout_kernel = device == "cpu" and cpp_compiler() is not None
-    per_token_layer = _activation_values(shape, strategy, device, precision, dropout_kernel) * act_bytes
+    if cpu_kernels is None:
+        cpu_kernels = device == "cpu" and cpp_compiler() is not None
+    per_token_layer = _activation_values(shape, strategy, device, precision, cpu_kernels) * act_bytes
     if ckpt:  # only each layer's input is kept, plus one layer recomputed at a time
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
@@ -189,7 +192,7 @@ def memory(shape: ModelShape, strategy: Strategy, device: str, gradient_checkpoi
 
 
 def _activation_values(shape: ModelShape, strategy: Strategy, device: str, precision: str,
-                       dropout_kernel: bool) -> float:
+                       cpu_kernels: bool) -> float:
     """Values one decoder layer keeps per token for backward (see the ACT_ constants)."""
     from types import SimpleNamespace
 
@@ -197,14 +200,14 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
 
     cfg, args = strategy.cfg, strategy.cfg.training_args
     h, i = shape.hidden_size, shape.intermediate_size
-    values = ACT_COMMON_HIDDEN * h + ACT_COMMON_INTER * i
+    values = ACT_COMMON_HIDDEN * h + (ACT_COMMON_INTER_KERNEL if cpu_kernels else ACT_COMMON_INTER) * i
     if cfg.method.type == "full":
-        values += ACT_DENSE_HIDDEN * h + ACT_DENSE_INTER * i
+        values += (ACT_DENSE_HIDDEN_KERNEL if cpu_kernels else ACT_DENSE_HIDDEN) * h + ACT_DENSE_INTER * i
     else:
         shapes = shape.linear_shapes()
         targets = [n for n in shapes if cfg.method.target_modules == "auto" or n in cfg.method.target_modules]
         if cfg.method.dropout > 0:
-            copies = ACT_DROPOUT_COPIES_KERNEL if dropout_kernel else ACT_DROPOUT_COPIES
+            copies = ACT_DROPOUT_COPIES_KERNEL if cpu_kernels else ACT_DROPOUT_COPIES
             values += copies * sum(shapes[n][0] for n in targets)
         else:  # q/k/v share the first norm's output, gate/up the second's; o_proj's input is the attention output
             groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
