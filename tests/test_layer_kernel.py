@@ -233,15 +233,21 @@ def test_other_families_and_inputs_keep_torchs_operators(kernel):
 
 
 def test_the_decision_is_measured_and_falls_back_without_a_kernel(tmp_path, monkeypatch):
-    """On CPU the kernel is timed against torch's operators on the model's widths; other devices and
-    unverified families keep torch's operators; a compiler that fails is torch's operators with the
-    compiler's last line, no library left behind, and a kept "kernel" that cannot be built falls back."""
+    """On CPU the kernel is timed against torch's operators on the model's widths, once per machine: a
+    later job reads the times and decides alike; other devices and unverified families keep torch's
+    operators; a compiler that fails is torch's operators with the compiler's last line, no library left
+    behind, and a kept "kernel" that cannot be built falls back."""
     from contract.decisions import Decision
     from trainer import native, performance
 
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "measured"))
     model = _tiny_model("llama")
     decision = performance.choose_layer_kernel(model, "cpu")
     assert decision.value in ("kernel", "torch") and "ms with torch's operators" in decision.reason
+    assert "by an earlier job" not in decision.reason
+    again = performance.choose_layer_kernel(model, "cpu")
+    assert again.value == decision.value and again.reason.endswith("by an earlier job on this machine)" + (
+        "; compiled layers fuse them themselves" if decision.value == "kernel" else ""))
     assert performance.choose_layer_kernel(model, "cuda").value == "torch"
     unverified = performance.choose_layer_kernel(_tiny_model("gemma2"), "cpu")
     assert unverified.value == "torch" and "this is gemma2" in unverified.reason

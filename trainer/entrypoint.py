@@ -341,7 +341,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
         "lora_dropout", lambda: performance.choose_lora_dropout(
             run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
     run.decide("layer_kernel", performance.use_layer_kernel(model, run.keep_or_decide(
-        "layer_kernel", lambda: performance.choose_layer_kernel(model, device))))
+        "layer_kernel", lambda: performance.choose_layer_kernel(model, device, run.world))))
     run.decide("heap", heap.keep_freed_memory(device))
     return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
 

@@ -204,6 +204,25 @@ def _define() -> dict:
 
 
 MEASURE_ROWS = 512  # tokens of the activations the decision times: a packed step's layers see at least this many
+CACHE_KIND = "layer_kernel"  # contract/machine_cache.py
+
+
+def measured_once(kernel: LayerKernel, config) -> tuple[dict, bool]:
+    """(`measure`'s times, whether they were measured by an earlier job): the first job on this machine
+    with the model's widths and this build of the kernel measures and keeps them; later jobs, and the
+    other processes of a distributed job, read them, so they all decide alike (the kernel and torch's
+    operators round differently, and AdamW's first steps carry such differences into the weights)."""
+    from contract.machine_cache import cached, machine_key, store
+
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    key = machine_key(kernel.path.name, f"hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
+                                        f"heads {config.num_attention_heads}/{getattr(config, 'num_key_value_heads', None)} of {dim}")
+    earlier = cached(CACHE_KIND, key)
+    if earlier is not None:
+        return earlier, True
+    timed = measure(kernel, config)
+    store(CACHE_KIND, key, timed)
+    return timed, False
 
 
 def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
@@ -223,7 +242,8 @@ def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
     x, norm = tensor(1, MEASURE_ROWS, hidden), LlamaRMSNorm(hidden, eps=1e-6).requires_grad_(False)
     gate, up = tensor(1, MEASURE_ROWS, inter), tensor(1, MEASURE_ROWS, inter)
     q = tensor(1, MEASURE_ROWS, config.num_attention_heads, dim).transpose(1, 2)
-    k = tensor(1, MEASURE_ROWS, config.num_key_value_heads, dim).transpose(1, 2)
+    k = tensor(1, MEASURE_ROWS, getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+               dim).transpose(1, 2)
     cos, sin = tensor(1, MEASURE_ROWS, dim, grad=False), tensor(1, MEASURE_ROWS, dim, grad=False)
 
     def with_kernel():

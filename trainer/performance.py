@@ -26,6 +26,7 @@ docs/PERFORMANCE.md has the measured effect of each.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 
@@ -229,10 +230,11 @@ def _layer_kernel():
     return _native_kernel(layer_kernel, "layer kernel")
 
 
-def choose_layer_kernel(model, device: str) -> Decision:
+def choose_layer_kernel(model, device: str, world=None) -> Decision:
     """Who computes the decoder layers' RMSNorm, SwiGLU and rotary embedding: our C++ kernel
     (trainer/layer_kernel.py) where it is measured faster on this CPU than the model's own operators, on
-    the model's widths; else torch's operators."""
+    the model's widths (once per machine: `layer_kernel.measured_once`; in a distributed job local rank 0
+    measures first, `world.local_first()`); else torch's operators."""
     from trainer import fused_layers, layer_kernel
 
     config = causal_lm(model).config
@@ -245,9 +247,11 @@ def choose_layer_kernel(model, device: str) -> Decision:
     kernel, why_not = _layer_kernel()
     if kernel is None:
         return Decision("torch", f"torch's operators: our layer kernel: {why_not}")
-    timed = layer_kernel.measure(kernel, config)
+    with world.local_first() if world is not None else contextlib.nullcontext():
+        timed, earlier = layer_kernel.measured_once(kernel, config)
     seen = (f"one layer's at {layer_kernel.MEASURE_ROWS} tokens, forward and backward: {timed['kernel_ms']:.2f} ms with "
-            f"the kernel, {timed['torch_ms']:.2f} ms with torch's operators")
+            f"the kernel, {timed['torch_ms']:.2f} ms with torch's operators"
+            f"{', by an earlier job on this machine' if earlier else ''}")
     if timed["kernel_ms"] >= timed["torch_ms"]:
         return Decision("torch", f"torch's operators, measured faster here than our layer kernel ({seen})")
     return Decision("kernel", f"our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}) computes each norm, "
