@@ -9,10 +9,7 @@
 // normalised x before the weight's product, silu(g) before the product with u), so the values equal
 // the model's own forward to the last bit or two (float32's order of summation differs).
 
-#include <omp.h>
-
 #include <cmath>
-#include <vector>
 
 #include "kernel_common.h"
 
@@ -66,42 +63,36 @@ void rms_norm_forward(const T *x, const T *w, T *y, float *rstd, int64_t rows, i
 }
 
 // dx = r * g - x * r^3 * sum(g * x) / width, g = dy * w; dw = sum over rows of dy * (x * r) when dw is not
-// null (float32, width values, overwritten). Each thread sums its own rows' dw and the threads' sums are
-// added in thread order, so a run's dw does not depend on scheduling.
+// null (float32, width values, overwritten), in a pass of its own over columns, each summed over the
+// rows in order: the same bits with any number of threads.
 template <typename T>
 void rms_norm_backward(const T *x, const T *w, const float *rstd, const T *dy, T *dx, float *dw, int64_t rows,
                        int64_t width, int threads) {
-    const int64_t padded = (width + W - 1) / W * W;
-    std::vector<float> parts(dw ? (size_t)threads * padded : 0, 0.0f);
-    int used = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        float *part = dw ? parts.data() + (size_t)omp_get_thread_num() * padded : nullptr;
-#pragma omp single
-        used = omp_get_num_threads();
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            const T *xi = x + i * width, *dyi = dy + i * width;
-            T *dxi = dx + i * width;
-            const float r = rstd[i];
-            vf dots = {};
-            for (int64_t k = 0; k < width; k += W) {
-                const int64_t n = piece(width, k);
-                dots += load_n(dyi + k, n) * load_n(w + k, n) * load_n(xi + k, n);
-            }
-            const float c = reduce_sum(dots) * r * r * r / (float)width;
-            for (int64_t k = 0; k < width; k += W) {
-                const int64_t n = piece(width, k);
-                vf xv = load_n(xi + k, n), dyv = load_n(dyi + k, n);
-                store_n(dxi + k, dyv * load_n(w + k, n) * r - xv * c, n);
-                if (part) store(part + k, load(part + k) + dyv * as_stored(xv * r, x));
-            }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; i++) {
+        const T *xi = x + i * width, *dyi = dy + i * width;
+        T *dxi = dx + i * width;
+        const float r = rstd[i];
+        vf dots = {};
+        for (int64_t k = 0; k < width; k += W) {
+            const int64_t n = piece(width, k);
+            dots += load_n(dyi + k, n) * load_n(w + k, n) * load_n(xi + k, n);
+        }
+        const float c = reduce_sum(dots) * r * r * r / (float)width;
+        for (int64_t k = 0; k < width; k += W) {
+            const int64_t n = piece(width, k);
+            store_n(dxi + k, load_n(dyi + k, n) * load_n(w + k, n) * r - load_n(xi + k, n) * c, n);
         }
     }
     if (!dw) return;
-    for (int64_t k = 0; k < width; k++) dw[k] = 0.0f;
-    for (int t = 0; t < used; t++)
-        for (int64_t k = 0; k < width; k++) dw[k] += parts[(size_t)t * padded + k];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t k = 0; k < width; k += W) {
+        const int64_t n = piece(width, k);
+        vf sum = {};
+        for (int64_t i = 0; i < rows; i++)
+            sum += load_n(dy + i * width + k, n) * as_stored(load_n(x + i * width + k, n) * rstd[i], x);
+        store_n(dw + k, sum, n);
+    }
 }
 
 // silu(g) = g / (1 + e^-g), as torch computes it, stored in T.
