@@ -129,15 +129,21 @@ def chunk_rows(vocab: int) -> int:
     return max(16, _CHUNK_ELEMENTS // vocab)
 
 
+def head_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a transformers config, with its defaults."""
+    heads = config.num_attention_heads
+    return (heads, getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def attention_values(kernel: str, config, max_len: int) -> float:
     """Values one layer's attention keeps per token for backward, by kernel (choose_attention's values or
     the model's own): sdpa's CPU kernel with a mask q, k and v at every query head (grouped KV heads
     repeated) and its output (counted per autograd node on the SmolLM2-135M shape); the grouped matmuls
     q, k and v and the softmax probabilities of the keys each query block meets (about half of max_len
     per query head); the blockwise kernel q, k and v only, so its memory grows linearly in the length."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    qkv = (heads + 2 * (getattr(config, "num_key_value_heads", None) or heads)) * head_dim
+    heads, kv_heads, head_dim = head_shape(config)
+    qkv = (heads + 2 * kv_heads) * head_dim
     if kernel == "blockwise":
         return qkv
     if kernel == "grouped-matmul":

@@ -212,11 +212,12 @@ def measured_once(kernel: LayerKernel, config) -> tuple[dict, bool]:
     with the model's widths and this build of the kernel measures and keeps them; later jobs, and the
     other processes of a distributed job, read them, so they all decide alike (the kernel and torch's
     operators round differently, and AdamW's first steps carry such differences into the weights)."""
+    from contract.decisions import head_shape
     from contract.machine_cache import cached, machine_key, store
 
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, kv_heads, dim = head_shape(config)
     key = machine_key(kernel.path.name, f"hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
-                                        f"heads {config.num_attention_heads}/{getattr(config, 'num_key_value_heads', None)} of {dim}")
+                                        f"heads {heads}/{kv_heads} of {dim}")
     earlier = cached(CACHE_KIND, key)
     if earlier is not None:
         return earlier, True
@@ -232,8 +233,10 @@ def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
     import torch
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
+    from contract.decisions import head_shape
+
     hidden, inter = config.hidden_size, config.intermediate_size
-    dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    heads, kv_heads, dim = head_shape(config)
     generator = torch.Generator().manual_seed(0)
 
     def tensor(*shape, grad=True):
@@ -241,9 +244,8 @@ def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
 
     x, norm = tensor(1, MEASURE_ROWS, hidden), LlamaRMSNorm(hidden, eps=1e-6).requires_grad_(False)
     gate, up = tensor(1, MEASURE_ROWS, inter), tensor(1, MEASURE_ROWS, inter)
-    q = tensor(1, MEASURE_ROWS, config.num_attention_heads, dim).transpose(1, 2)
-    k = tensor(1, MEASURE_ROWS, getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-               dim).transpose(1, 2)
+    q = tensor(1, MEASURE_ROWS, heads, dim).transpose(1, 2)
+    k = tensor(1, MEASURE_ROWS, kv_heads, dim).transpose(1, 2)
     cos, sin = tensor(1, MEASURE_ROWS, dim, grad=False), tensor(1, MEASURE_ROWS, dim, grad=False)
 
     def with_kernel():
