@@ -5,11 +5,13 @@
     .venv/bin/python -m bench.matrix --cells 1024x1:full,512x8:lora-all-r16
     .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
     .venv/bin/python -m bench.matrix --cells 1024x1:lora-qv-r8 --rounds 2   # each side twice, B L L B, pooled
+    .venv/bin/python -m bench.matrix --quick --model real    # the pretrained SmolLM2-135M-Instruct instead
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices outside the full matrix:
 lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
 checkpointing on both sides). Each cell trains the SmolLM2-135M-
-shaped model (bench/model.py) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
+shaped model (bench/model.py; --model real: the pretrained SmolLM2-135M-Instruct, the same shape with its
+own tokenizer) on its own rows of LENGTH/4 to LENGTH tokens (mixed lengths, as real
 data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side after the other in the same run;
 a cell of batch B times at least TIMED_ROWS / B steps (8 at batch 1), so the baseline's timed rows,
 whose lengths set its attention's cost per token, are never just three:
@@ -42,7 +44,7 @@ from types import SimpleNamespace
 from bench import measure
 from bench.cpu_lora import ROOT, run_baseline, run_project
 from bench.matrix_plot import SIDES, plot_matrix, title_of, unfinished
-from bench.model import METHOD_NAMES, METHODS, SHAPE, build_model, make_rows, method_settings, write_rows
+from bench.model import BENCH_MODELS, METHOD_NAMES, METHODS, SHAPE, bench_model, make_rows, method_settings, write_rows
 
 LENGTHS = (256, 512, 1024, 2048)
 BATCHES = (1, 4, 8)
@@ -106,16 +108,17 @@ def cell_flops_per_token(tokenizer, rows: list[dict], length: int, method: str) 
     return measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
 
 
-def prepare_cell(cell: str, workdir: str, prefix: str, steps: int) -> SimpleNamespace:
-    """A one-cell benchmark's folder (WORKDIR/PREFIX-time/CELL), the SmolLM2-shaped model and its tokenizer,
-    the cell's training rows written there, and its strategy with `steps` steps (bench.heap, bench.mfu)."""
+def prepare_cell(cell: str, workdir: str, prefix: str, steps: int, model_name: str = "shape") -> SimpleNamespace:
+    """A one-cell benchmark's folder (WORKDIR/PREFIX-time/CELL), the model (bench/model.py BENCH_MODELS) and
+    its tokenizer, the cell's training rows written there, and its strategy with `steps` steps (bench.heap,
+    bench.mfu)."""
     from transformers import AutoTokenizer
 
     length, batch, method = parse_cell(cell)
     bench_dir = Path(workdir).expanduser().resolve()
     work = bench_dir / time.strftime(f"{prefix}-%Y%m%d-%H%M%S") / cell.replace(":", "-")
     work.mkdir(parents=True)
-    model = build_model(bench_dir / "smollm2-135m-shape")
+    model = bench_model(model_name, bench_dir)
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = cell_rows(tokenizer, length, batch, steps)
     return SimpleNamespace(work=work, model=model, tokenizer=tokenizer, rows=rows, length=length, method=method,
@@ -160,7 +163,8 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     print(f"{cell}: llamafarm {_number(ours['tokens_per_second'])} vs baseline {_number(baseline['tokens_per_second'])} "
           f"real tokens/s = {_ratio(result)}; peak RSS {_number(ours['peak_rss_mb'], ',.0f')} vs "
           f"{_number(baseline['peak_rss_mb'], ',.0f')} MB; held-out loss {_number(ours['eval_loss'], '.4f')} vs "
-          f"{_number(baseline['eval_loss'], '.4f')}; {decisions}; per runner "
+          f"{_number(baseline['eval_loss'], '.4f')} (after {_number(_trained(ours), ',')} vs "
+          f"{_number(_trained(baseline), ',')} tokens trained); {decisions}; per runner "
           f"{', '.join(f'{k} {_number(v)}' for k, v in result['runners'].items())} tokens/s", flush=True)
     if rounds > 1:
         print(f"{cell}: per run, in order {' '.join(alternation(rounds))}: baseline "
@@ -198,6 +202,13 @@ def _side_or_failure(cell: str, side: str, run) -> dict:
         print(f"{cell}: {side} did not finish ({str(failed).splitlines()[0][:120]}); the matrix goes on", flush=True)
         return {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None,
                 "eval_loss": None, "decisions": {}}
+
+
+def _trained(side: dict) -> int | None:
+    """Real tokens one run of a side trained on in all its steps: packing puts more in each step than
+    the baseline's padded batches, so after the same steps ours has seen more (the held-out losses say so
+    most after full fine-tuning of a pretrained model)."""
+    return sum(side["step_tokens"]) if side.get("step_tokens") else None
 
 
 def _both(ours, baseline, combine):
@@ -249,6 +260,8 @@ def main(argv=None) -> int:
                    "(2: a drift of the machine over the cell weighs on both sides alike)")
     p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
                    "compared with the baseline, the others with it (e.g. local,container)")
+    p.add_argument("--model", choices=BENCH_MODELS, default="shape", help="shape: the random-init SmolLM2-shaped "
+                   "model; real: the pretrained SmolLM2-135M-Instruct (bench/model.py)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
     cells = a.cells.split(",") if a.cells else list(QUICK) if a.quick else all_cells()
@@ -264,10 +277,11 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     peaks = measure.matmul_peak(measure.peak_thread_counts())
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
-    machine = f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    machine = (f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+               f"{', the real SmolLM2-135M-Instruct' if a.model == 'real' else ''}")
     print(f"machine: {machine}; matmul peak {peaks} GFLOP/s; baseline precision {precision}; {len(cells)} cells, "
           f"{measure.WARMUP_STEPS} warm-up and at least {a.steps} timed steps per side", flush=True)
-    model = build_model(work / "smollm2-135m-shape")
+    model = bench_model(a.model, work)
     tokenizer = AutoTokenizer.from_pretrained(model)
     runners = a.runners.split(",")
     results = []

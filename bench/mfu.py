@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import measure
 from bench.cpu_lora import run_project
 from bench.matrix import cell_flops_per_token, prepare_cell
+from bench.model import BENCH_MODELS
 
 
 def main(argv=None) -> int:
@@ -31,9 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--rounds", type=int, default=3, help="runs, each between two peak measurements")
     p.add_argument("--compile", action="store_true", help="torch_compile: true instead of false")
+    p.add_argument("--model", choices=BENCH_MODELS, default="shape", help="bench/model.py BENCH_MODELS")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
-    cell = prepare_cell(a.cell, a.workdir, "mfu", a.steps)
+    cell = prepare_cell(a.cell, a.workdir, "mfu", a.steps, a.model)
     flops_per_token = cell_flops_per_token(cell.tokenizer, cell.rows, cell.length, cell.method)
     threads = measure.peak_thread_counts()
     compiled = "true" if a.compile else "false"

