@@ -145,6 +145,9 @@ def train_config(strategy: Strategy, *, model_path: str, device: str, template: 
         "lr_scheduler_type": args.lr_scheduler_type,  # ours are all transformers' names
         "warmup_ratio": args.warmup_ratio,
         "weight_decay": args.weight_decay,
+        "adam_beta1": args.adam_beta1,
+        "adam_beta2": args.adam_beta2,
+        "adam_epsilon": args.adam_epsilon,
         # transformers clips only for a positive norm; our null means no clipping.
         "max_grad_norm": args.max_grad_norm if args.max_grad_norm is not None else 0.0,
         "seed": args.seed,

@@ -151,6 +151,11 @@ class TrainingArgs(_Strict):
     )
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW's decay rate of the gradient's mean.")
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0,
+                              description="AdamW's decay rate of the squared gradient's mean.")
+    adam_epsilon: float = Field(default=1e-8, gt=0.0, le=1.0,
+                                description="AdamW's epsilon, added to the root of the squared gradient's mean.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping norm; null turns it off.")
     max_seq_length: int = Field(default=512, gt=8, le=_MAX_COUNT, description="Tokens per training row, prompt included.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for initialisation, dropout and data order.")

@@ -125,6 +125,8 @@ def _cases():
          "fine_tuner.config.method is a section; set one of its keys instead"),
         ("--set bad value", lambda w: s("tiny_demo", "--dataset", QA, "--set", "training_args.seed=-3"),
          "fine_tuner.config.training_args.seed: Input should be greater than or equal to 0"),
+        ("--set adam_beta2 of 1", lambda w: s("tiny_demo", "--dataset", QA, "--set", "training_args.adam_beta2=1"),
+         "fine_tuner.config.training_args.adam_beta2: Input should be less than 1"),
         ("unknown runner", lambda w: s("tiny_demo", "--dataset", QA, "--runner", "k8s"),
          f"unknown runner 'k8s'; valid: {', '.join(RUNNERS)}"),
         ("llamafactory strategy off CUDA", lambda w: s("llamafactory_advanced", "--dataset", QA),

@@ -55,7 +55,7 @@ def test_train_config_carries_every_setting():
         "overwrite_cache": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "output_dir": "/o",
         "num_train_epochs": 1.0, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
         "learning_rate": 1e-2, "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
-        "max_grad_norm": 1.0, "seed": 7, "data_seed": 7, "logging_steps": 1, "include_num_input_tokens_seen": True,
+        "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "seed": 7, "data_seed": 7, "logging_steps": 1, "include_num_input_tokens_seen": True,
         "disable_gradient_checkpointing": True, "report_to": "none", "plot_loss": False,
         "max_steps": 4, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 2,
         "val_size": 0.1, "per_device_eval_batch_size": 4, "eval_strategy": "epoch", "use_cpu": True,

@@ -228,6 +228,7 @@ class _Run:
         self.per_epoch, self.total_steps = plan_steps(len(fit.sequences), args, fit.world.size)
         self.trainable = [p for p in fit.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                            fused=fit.fused_optimizer or None)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=round(args.warmup_ratio * self.total_steps),
