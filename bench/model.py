@@ -28,22 +28,29 @@ MIN_TOKENS, MAX_TOKENS = 64, 256
 MODEL_SEED = 0
 
 
-def build_model(folder: Path) -> Path:
-    """Write the random-init model and its tokenizer into `folder` (once; later calls reuse it)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        return folder
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def shaped_tokenizer():
+    """The shaped model's tokenizer: the builtin tiny-llama-bpe's, with its chat template."""
+    from transformers import PreTrainedTokenizerFast
 
     from inputs.models.builtin import get_spec, raw_tokenizer
 
     raw, names, chat_template = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, clean_up_tokenization_spaces=False, **names)
     tokenizer.chat_template = chat_template
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
-    config = LlamaConfig(**SHAPE, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
-                         pad_token_id=ids["pad_token"])
+    return tokenizer
+
+
+def build_model(folder: Path) -> Path:
+    """Write the random-init model and its tokenizer into `folder` (once; later calls reuse it)."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = shaped_tokenizer()
+    config = LlamaConfig(**SHAPE, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(MODEL_SEED)
     model = LlamaForCausalLM(config)
     tmp = folder.with_name(folder.name + ".tmp")

@@ -234,18 +234,12 @@ def test_lever_decisions():
 
 def _bench_tokenizer(model: str):
     """The tokenizer bench/model.py's BENCH_MODELS model trains with (the real one from the builtin cache)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    from bench.model import REAL_MODEL
-    from inputs.models.builtin import get_spec, raw_tokenizer
+    from bench.model import REAL_MODEL, shaped_tokenizer
     from trainer.models.builtin import builtin_path
 
-    if model == "real":
-        return AutoTokenizer.from_pretrained(builtin_path(REAL_MODEL))
-    raw, names, chat = raw_tokenizer(get_spec("builtin:tiny-llama-bpe"))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, **names)
-    tok.chat_template = chat
-    return tok
+    return AutoTokenizer.from_pretrained(builtin_path(REAL_MODEL)) if model == "real" else shaped_tokenizer()
 
 
 @pytest.mark.parametrize("model", ["shape", pytest.param("real", marks=pytest.mark.slow)])
