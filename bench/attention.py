@@ -1,13 +1,15 @@
 """Attention kernels for packed CPU batches, one layer's forward and backward on SmolLM2-135M's attention
 shape (9 query heads over 3 KV heads, head dim 64): transformers' sdpa with the block-diagonal mask,
 trainer/attention.py's grouped matmuls and its blockwise kernel, with torch's softmax and with ours
-(trainer/softmax_kernel.py, "blockwise-fused"; built with the machine's C++ compiler), interleaved round by
+(trainer/softmax_kernel.py, "blockwise-fused"; built with the machine's C++ compiler), and torch's causal
+kernel once per packed sequence (trainer/attention_segments.py, "segments"), interleaved round by
 round so a busy machine slows them alike; the median per cell, and what each keeps for backward.
 
-    .venv/bin/python -m bench.attention [--quick] [--rounds 3] [--rows 64-256|full]
+    .venv/bin/python -m bench.attention [--quick] [--rounds 3] [--rows 64-256|quarter|full]
 
 Each batch row is a sequence of max_seq_length positions filled with rows of 64-256 tokens packed end to
-end (the benchmark's rows, bench/model.py) or, with --rows full, one row filling it (no packed rows to skip).
+end (the benchmark's rows, bench/model.py), with --rows quarter rows of a quarter of max_seq_length to all
+of it (bench.matrix's rows), or with --rows full one row filling it (no packed rows to skip).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from bench.model import MAX_TOKENS, MIN_TOKENS
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-KERNELS = ("sdpa", "grouped-matmul", "blockwise", "blockwise-fused")
+KERNELS = ("sdpa", "grouped-matmul", "blockwise", "blockwise-fused", "segments")
 FULL = {"fp32": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)],
         "bf16": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)]}
 # bf16 matmuls are emulated on CPUs without AVX512-BF16 or AMX (~1 GFLOP/s against ~90 for fp32): there
@@ -40,7 +42,8 @@ def packed_mask(batch: int, n: int, rows: str, seed: int = 0):
     for _ in range(batch):
         seq, room = [], n
         while room:
-            length = room if rows == "full" else min(room, rng.randint(MIN_TOKENS, MAX_TOKENS))
+            shortest, longest = {"64-256": (MIN_TOKENS, MAX_TOKENS), "quarter": (n // 4, n), "full": (n, n)}[rows]
+            length = min(room, rng.randint(shortest, longest))
             seq.append(([1] * length, [1] * length))
             room -= length
         sequences.append(seq)
@@ -53,23 +56,25 @@ def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from trainer import attention
+    from trainer import attention, attention_segments
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = HEADS // KV_HEADS, True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
-                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention}[kernel]
+                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention,
+                "segments": attention.blockwise_attention}[kernel]
     attention.use_softmax_kernel(softmax if kernel == "blockwise-fused" else None)
+    attention_segments.use_from(1 if kernel == "segments" else None)  # every batch per sequence, or none
     saved = {}
 
-    def pack(t):
-        saved[(t.data_ptr(), t.dtype)] = t.untyped_storage().nbytes()  # a storage saved twice counts once
+    def pack(t):  # a storage saved twice, or as slices (segments: each sequence's q, k, v), counts once
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, _ = function(module, query, key, value, mask)
     out.backward(grad)
-    inputs = {(t.data_ptr(), t.dtype) for t in (query, key, value)}
+    inputs = {t.untyped_storage().data_ptr() for t in (query, key, value)}
     return sum(size for ptr, size in saved.items() if ptr not in inputs)
 
 
@@ -77,7 +82,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few cells, to check the script")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--rows", default="64-256", choices=["64-256", "full"])
+    p.add_argument("--rows", default="64-256", choices=["64-256", "quarter", "full"])
     p.add_argument("--precision", nargs="*", default=["fp32", "bf16"])
     p.add_argument("--lengths", nargs="*", type=int, help="only these max_seq_lengths")
     p.add_argument("--all-bf16", action="store_true", help="every bf16 cell even where bf16 is emulated")

@@ -153,8 +153,8 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     baseline, ours = pooled(runs["baseline"]), pooled(runs["llamafarm"])
     sides = {runners[0]: ours, **{runner: ours_on(runner) for runner in runners[1:]}}
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "attention_softmax",
-                                                                     "compile", "packing", "lora_dropout",
-                                                                     "layer_kernel")}
+                                                                     "attention_segments", "compile", "packing",
+                                                                     "lora_dropout", "layer_kernel")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
               "ratio": _both(ours["tokens_per_second"], baseline["tokens_per_second"], lambda a, b: a / b),

@@ -1,6 +1,7 @@
 """trainer/attention.py's kernels for packed CPU batches against transformers' sdpa attention with the
 same block-diagonal mask (outputs and q/k/v gradients), the blockwise kernel with torch's softmax and
-with ours (trainer/softmax_kernel.py, "blockwise-fused"), and the blockwise kernel's memory: what it keeps
+with ours (trainer/softmax_kernel.py, "blockwise-fused"), and with long sequences through torch's causal
+kernel one at a time (trainer/attention_segments.py, "segments"), and the kernels' memory: what they keep
 for backward grows linearly in the sequence length. The model-level checks (logits and LoRA gradients of
 a packed batch, bf16 autocast) are in tests/test_performance.py."""
 
@@ -10,7 +11,7 @@ import random
 
 import pytest
 
-KERNELS = ("grouped-matmul", "blockwise", "blockwise-fused")
+KERNELS = ("grouped-matmul", "blockwise", "blockwise-fused", "segments")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,12 +61,15 @@ def _run(kernel, q, k, v, mask, grad):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from trainer import attention
+    from trainer import attention, attention_segments
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = q.shape[1] // k.shape[1], True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
-                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention}[kernel]
+                "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention,
+                "segments": attention.blockwise_attention}[kernel]
+    if kernel == "segments":  # every packed batch goes through torch's kernel per sequence
+        attention_segments.use_from(1)
     if kernel == "blockwise-fused":
         from trainer import softmax_kernel
         from trainer.performance import cpp_compiler
@@ -76,6 +80,7 @@ def _run(kernel, q, k, v, mask, grad):
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
     finally:
         attention.use_softmax_kernel(None)
+        attention_segments.use_from(None)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -176,3 +181,84 @@ def test_blockwise_hands_bmm_contiguous_operands_and_returns_gradients_in_the_pr
     assert not copying, f"{len(copying)} of {len(bmms)} bmm calls copied an operand"
     for g in (dq, dk, dv):
         assert g.transpose(1, 2).is_contiguous()
+
+
+def test_segments_read_the_packed_sequences_off_the_mask():
+    """Each packed sequence is a causal span; a one-token row and the padding after it (positions that
+    see only themselves, whose output is their value) merge into one span with no kernel call."""
+    from trainer import attention_segments
+    from trainer.data.batching import collate
+
+    rows = [[([1] * 5, [1] * 5), ([1] * 3, [1] * 3)], [([1] * 4, [1] * 4), ([1], [1])], [([1] * 2, [1] * 2)]]
+    spans = attention_segments.spans_of(collate(rows, 0, packed=True).attention_mask)
+    assert spans == [[(0, 5, True), (5, 8, True)], [(0, 4, True), (4, 8, False)], [(0, 2, True), (2, 8, False)]]
+    assert attention_segments.weighted_length(spans) == (25 + 9 + 16 + 4) / (5 + 3 + 4 + 2)
+
+
+def test_segments_leave_a_mask_that_is_not_block_diagonal_causal_to_the_blockwise_kernel():
+    """One key hidden from one query: no longer sequences, so the blockwise kernel takes the batch (and
+    honours the hole: the result is sdpa's)."""
+    import torch
+
+    from trainer import attention_segments
+
+    q, k, v, grad = _inputs(1, 6, 2, 90, 16, torch.float32)
+    mask = _mask(1, 90, (90,)).clone()
+    mask[0, 0, 50, 10] = torch.finfo(mask.dtype).min
+    assert attention_segments.spans_of(mask) is None
+    ours, theirs = _run("segments", q, k, v, mask, grad), _run("sdpa", q, k, v, mask, grad)
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max())
+
+
+def test_segments_memory_grows_linearly_in_the_length():
+    assert _saved_bytes("segments", 1024) / _saved_bytes("segments", 256) == pytest.approx(4, rel=0.02)
+
+
+@pytest.mark.parametrize("timed,expected", [
+    ({512: (10, 8), 1024: (40, 42), 2048: (120, 140)}, 1024),  # faster from 1024 on
+    ({512: (10, 11), 1024: (40, 42), 2048: (120, 140)}, 512),  # faster everywhere
+    ({512: (10, 11), 1024: (43, 42), 2048: (120, 140)}, 2048),  # not from 512: slower at 1024
+    ({512: (10, 11), 1024: (40, 42), 2048: (150, 140)}, None),  # slower at the longest: never
+    ({512: (10, 10)}, None),  # a tie is not faster
+])
+def test_segments_crossover_is_where_the_flash_kernel_wins_from_there_on(timed, expected):
+    from trainer import attention_segments
+
+    as_measured = {n: {"segments_ms": s, "blockwise_ms": b} for n, (s, b) in timed.items()}
+    assert attention_segments.crossover(as_measured) == expected
+
+
+@pytest.mark.parametrize("max_len,expected", [
+    (256, []), (512, [512]), (600, [512, 600]), (1024, [512, 768, 1024]),
+    (2048, [512, 768, 1024, 1536, 2048]), (8192, [512, 768, 1024, 1536, 2048, 3072, 4096])])
+def test_segments_are_measured_at_the_jobs_lengths(max_len, expected):
+    from trainer import attention_segments
+
+    assert attention_segments.measure_lengths(max_len) == expected
+
+
+def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, monkeypatch):
+    """The crossover is measured at the job's lengths and kept: the second job reads it (and says so)
+    and decides alike; where the blockwise kernel is not the job's attention, or the sequences are
+    shorter than the shortest measured, nothing is measured."""
+    from types import SimpleNamespace
+
+    from trainer import attention_segments, performance
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
+    config = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    first = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
+    assert first.value in ("off", "512") and "512: " in first.reason and "torch's kernel against blockwise" in first.reason
+    monkeypatch.setattr(attention_segments, "measure", lambda *a, **k: pytest.fail("measured again"))
+    second = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
+    assert second.value == first.value and "measured by an earlier job on this machine" in second.reason
+    assert performance.choose_attention_segments("grouped-matmul", config, "fp32", 256, "aten").value == "off"
+    assert performance.choose_attention_segments("blockwise", config, "fp32", 400, "aten").value == "off"
+    assert performance.choose_attention_segments("blockwise", config, "fp16", 2048, "aten").value == "off"
+    try:
+        performance.use_attention_segments(performance.Decision("1024", "kept"))
+        assert attention_segments._from_length == 1024
+    finally:
+        performance.use_attention_segments(performance.Decision("off", "reset"))
+    assert attention_segments._from_length is None

@@ -174,11 +174,21 @@ def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     import torch
 
+    from trainer import attention_segments
+
     compute = compute_dtype(query.dtype)
-    blocks = _blocks(attention_mask, query.shape[2], compute)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    spans = attention_segments.applies(attention_mask)
     with torch.autocast("cpu", enabled=False):  # autocast's dtype is already the inputs'
-        return _blockwise_function().apply(query, key, value, blocks, scale, compute), None
+        if spans is not None:  # long packed sequences: torch's flash kernel per sequence
+            return attention_segments.attention(query, key, value, spans, scale, compute), None
+        return blockwise(query, key, value, attention_mask, scale, compute), None
+
+
+def blockwise(query, key, value, attention_mask, scale: float, compute):
+    """The blockwise kernel itself on a packed batch: (B, L, H, D) in the query's dtype."""
+    blocks = _blocks(attention_mask, query.shape[2], compute)
+    return _blockwise_function().apply(query, key, value, blocks, scale, compute)
 
 
 _bf16 = None

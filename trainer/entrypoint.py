@@ -334,9 +334,13 @@ def _decide_levers(run: _Job, model) -> _Levers:
     optimizer = run.decide("optimizer", performance.choose_optimizer(device, run.world.mode))
     run.decide("threads", performance.use_threads(run.keep_or_decide("threads", performance.choose_threads)))
     # Measured with the thread count just decided.
-    run.decide("attention_softmax", performance.use_attention_softmax(run.keep_or_decide(
+    softmax = run.decide("attention_softmax", performance.use_attention_softmax(run.keep_or_decide(
         "attention_softmax", lambda: performance.choose_attention_softmax(
             attention.value, model.config, precision, args.max_seq_length))))
+    # Measured against the blockwise kernel with the softmax just decided.
+    run.decide("attention_segments", performance.use_attention_segments(run.keep_or_decide(
+        "attention_segments", lambda: performance.choose_attention_segments(
+            attention.value, model.config, precision, args.max_seq_length, softmax.value, run.world))))
     run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
         "lora_dropout", lambda: performance.choose_lora_dropout(
             run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
@@ -434,10 +438,11 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
     train_estimate = (estimate["seconds"] - estimate.get("eval_seconds", 0.0)
                       if estimate.get("device") == run.device.value and estimate.get("seconds") is not None else None)
     # Every decision that changes the eager step's speed: a faster eager step changes what compiling gains.
-    decided = {name: run.decisions.get(name, {}).get("value") for name in ("attention", "attention_softmax",
-                                                                           "lora_dropout", "layer_kernel")}
+    decided = {name: run.decisions.get(name, {}).get("value") for name in (
+        "attention", "attention_softmax", "attention_segments", "lora_dropout", "layer_kernel")}
     step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
-            f"attention {decided['attention']} softmax {decided['attention_softmax']} dropout mask "
+            f"attention {decided['attention']} softmax {decided['attention_softmax']} segments from "
+            f"{decided['attention_segments']} dropout mask "
             f"{decided['lora_dropout']} layers {decided['layer_kernel']}, "
             f"batch {args.per_device_train_batch_size} x {args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)

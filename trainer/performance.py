@@ -91,6 +91,49 @@ def use_attention_softmax(decision: Decision) -> Decision:
     return decision
 
 
+def choose_attention_segments(attention: str, config, precision: str, max_len: int, softmax: str,
+                              world=None) -> Decision:
+    """From which length packed sequences go through torch's causal attention kernel one at a time
+    instead of the blockwise kernel (trainer/attention_segments.py): the crossover measured on this
+    machine at the job's lengths (once per machine; in a distributed job local rank 0 measures first,
+    so every process reads the same numbers); "off" where the blockwise kernel was as fast at the longest."""
+    from trainer import attention_segments
+
+    if attention != "blockwise":
+        return Decision("off", f"the {attention} attention takes every packed sequence itself")
+    if precision == "fp16":
+        return Decision("off", "the blockwise kernel: torch's kernel per sequence was not measured in fp16")
+    lengths = attention_segments.measure_lengths(max_len)
+    if not lengths:
+        return Decision("off", f"sequences of at most {max_len} tokens, shorter than the shortest measured "
+                               f"({attention_segments.MEASURE_LENGTHS[0]})")
+    import torch
+
+    from trainer import attention as kernels
+
+    compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    with world.local_first() if world is not None else contextlib.nullcontext():
+        timed, earlier = attention_segments.measured_once(config, compute, max_len, softmax)
+    seen = ("one layer's forward and backward on one sequence of " + ", ".join(
+        f"{n}: {t['segments_ms']:.1f} against {t['blockwise_ms']:.1f} ms" for n, t in sorted(timed.items()))
+        + f" tokens (torch's kernel against blockwise, {str(compute)[6:]}"
+        + f"{', measured by an earlier job on this machine' if earlier else ''})")
+    length = attention_segments.crossover(timed)
+    if length is None:
+        return Decision("off", f"the blockwise kernel for every batch, measured as fast or faster here at "
+                               f"{max(timed)} tokens ({seen})")
+    return Decision(str(length), f"batches whose packed sequences average {length} tokens or more (weighted by "
+                                 "length) go through torch's causal kernel one sequence at a time, measured "
+                                 f"faster here from that length on ({seen}); both keep memory linear in the length")
+
+
+def use_attention_segments(decision: Decision) -> Decision:
+    from trainer import attention_segments
+
+    attention_segments.use_from(None if decision.value == "off" else int(decision.value))
+    return decision
+
+
 def _softmax_kernel():
     """(our softmax kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
     from trainer import softmax_kernel

@@ -1,0 +1,189 @@
+"""Long packed sequences through torch's causal attention kernel, one sequence at a time.
+
+A packed batch row holds several sequences under a block-diagonal causal mask. The blockwise kernel
+(trainer/attention.py) computes each 64-query block against all the keys of its own sequence at once;
+for a long sequence that score block outgrows the core's cache (192 rows x 2,048 keys of float32 is
+1.5 MB against a 2 MB L2 on the Intel kind), and torch's own CPU flash kernel
+(`scaled_dot_product_attention(is_causal=True)`, which tiles the keys too and keeps only the output and
+each row's log-sum-exp for backward) is faster there: one layer's forward and backward on a
+2,048-token sequence in float32 took 123-138 ms with it against 147-171 ms blockwise on that machine,
+while blockwise stays as fast or faster for sequences of a few hundred tokens, which the flash kernel
+pays a call each for. So the sequences are read off the mask, and a batch whose sequences are long
+(their token-weighted mean length, sum(L^2) / sum(L), which is what attention costs per token, at
+least the measured crossover) runs each sequence through the flash kernel, K and V shared by their
+query heads (`enable_gqa`). Padding positions attend only to themselves: their output is their value,
+copied, no kernel call.
+
+Why a measured crossover: it is a property of the CPU and the dtype (on the Zen kind in bf16 the
+blockwise kernel was faster at every length), so `crossover` reads it off a short measurement at the
+job's lengths, cached per machine (contract/machine_cache.py), and the attention_segments decision
+(trainer/performance.py) records it.
+"""
+
+from __future__ import annotations
+
+CACHE_KIND = "attention_segments"  # contract/machine_cache.py
+# Single sequences of these lengths (those within the job's max_seq_length) are timed both ways.
+MEASURE_LENGTHS = (512, 768, 1024, 1536, 2048, 3072, 4096)
+
+# Sequences from this token-weighted mean length on go through the flash kernel; None: never (the
+# attention_segments decision sets it, trainer/performance.py use_attention_segments).
+_from_length: int | None = None
+
+
+def use_from(length: int | None) -> None:
+    global _from_length
+    _from_length = length
+
+
+class _SpanCache:
+    """The current batch's sequences per row, read once per batch and shared by every layer."""
+
+    source = None
+    spans = None
+
+
+def spans_of(attention_mask) -> list | None:
+    """Per batch row, the spans (start, end, causal) that tile it: each packed sequence causal, each run
+    of padding positions (a position that sees only itself) not. None when the mask is not block-diagonal
+    causal (every query sees exactly the keys from its sequence's start up to itself), which then goes to
+    the blockwise kernel as it is."""
+    import torch
+
+    if _SpanCache.source is attention_mask:
+        return _SpanCache.spans
+    mask = attention_mask[:, 0]
+    seen = (mask > torch.finfo(mask.dtype).min / 2).view(torch.uint8)  # uint8: torch reduces bools ~15x slower
+    n = mask.shape[-1]
+    position = torch.arange(n)
+    first = seen.argmax(-1)  # (B, L)
+    count = seen.sum(-1, dtype=torch.int32)
+    last = n - 1 - seen.flip(-1).argmax(-1)
+    starts = first == position
+    # A query at a sequence's start begins it; every other query continues the sequence of the one before.
+    continues = torch.cat([starts[:, :1], first[:, 1:] == first[:, :-1]], dim=1)
+    spans = None
+    if bool(((last == position) & (count == position - first + 1) & (starts | continues)).all()):
+        spans = [_row_spans(row.tolist(), n) for row in first]
+    _SpanCache.source, _SpanCache.spans = attention_mask, spans
+    return spans
+
+
+def _row_spans(first: list[int], n: int) -> list[tuple[int, int, bool]]:
+    """Spans of one row from each query's first visible key; one-position sequences (padding) that follow
+    each other merge into one non-causal span."""
+    spans: list[tuple[int, int, bool]] = []
+    starts = [i for i in range(n) if first[i] == i] + [n]
+    for start, end in zip(starts, starts[1:]):
+        single = end - start == 1
+        if single and spans and not spans[-1][2]:
+            spans[-1] = (spans[-1][0], end, False)
+        else:
+            spans.append((start, end, not single))
+    return spans
+
+
+def weighted_length(spans: list) -> float:
+    """sum(L^2) / sum(L) over the batch's sequences (padding excluded): attention's cost per token."""
+    lengths = [end - start for row in spans for start, end, causal in row if causal]
+    return sum(n * n for n in lengths) / max(1, sum(lengths))
+
+
+def applies(attention_mask) -> list | None:
+    """The batch's spans when it should go through the flash kernel per sequence, else None."""
+    if _from_length is None:
+        return None
+    spans = spans_of(attention_mask)
+    return spans if spans is not None and weighted_length(spans) >= _from_length else None
+
+
+def attention(query, key, value, spans, scale: float, compute):
+    """query (B, H, L, D), key/value (B, KV, L, D); returns (B, L, H, D) in the query's dtype."""
+    import torch
+    import torch.nn.functional as F
+
+    group = query.shape[1] // key.shape[1]
+    rows = []
+    for b, row in enumerate(spans):
+        parts = []
+        for start, end, causal in row:
+            v = value[b:b + 1, :, start:end].to(compute)
+            if not causal:  # padding: each position sees only itself, so its output is its value
+                parts.append(v.repeat_interleave(group, dim=1))
+                continue
+            q = query[b:b + 1, :, start:end].to(compute)
+            k = key[b:b + 1, :, start:end].to(compute)
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format)
+
+
+def crossover(timed: dict[int, dict[str, float]]) -> int | None:
+    """The shortest measured length from which the flash kernel was faster at every longer measured
+    length too; None when it was not faster at the longest. `timed`: {length: {"segments_ms", "blockwise_ms"}}."""
+    found = None
+    for length in sorted(timed, reverse=True):
+        if timed[length]["segments_ms"] >= timed[length]["blockwise_ms"]:
+            break
+        found = length
+    return found
+
+
+def measured_once(config, compute, max_len: int, softmax: str) -> tuple[dict, bool]:
+    """(`measure`'s times, whether an earlier job measured them): kept per machine, head shape, dtype,
+    lengths and the blockwise kernel's softmax, so later jobs and every process of a distributed job
+    (local rank 0 measures first) decide alike."""
+    from contract.decisions import head_shape
+    from contract.machine_cache import cached, machine_key, store
+
+    heads, kv_heads, dim = head_shape(config)
+    lengths = measure_lengths(max_len)
+    key = machine_key(f"heads {heads}/{kv_heads} of {dim}", str(compute)[6:], f"softmax {softmax}",
+                      f"lengths {','.join(map(str, lengths))}")
+    earlier = cached(CACHE_KIND, key)
+    if earlier is not None:
+        return {int(n): t for n, t in earlier.items()}, True
+    timed = measure(heads, kv_heads, dim, compute, lengths)
+    store(CACHE_KIND, key, {str(n): t for n, t in timed.items()})
+    return timed, False
+
+
+def measure_lengths(max_len: int) -> list[int]:
+    """MEASURE_LENGTHS within max_len, and max_len itself when between two of them."""
+    lengths = [n for n in MEASURE_LENGTHS if n <= max_len]
+    if max_len > MEASURE_LENGTHS[0] and max_len not in lengths and max_len < MEASURE_LENGTHS[-1]:
+        lengths.append(max_len)
+    return lengths
+
+
+def measure(heads: int, kv_heads: int, dim: int, compute, lengths: list[int], rounds: int = 3) -> dict:
+    """Milliseconds for one layer's attention forward and backward on one causal sequence of each length,
+    through the flash kernel and through the blockwise kernel (with the softmax it runs with in this
+    process), alternated `rounds` times; the fastest round of each."""
+    import torch
+
+    from trainer import attention as kernels
+    from trainer.native import fastest_alternated
+
+    generator = torch.Generator().manual_seed(0)
+    timed = {}
+    for n in lengths:
+        q = torch.randn(1, n, heads, dim, generator=generator, dtype=compute).transpose(1, 2).requires_grad_()
+        k = torch.randn(1, n, kv_heads, dim, generator=generator, dtype=compute).transpose(1, 2).requires_grad_()
+        v = torch.randn(1, n, kv_heads, dim, generator=generator, dtype=compute).transpose(1, 2).requires_grad_()
+        mask = torch.zeros(n, n, dtype=compute).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1),
+                                                             torch.finfo(compute).min)[None, None]
+        grad = torch.randn(1, n, heads, dim, generator=generator, dtype=compute)
+        spans = [[(0, n, True)]]
+        scale = dim ** -0.5
+
+        def with_segments():
+            attention(q, k, v, spans, scale, compute).backward(grad)
+
+        def with_blockwise():
+            kernels.blockwise(q, k, v, mask, scale, compute).backward(grad)
+
+        seconds = fastest_alternated({"segments": with_segments, "blockwise": with_blockwise}, rounds)
+        timed[n] = {f"{name}_ms": round(s * 1e3, 2) for name, s in seconds.items()}
+    return timed
