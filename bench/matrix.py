@@ -27,7 +27,8 @@ markdown table (docs/PERFORMANCE.md), result.json (also rewritten after every ce
 (bench/matrix_plot.py). A side that does not finish (killed for memory) leaves its cell without a
 ratio, and the matrix goes on. With --rounds N each side runs N times per cell, alternated (B L L B ...),
 and its tokens/s is over all its timed steps: the two sides of a cell run minutes apart, and this
-machine's speed has moved one side's by tens of percent between runs.
+machine's speed has moved one side's by tens of percent between runs. Every runner of --runners takes
+part in every round (B L C, C L B, ...), so the runners are compared alternated too.
 """
 
 from __future__ import annotations
@@ -144,14 +145,14 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
         return _side_or_failure(cell, f"llamafarm's {runner} runner", lambda: run_project(
             folder, model, data, evals, env, strategy="bench_matrix", strategy_file=strategy, runner=runner))
 
-    runs = {"baseline": [], "llamafarm": []}
-    for side in alternation(rounds):
+    runs = {side: [] for side in ("baseline", *runners)}
+    for side in alternation(rounds, runners):
         if runs[side] and runs[side][-1].get("failed"):
             continue  # one that ran out of memory will again: not another few minutes for it
-        runs[side].append(ours_on(runners[0]) if side == "llamafarm" else _side_or_failure(
+        runs[side].append(ours_on(side) if side != "baseline" else _side_or_failure(
             cell, "the baseline", lambda: run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)))
-    baseline, ours = pooled(runs["baseline"]), pooled(runs["llamafarm"])
-    sides = {runners[0]: ours, **{runner: ours_on(runner) for runner in runners[1:]}}
+    baseline, sides = pooled(runs["baseline"]), {runner: pooled(runs[runner]) for runner in runners}
+    ours = sides[runners[0]]
     decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "attention_softmax",
                                                                      "attention_segments", "compile", "packing",
                                                                      "lora_dropout", "layer_kernel")}
@@ -167,18 +168,19 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
           f"{_number(_trained(baseline), ',')} tokens trained); {decisions}; per runner "
           f"{', '.join(f'{k} {_number(v)}' for k, v in result['runners'].items())} tokens/s", flush=True)
     if rounds > 1:
-        print(f"{cell}: per run, in order {' '.join(alternation(rounds))}: baseline "
-              f"{', '.join(_number(r['tokens_per_second']) for r in runs['baseline'])}; llamafarm "
-              f"{', '.join(_number(r['tokens_per_second']) for r in runs['llamafarm'])} tokens/s", flush=True)
+        print(f"{cell}: per run, in order {' '.join(alternation(rounds, runners))}: " + "; ".join(
+            f"{side} {', '.join(_number(r['tokens_per_second']) for r in side_runs)}" for side, side_runs in runs.items())
+            + " tokens/s", flush=True)
     return result
 
 
-def alternation(rounds: int) -> list[str]:
-    """The order of a cell's runs: the baseline and llamafarm alternated as B L L B B L ..., so a drift of
-    the machine's speed over the cell weighs on both sides alike (one round: B L, as before)."""
+def alternation(rounds: int, runners: tuple[str, ...] = ("local",)) -> list[str]:
+    """The order of a cell's runs: the baseline and llamafarm (each of its runners) alternated as
+    B L L B B L ..., so a drift of the machine's speed over the cell weighs on every side alike (one
+    round: B L, as before); with two runners B L C, C L B, B L C ..."""
     order = []
     for i in range(rounds):
-        order += ["baseline", "llamafarm"] if i % 2 == 0 else ["llamafarm", "baseline"]
+        order += ["baseline", *runners] if i % 2 == 0 else [*reversed(runners), "baseline"]
     return order
 
 
@@ -256,8 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cells", help="comma-separated LENGTHxBATCH:METHOD cells instead")
     p.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps per side, at least (more: steadier, slower; batch 1 times 8)")
-    p.add_argument("--rounds", type=int, default=1, help="runs per side and cell, alternated B L L B ... "
-                   "(2: a drift of the machine over the cell weighs on both sides alike)")
+    p.add_argument("--rounds", type=int, default=1, help="runs per side (and runner) and cell, alternated B L L B "
+                   "... (2: a drift of the machine over the cell weighs on both sides alike)")
     p.add_argument("--runners", default="local", help="llamafarm's runners, comma-separated; the first one is "
                    "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--model", choices=BENCH_MODELS, default="shape", help="shape: the random-init SmolLM2-shaped "

@@ -249,7 +249,7 @@ def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
     config = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     first = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
-    assert first.value in ("off", "512") and "512: " in first.reason and "torch's kernel against blockwise" in first.reason
+    assert first.value in ("off", "512") and "512 tokens " in first.reason and "torch's kernel against the blockwise" in first.reason
     monkeypatch.setattr(attention_segments, "measure", lambda *a, **k: pytest.fail("measured again"))
     second = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
     assert second.value == first.value and "measured by an earlier job on this machine" in second.reason

@@ -288,8 +288,10 @@ def test_matrix_times_at_least_eight_rows_per_side():
 def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():
     from bench.matrix import alternation, pooled
 
-    assert alternation(1) == ["baseline", "llamafarm"]
-    assert alternation(3) == ["baseline", "llamafarm", "llamafarm", "baseline", "baseline", "llamafarm"]
+    assert alternation(1) == ["baseline", "local"]
+    assert alternation(3) == ["baseline", "local", "local", "baseline", "baseline", "local"]
+    # Every runner takes part in every round, so the runner comparison is alternated too.
+    assert alternation(2, ("local", "container")) == ["baseline", "local", "container", "container", "local", "baseline"]
     first = {"tokens_per_second": 100.0, "timed_tokens": 300, "timed_seconds": 3.0, "peak_rss_mb": 900.0,
              "eval_loss": 9.5, "decisions": {"precision": "bf16"}}
     second = {**first, "tokens_per_second": 300.0, "timed_tokens": 900, "timed_seconds": 3.0, "peak_rss_mb": 950.0,

@@ -114,10 +114,10 @@ def choose_attention_segments(attention: str, config, precision: str, max_len: i
     compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
     with world.local_first() if world is not None else contextlib.nullcontext():
         timed, earlier = attention_segments.measured_once(config, compute, max_len, softmax)
-    seen = ("one layer's forward and backward on one sequence of " + ", ".join(
-        f"{n}: {t['segments_ms']:.1f} against {t['blockwise_ms']:.1f} ms" for n, t in sorted(timed.items()))
-        + f" tokens (torch's kernel against blockwise, {str(compute)[6:]}"
-        + f"{', measured by an earlier job on this machine' if earlier else ''})")
+    seen = (f"one layer's forward and backward on one sequence in {str(compute)[6:]}, ms with torch's kernel "
+            "against the blockwise one: " + ", ".join(
+                f"{n} tokens {t['segments_ms']:.1f} / {t['blockwise_ms']:.1f}" for n, t in sorted(timed.items()))
+            + (", measured by an earlier job on this machine" if earlier else ""))
     length = attention_segments.crossover(timed)
     if length is None:
         return Decision("off", f"the blockwise kernel for every batch, measured as fast or faster here at "
