@@ -243,6 +243,9 @@ def test_tiny_demo_runs_in_the_cpu_image(run_cli, cpu_image, _isolated_home):
     assert "compile: on" in log and "CppCompileError" not in log, log[-3000:]  # a failed compile runs eagerly
     # Built and measured in the container (whichever it then chose): not refused for want of a compiler.
     assert re.search(r"attention softmax: (fused|aten) \(.*ns per score with the kernel", log), log[-3000:]
+    # And the length from which torch's causal kernel takes long packed sequences, measured there too.
+    assert re.search(r"attention segments: (off|512) \(.*512 tokens \d", log), log[-3000:]
+    assert job["decisions"]["attention_segments"]["value"] in ("off", "512")
     for name in ("final/model.safetensors", "final/strategy.yaml", "final/tokenizer.json", "metrics.jsonl"):
         assert (folder / name).is_file(), name
     assert list((_isolated_home / "cache" / "tokenized").glob("*.npz"))  # the trainer's cache, shared with the host

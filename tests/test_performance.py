@@ -98,26 +98,48 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
     assert chunked == pytest.approx(own, rel=1e-2)
 
 
+def _use_kernel(model, kernel: str) -> None:
+    """Switch the model to one of our attention kernels; "segments": the blockwise kernel with every
+    packed batch sent through torch's causal kernel one sequence at a time (trainer/attention_segments.py;
+    the caller resets it with use_from(None))."""
+    from contract.decisions import Decision
+    from trainer import attention_segments
+    from trainer.performance import use_attention
+
+    use_attention(model, Decision("blockwise" if kernel == "segments" else kernel, "test"))
+    attention_segments.use_from(1 if kernel == "segments" else None)
+
+
+@pytest.fixture
+def segments_reset():
+    from trainer import attention_segments
+
+    yield
+    attention_segments.use_from(None)
+
+
 @pytest.mark.parametrize("kernel,packed", [("grouped-matmul", True), ("grouped-matmul", False), ("blockwise", True),
-                                           ("blockwise", False)])
-def test_packed_attention_equals_sdpa(tokenizers, kernel, packed):
+                                           ("blockwise", False), ("segments", True)])
+def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset):
     """Our attention kernels (packed batches; unpacked ones take their sdpa fallback) give sdpa's logits
     and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads)."""
     import torch
 
     from trainer import attention
-    from contract.decisions import Decision
     from trainer.loop import _forward
-    from trainer.performance import use_attention
 
     batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"], packed)
+    if kernel == "segments":  # the batch does go through torch's kernel per sequence
+        from trainer.attention_segments import spans_of
+
+        assert spans_of(batch.attention_mask) is not None
     model = _lora_tiny()
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("sdpa", kernel):
         if impl == kernel:
-            use_attention(model, Decision(kernel, "test"))
-            assert attention.kernel_of(model.get_base_model().config._attn_implementation) == kernel
+            _use_kernel(model, kernel)
+            assert attention.kernel_of(model.get_base_model().config._attn_implementation) in (kernel, "blockwise")
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         loss = _forward(model, batch, "cpu", "fp32", chunked_loss=True).loss
         results[impl] = (out.logits.detach(), loss.item(), torch.autograd.grad(loss, trainable))
@@ -129,20 +151,18 @@ def test_packed_attention_equals_sdpa(tokenizers, kernel, packed):
         assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
-def test_packed_attention_under_bf16_autocast(tokenizers, kernel):
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments"])
+def test_packed_attention_under_bf16_autocast(tokenizers, kernel, segments_reset):
     import torch
 
-    from contract.decisions import Decision
     from trainer.loop import _forward
-    from trainer.performance import use_attention
 
     batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
     model = _lora_tiny(torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     sdpa = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     sdpa_grads = torch.autograd.grad(sdpa, trainable)
-    use_attention(model, Decision(kernel, "test"))
+    _use_kernel(model, kernel)
     ours = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     our_grads = torch.autograd.grad(ours, trainable)
     assert ours.item() == pytest.approx(sdpa.item(), rel=2e-3)
@@ -475,8 +495,8 @@ def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizer
     assert objective.loss(model, batch)[0].item() == pytest.approx(compiled_loss, rel=5e-3)
 
 
-@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
-def test_compiled_layers_train_like_eager(tokenizers, kernel):
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments"])
+def test_compiled_layers_train_like_eager(tokenizers, kernel, segments_reset):
     """use_compile on the LoRA tiny builtin with our attention kernels (kept out of the compiled graph),
     under bf16 autocast: the same loss
     and adapter gradients as the same model run eagerly; a second batch width reuses the compiled
@@ -488,7 +508,7 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel):
 
     from contract.decisions import Decision
     from trainer.loop import _forward
-    from trainer.performance import eager, use_attention, use_compile
+    from trainer.performance import eager, use_compile
 
     wide = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
     n = wide.input_ids.shape[1] - 7  # the same rows cut 7 positions short: another batch width
@@ -500,7 +520,7 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel):
     model = _lora_tiny(torch.bfloat16)
     keys = list(model.state_dict())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    use_attention(model, Decision(kernel, "test"))
+    _use_kernel(model, kernel)
     use_compile(model, Decision("on", "test"))
     assert list(model.state_dict()) == keys
     torch._dynamo.reset()  # another test may have compiled the same layer code in this process
