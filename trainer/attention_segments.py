@@ -2,11 +2,11 @@
 
 A packed batch row holds several sequences under a block-diagonal causal mask. The blockwise kernel
 (trainer/attention.py) computes each 64-query block against all the keys of its own sequence at once;
-for a long sequence that score block outgrows the core's cache (192 rows x 2,048 keys of float32 is
-1.5 MB against a 2 MB L2 on the Intel kind), and torch's own CPU flash kernel
+for a long sequence that score block outgrows the core's cache (3 KV heads x 192 rows x 2,048 keys of
+float32 is 4.7 MB against a 2 MB L2 on the Intel kind), and torch's own CPU flash kernel
 (`scaled_dot_product_attention(is_causal=True)`, which tiles the keys too and keeps only the output and
 each row's log-sum-exp for backward) is faster there: one layer's forward and backward on a
-2,048-token sequence in float32 took 123-138 ms with it against 147-171 ms blockwise on that machine,
+2,048-token sequence in float32 took 121-138 ms with it against 143-181 ms blockwise on that machine,
 while blockwise stays as fast or faster for sequences of a few hundred tokens, which the flash kernel
 pays a call each for. So the sequences are read off the mask, and a batch whose sequences are long
 (their token-weighted mean length, sum(L^2) / sum(L), which is what attention costs per token, at
