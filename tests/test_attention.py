@@ -248,14 +248,24 @@ def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, 
 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
     config = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
-    first = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
-    assert first.value in ("off", "512") and "512 tokens " in first.reason and "torch's kernel against the blockwise" in first.reason
+    first = performance.choose_attention_segments("blockwise", config, "fp32", 512, 8, "aten")
+    assert first.value in ("off", "512") and "512 tokens " in first.reason and "on 4 batch rows" in first.reason
     monkeypatch.setattr(attention_segments, "measure", lambda *a, **k: pytest.fail("measured again"))
-    second = performance.choose_attention_segments("blockwise", config, "fp32", 512, "aten")
+    second = performance.choose_attention_segments("blockwise", config, "fp32", 512, 4, "aten")
     assert second.value == first.value and "measured by an earlier job on this machine" in second.reason
-    assert performance.choose_attention_segments("grouped-matmul", config, "fp32", 256, "aten").value == "off"
-    assert performance.choose_attention_segments("blockwise", config, "fp32", 400, "aten").value == "off"
-    assert performance.choose_attention_segments("blockwise", config, "fp16", 2048, "aten").value == "off"
+    # Another batch size is another measurement: the blockwise kernel batches rows, torch's kernel not.
+    measured = []
+
+    def faster_per_sequence(heads, kv_heads, dim, compute, lengths, rows):
+        measured.append(rows)
+        return {n: {"segments_ms": 1.0, "blockwise_ms": 2.0} for n in lengths}
+
+    monkeypatch.setattr(attention_segments, "measure", faster_per_sequence)
+    alone = performance.choose_attention_segments("blockwise", config, "fp32", 1024, 1, "aten")
+    assert (alone.value, measured) == ("512", [1]) and "on 1 batch row of" in alone.reason
+    assert performance.choose_attention_segments("grouped-matmul", config, "fp32", 256, 1, "aten").value == "off"
+    assert performance.choose_attention_segments("blockwise", config, "fp32", 400, 1, "aten").value == "off"
+    assert performance.choose_attention_segments("blockwise", config, "fp16", 2048, 1, "aten").value == "off"
     try:
         performance.use_attention_segments(performance.Decision("1024", "kept"))
         assert attention_segments._from_length == 1024

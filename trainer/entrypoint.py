@@ -340,7 +340,8 @@ def _decide_levers(run: _Job, model) -> _Levers:
     # Measured against the blockwise kernel with the softmax just decided.
     run.decide("attention_segments", performance.use_attention_segments(run.keep_or_decide(
         "attention_segments", lambda: performance.choose_attention_segments(
-            attention.value, model.config, precision, args.max_seq_length, softmax.value, run.world))))
+            attention.value, model.config, precision, args.max_seq_length, args.per_device_train_batch_size,
+            softmax.value, run.world))))
     run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
         "lora_dropout", lambda: performance.choose_lora_dropout(
             run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))

@@ -91,7 +91,7 @@ def use_attention_softmax(decision: Decision) -> Decision:
     return decision
 
 
-def choose_attention_segments(attention: str, config, precision: str, max_len: int, softmax: str,
+def choose_attention_segments(attention: str, config, precision: str, max_len: int, batch_size: int, softmax: str,
                               world=None) -> Decision:
     """From which length packed sequences go through torch's causal attention kernel one at a time
     instead of the blockwise kernel (trainer/attention_segments.py): the crossover measured on this
@@ -113,9 +113,10 @@ def choose_attention_segments(attention: str, config, precision: str, max_len: i
 
     compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
     with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = attention_segments.measured_once(config, compute, max_len, softmax)
-    seen = (f"one layer's forward and backward on one sequence in {str(compute)[6:]}, ms with torch's kernel "
-            "against the blockwise one: " + ", ".join(
+        timed, earlier = attention_segments.measured_once(config, compute, max_len, batch_size, softmax)
+    rows = attention_segments.measure_rows(batch_size)
+    seen = (f"one layer's forward and backward on {rows} batch row{'s' if rows > 1 else ''} of one sequence in "
+            f"{str(compute)[6:]}, ms with torch's kernel against the blockwise one: " + ", ".join(
                 f"{n} tokens {t['segments_ms']:.1f} / {t['blockwise_ms']:.1f}" for n, t in sorted(timed.items()))
             + (", measured by an earlier job on this machine" if earlier else ""))
     length = attention_segments.crossover(timed)
