@@ -6,7 +6,9 @@
 - loss: the output layer and cross-entropy in chunks over labelled positions only (the kernel is
   trainer/chunked_loss.py); decided here per model family.
 - attention: for packed batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
-  (grouped matmuls for short sequences, blockwise beyond).
+  (grouped matmuls for short sequences, blockwise beyond), and batches of long packed sequences through
+  torch's causal kernel one sequence at a time (trainer/attention_segments.py), from the length where
+  that measured faster on this machine.
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
 - compile: torch.compile of each decoder layer (one compiled graph serves them all), when the gain
   measured on this machine (trainer/compile_probe.py) repays the one-time compile within the run.
