@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         mfus.append(tokens_per_second * flops_per_token / (max(before, after) * 1e9))
         decisions = {k: run["decisions"][k]["value"]
                      for k in ("precision", "attention", "attention_softmax", "attention_segments", "compile",
-                               "threads") if k in run["decisions"]}
+                               "threads")}
         print(f"run {r + 1}: median {tokens_per_second:.0f} tokens/s over steps {measure.WARMUP_STEPS + 1}-{a.steps} "
               f"({min(per_step):.0f}-{max(per_step):.0f}); peak {before:.0f} before, {after:.0f} after; "
               f"MFU {100 * mfus[-1]:.1f}%; {decisions}", flush=True)

@@ -57,6 +57,17 @@ def store(kind: str, key: str, value: dict, contention: float | None = None) -> 
     return True
 
 
+def kept_or_measured(kind: str, key: str, measure) -> tuple[dict, bool]:
+    """(the measurement kept under `key`, True), or (`measure()`, False) after keeping it: the first job
+    on this machine measures, later jobs and the other processes of a distributed job read it."""
+    earlier = cached(kind, key)
+    if earlier is not None:
+        return earlier, True
+    value = measure()
+    store(kind, key, value)
+    return value, False
+
+
 def busy(contention: float | None) -> bool:
     return contention is not None and contention > BUSY_CONTENTION
 

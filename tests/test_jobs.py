@@ -263,6 +263,9 @@ def test_a_probe_taken_while_another_program_holds_the_cores_is_used_once_not_ke
     assert machine_cache.store("compile_probe", "k", {"gain": 0.1}, contention=0.0)
     assert machine_cache.cached("compile_probe", "k") == {"gain": 0.1}
     assert machine_cache.store("compile_probe", "j", {"gain": 0.1})  # no scheduler numbers (not Linux): kept
+    # The layer kernel's and the attention segments' measurements: the first job measures, later ones read.
+    assert machine_cache.kept_or_measured("layer_kernel", "m", lambda: {"ms": 1.0}) == ({"ms": 1.0}, False)
+    assert machine_cache.kept_or_measured("layer_kernel", "m", lambda: pytest.fail("measured again")) == ({"ms": 1.0}, True)
 
 
 def test_qlora_is_refused_or_falls_back_off_cuda():

@@ -145,16 +145,38 @@ class _BlockCache:
     blocks: list = []
 
 
-def _blocks(attention_mask, n: int, dtype) -> list:
+def visible_keys(attention_mask):
+    """(B, L, L) uint8, 1 where a query may see a key: a key whose mask value is this negative gets exactly
+    zero weight (exp underflows). uint8 rather than bool: torch reduces bools ~15x slower."""
     import torch
 
+    mask = attention_mask[:, 0]
+    return (mask > torch.finfo(mask.dtype).min / 2).view(torch.uint8)
+
+
+class _FirstKeyCache:
+    """The current batch's first visible key per query, read once per batch: the blockwise blocks and the
+    packed sequences of trainer/attention_segments.py both start from it."""
+
+    source = None
+    first = None
+
+
+def first_visible_keys(attention_mask, seen=None):
+    """(B, L): the first key each query sees (0 when it sees none); `seen`: visible_keys of the mask, when
+    the caller has it already."""
+    if _FirstKeyCache.source is not attention_mask:
+        _FirstKeyCache.first = (visible_keys(attention_mask) if seen is None else seen).argmax(-1)
+        _FirstKeyCache.source = attention_mask
+    return _FirstKeyCache.first
+
+
+def _blocks(attention_mask, n: int, dtype) -> list:
     if _BlockCache.source is not attention_mask or _BlockCache.dtype != dtype:
         mask = attention_mask[:, 0]
-        # A key whose mask value is this negative gets exactly zero weight (exp underflows), so a
-        # block's keys before the first one any of its queries may see are skipped: for packed
+        # A block's keys before the first one any of its queries may see are skipped: for packed
         # sequences the block meets only the rows it lies in, not the whole triangle.
-        seen = (mask > torch.finfo(mask.dtype).min / 2).to(torch.uint8)
-        first = seen.argmax(-1)  # (B, L): the first key each query sees (0 when it sees none)
+        first = first_visible_keys(attention_mask)
         cuts = _cuts(n, BLOCKWISE_QUERY_BLOCK)
         blocks = []
         for q0, q1 in zip(cuts, cuts[1:]):

@@ -54,11 +54,12 @@ def spans_of(attention_mask) -> list | None:
 
     if _SpanCache.source is attention_mask:
         return _SpanCache.spans
-    mask = attention_mask[:, 0]
-    seen = (mask > torch.finfo(mask.dtype).min / 2).view(torch.uint8)  # uint8: torch reduces bools ~15x slower
-    n = mask.shape[-1]
+    from trainer.attention import first_visible_keys, visible_keys
+
+    seen = visible_keys(attention_mask)
+    n = seen.shape[-1]
     position = torch.arange(n)
-    first = seen.argmax(-1)  # (B, L)
+    first = first_visible_keys(attention_mask, seen)  # (B, L), kept for the blockwise kernel's blocks
     count = seen.sum(-1, dtype=torch.int32)
     last = n - 1 - seen.flip(-1).argmax(-1)
     starts = first == position
@@ -144,19 +145,16 @@ def measured_once(config, compute, max_len: int, batch_size: int, softmax: str) 
     lengths, rows and the blockwise kernel's softmax, so later jobs and every process of a distributed job
     (local rank 0 measures first) decide alike."""
     from contract.decisions import head_shape
-    from contract.machine_cache import cached, machine_key, store
+    from contract.machine_cache import kept_or_measured, machine_key
 
     heads, kv_heads, dim = head_shape(config)
     lengths = measure_lengths(max_len)
     rows = measure_rows(batch_size)
     key = machine_key(f"heads {heads}/{kv_heads} of {dim}", str(compute)[6:], f"softmax {softmax}",
                       f"lengths {','.join(map(str, lengths))}", f"rows {rows}")
-    earlier = cached(CACHE_KIND, key)
-    if earlier is not None:
-        return {int(n): t for n, t in earlier.items()}, True
-    timed = measure(heads, kv_heads, dim, compute, lengths, rows)
-    store(CACHE_KIND, key, {str(n): t for n, t in timed.items()})
-    return timed, False
+    kept, earlier = kept_or_measured(CACHE_KIND, key, lambda: {  # JSON keys are strings
+        str(n): t for n, t in measure(heads, kv_heads, dim, compute, lengths, rows).items()})
+    return {int(n): t for n, t in kept.items()}, earlier
 
 
 def measure_lengths(max_len: int) -> list[int]:

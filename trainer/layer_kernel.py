@@ -213,17 +213,12 @@ def measured_once(kernel: LayerKernel, config) -> tuple[dict, bool]:
     other processes of a distributed job, read them, so they all decide alike (the kernel and torch's
     operators round differently, and AdamW's first steps carry such differences into the weights)."""
     from contract.decisions import head_shape
-    from contract.machine_cache import cached, machine_key, store
+    from contract.machine_cache import kept_or_measured, machine_key
 
     heads, kv_heads, dim = head_shape(config)
     key = machine_key(kernel.path.name, f"hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
                                         f"heads {heads}/{kv_heads} of {dim}")
-    earlier = cached(CACHE_KIND, key)
-    if earlier is not None:
-        return earlier, True
-    timed = measure(kernel, config)
-    store(CACHE_KIND, key, timed)
-    return timed, False
+    return kept_or_measured(CACHE_KIND, key, lambda: measure(kernel, config))
 
 
 def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
