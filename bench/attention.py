@@ -1,9 +1,10 @@
 """Attention kernels for packed CPU batches, one layer's forward and backward on SmolLM2-135M's attention
 shape (9 query heads over 3 KV heads, head dim 64): transformers' sdpa with the block-diagonal mask,
 trainer/attention.py's grouped matmuls and its blockwise kernel, with torch's softmax and with ours
-(trainer/softmax_kernel.py, "blockwise-fused"; built with the machine's C++ compiler), and torch's causal
-kernel once per packed sequence (trainer/attention_segments.py, "segments"), interleaved round by
-round so a busy machine slows them alike; the median per cell, and what each keeps for backward.
+(trainer/softmax_kernel.py, "blockwise-fused"; built with the machine's C++ compiler), torch's causal
+kernel once per packed sequence (trainer/attention_segments.py, "segments") and our flash kernel once per
+packed sequence (trainer/flash_kernel.py, "flash"), interleaved round by round so a busy machine slows
+them alike; the median per cell, and what each keeps for backward.
 
     .venv/bin/python -m bench.attention [--quick] [--rounds 3] [--rows 64-256|quarter|full]
 
@@ -22,7 +23,7 @@ import time
 from bench.model import MAX_TOKENS, MIN_TOKENS
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-KERNELS = ("sdpa", "grouped-matmul", "blockwise", "blockwise-fused", "segments")
+KERNELS = ("sdpa", "grouped-matmul", "blockwise", "blockwise-fused", "segments", "flash")
 FULL = {"fp32": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)],
         "bf16": [(b, n) for b in (1, 4, 8) for n in (256, 512, 1024, 2048)]}
 # bf16 matmuls are emulated on CPUs without AVX512-BF16 or AMX (~1 GFLOP/s against ~90 for fp32): there
@@ -50,9 +51,9 @@ def packed_mask(batch: int, n: int, rows: str, seed: int = 0):
     return collate(sequences, 0, packed=True, mask_dtype=torch.float32).attention_mask
 
 
-def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None):
+def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None, flash=None):
     """One forward and backward; returns the bytes the forward saved for backward. `softmax`: our
-    softmax kernel, which "blockwise-fused" runs with."""
+    softmax kernel, which "blockwise-fused" runs with; `flash`: our flash kernel, which "flash" runs."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -62,9 +63,11 @@ def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None):
     module.num_key_value_groups, module.is_causal = HEADS // KV_HEADS, True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
                 "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention,
-                "segments": attention.blockwise_attention}[kernel]
+                "segments": attention.blockwise_attention, "flash": attention.blockwise_attention}[kernel]
     attention.use_softmax_kernel(softmax if kernel == "blockwise-fused" else None)
-    attention_segments.use_from(1 if kernel == "segments" else None)  # every batch per sequence, or none
+    # Every batch per sequence, or none.
+    attention_segments.use_from(1 if kernel in ("segments", "flash") else None)
+    attention_segments.use_flash_kernel(flash if kernel == "flash" else None)
     saved = {}
 
     def pack(t):  # a storage saved twice, or as slices (segments: each sequence's q, k, v), counts once
@@ -91,15 +94,15 @@ def main(argv=None) -> None:
     import torch
 
     from contract.decisions import cpu_has_bf16
-    from trainer import softmax_kernel
+    from trainer import flash_kernel, softmax_kernel
     from trainer.performance import cpp_compiler, choose_threads
 
     choose_threads()
     if not cpp_compiler():
         raise SystemExit("bench.attention: no C++ compiler (g++, clang++ or $CXX) on PATH to build the softmax "
-                         "kernel with; install one (Debian: apt-get install g++)")
+                         "and flash kernels with; install one (Debian: apt-get install g++)")
     try:
-        softmax = softmax_kernel.load(cpp_compiler())
+        softmax, flash = softmax_kernel.load(cpp_compiler()), flash_kernel.load(cpp_compiler())
     except softmax_kernel.BuildFailed as error:
         raise SystemExit(f"bench.attention: {error}") from None
     cells = QUICK if a.quick else dict(FULL)
@@ -125,7 +128,7 @@ def main(argv=None) -> None:
             for r in range(a.rounds + 1):  # round 0 warms up (and cuts the mask into blocks once)
                 for kernel in KERNELS:
                     start = time.perf_counter()
-                    saved[kernel] = run_kernel(kernel, query, key, value, mask, grad, softmax)
+                    saved[kernel] = run_kernel(kernel, query, key, value, mask, grad, softmax, flash)
                     if r:
                         times[kernel].append(time.perf_counter() - start)
             print(f"{precision:9} {batch:5} {n:6} "

@@ -153,9 +153,9 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
             cell, "the baseline", lambda: run_baseline(folder, model, data, evals, precision, steps, env, extra=extra)))
     baseline, sides = pooled(runs["baseline"]), {runner: pooled(runs[runner]) for runner in runners}
     ours = sides[runners[0]]
-    decisions = {k: ours["decisions"].get(k, {}).get("value") for k in ("precision", "attention", "attention_softmax",
-                                                                     "attention_segments", "compile", "packing",
-                                                                     "lora_dropout", "layer_kernel")}
+    decisions = {k: ours["decisions"].get(k, {}).get("value") for k in (
+        "precision", "attention", "attention_softmax", "sequence_kernel", "attention_segments", "compile", "packing",
+        "lora_dropout", "layer_kernel")}
     result = {"cell": cell, "length": length, "batch": batch, "method": method, "flops_per_token": flops_per_token,
               "baseline": baseline, "project": ours, "decisions": decisions,
               "ratio": _both(ours["tokens_per_second"], baseline["tokens_per_second"], lambda a, b: a / b),

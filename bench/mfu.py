@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         tokens_per_second = statistics.median(per_step)
         mfus.append(tokens_per_second * flops_per_token / (max(before, after) * 1e9))
         decisions = {k: run["decisions"][k]["value"]
-                     for k in ("precision", "attention", "attention_softmax", "attention_segments", "compile",
-                               "threads")}
+                     for k in ("precision", "attention", "attention_softmax", "sequence_kernel", "attention_segments",
+                               "compile", "threads")}
         print(f"run {r + 1}: median {tokens_per_second:.0f} tokens/s over steps {measure.WARMUP_STEPS + 1}-{a.steps} "
               f"({min(per_step):.0f}-{max(per_step):.0f}); peak {before:.0f} before, {after:.0f} after; "
               f"MFU {100 * mfus[-1]:.1f}%; {decisions}", flush=True)

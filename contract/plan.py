@@ -81,6 +81,7 @@ KEEPABLE = {  # the trainer's decisions a resumed run keeps: which recorded valu
     "precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS[:-1]) + f" or {PRECISIONS[-1]}"),
     "compile": (lambda v: v in ("on", "off"), "on or off"),
     "attention_softmax": (lambda v: v in ("fused", "aten"), "fused or aten"),
+    "sequence_kernel": (lambda v: v in ("flash", "sdpa"), "flash or sdpa"),
     "attention_segments": (lambda v: v == "off" or (str(v).isdigit() and int(v) >= 1),
                            "off or a sequence length (a whole number, at least 1)"),
     "lora_dropout": (lambda v: v in ("kernel", "fast-mask", "torch", "none"), "kernel, fast-mask, torch or none"),

@@ -1,8 +1,9 @@
 """trainer/attention.py's kernels for packed CPU batches against transformers' sdpa attention with the
 same block-diagonal mask (outputs and q/k/v gradients), the blockwise kernel with torch's softmax and
 with ours (trainer/softmax_kernel.py, "blockwise-fused"), and with long sequences through torch's causal
-kernel one at a time (trainer/attention_segments.py, "segments"), and the kernels' memory: what they keep
-for backward grows linearly in the sequence length. The model-level checks (logits and LoRA gradients of
+kernel one at a time (trainer/attention_segments.py, "segments") or through our flash kernel
+(trainer/flash_kernel.py, "flash"), and the kernels' memory: what they keep for backward grows linearly in
+the sequence length. The model-level checks (logits and LoRA gradients of
 a packed batch, bf16 autocast) are in tests/test_performance.py."""
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import random
 
 import pytest
 
-KERNELS = ("grouped-matmul", "blockwise", "blockwise-fused", "segments")
+KERNELS = ("grouped-matmul", "blockwise", "blockwise-fused", "segments", "flash")
+# Head widths per kernel: our flash kernel takes 64 and 128 (trainer/flash_kernel.py HEAD_DIMS).
+HEAD_DIM = {"flash": 64}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,9 +70,16 @@ def _run(kernel, q, k, v, mask, grad):
     module.num_key_value_groups, module.is_causal = q.shape[1] // k.shape[1], True
     function = {"sdpa": sdpa_attention_forward, "grouped-matmul": attention.grouped_matmul_attention,
                 "blockwise": attention.blockwise_attention, "blockwise-fused": attention.blockwise_attention,
-                "segments": attention.blockwise_attention}[kernel]
-    if kernel == "segments":  # every packed batch goes through torch's kernel per sequence
+                "segments": attention.blockwise_attention, "flash": attention.blockwise_attention}[kernel]
+    torch_attention = attention_segments.torch_attention
+    if kernel in ("segments", "flash"):  # every packed batch goes through a kernel per sequence
         attention_segments.use_from(1)
+    if kernel == "flash":  # ours, and not torch's behind it
+        from trainer import flash_kernel
+        from trainer.performance import cpp_compiler
+
+        attention_segments.use_flash_kernel(flash_kernel.load(cpp_compiler()))
+        attention_segments.torch_attention = _not_torchs
     if kernel == "blockwise-fused":
         from trainer import softmax_kernel
         from trainer.performance import cpp_compiler
@@ -81,6 +91,12 @@ def _run(kernel, q, k, v, mask, grad):
     finally:
         attention.use_softmax_kernel(None)
         attention_segments.use_from(None)
+        attention_segments.use_flash_kernel(None)
+        attention_segments.torch_attention = torch_attention
+
+
+def _not_torchs(*args):
+    raise AssertionError("torch's kernel ran where our flash kernel should have")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -90,7 +106,7 @@ def test_kernel_equals_sdpa_in_fp32(kernel, n, heads, kv_heads):
     """Lengths under, at and past one query block, not divisible by it; packed rows of 1-90 tokens."""
     import torch
 
-    q, k, v, grad = _inputs(2, heads, kv_heads, n, 16, torch.float32)
+    q, k, v, grad = _inputs(2, heads, kv_heads, n, HEAD_DIM.get(kernel, 16), torch.float32)
     mask = _mask(2, n, (1, 7, 40, 90))
     ours, theirs = _run(kernel, q, k, v, mask, grad), _run("sdpa", q, k, v, mask, grad)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
@@ -133,7 +149,7 @@ def _saved_bytes(kernel, n):
     """Bytes the kernel's forward keeps for backward (each storage once), one packed row of n tokens."""
     import torch
 
-    q, k, v, grad = _inputs(1, 6, 2, n, 16, torch.float32)
+    q, k, v, grad = _inputs(1, 6, 2, n, HEAD_DIM.get(kernel, 16), torch.float32)
     mask = _mask(1, n, (n,))
     saved = {}
 
@@ -211,8 +227,54 @@ def test_segments_leave_a_mask_that_is_not_block_diagonal_causal_to_the_blockwis
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max())
 
 
-def test_segments_memory_grows_linearly_in_the_length():
-    assert _saved_bytes("segments", 1024) / _saved_bytes("segments", 256) == pytest.approx(4, rel=0.02)
+@pytest.mark.parametrize("kernel", ["segments", "flash"])
+def test_segments_memory_grows_linearly_in_the_length(kernel):
+    assert _saved_bytes(kernel, 1024) / _saved_bytes(kernel, 256) == pytest.approx(4, rel=0.02)
+
+
+@pytest.mark.parametrize("dim", [128, 80])
+def test_flash_kernel_takes_128_wide_heads_and_leaves_others_to_torch(dim):
+    """Llama-3 and Qwen heads are 128 wide: the kernel's other instantiation. A width it was not built for
+    (80) goes through torch's kernel instead, exactly as well."""
+    import torch
+
+    from trainer import attention_segments, flash_kernel
+    from trainer.performance import cpp_compiler
+
+    kernel = flash_kernel.load(cpp_compiler())
+    q, k, v, grad = _inputs(2, 4, 2, 150, dim, torch.float32)
+    assert kernel.takes(q, k, v) == (dim == 128)
+    mask = _mask(2, 150, (20, 64, 100))
+    if dim == 128:
+        ours = _run("flash", q, k, v, mask, grad)  # fails if torch's kernel runs instead
+    else:
+        attention_segments.use_flash_kernel(kernel)
+        try:
+            ours = _run("segments", q, k, v, mask, grad)
+        finally:
+            attention_segments.use_flash_kernel(None)
+    theirs = _run("sdpa", q, k, v, mask, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()), name
+
+
+def test_flash_kernel_reads_and_writes_the_projections_in_place():
+    """q, k and v as transformers hands them over (transposed views of (B, L, heads, D) projections) go in
+    without a copy, and the output and gradients come back in that memory order."""
+    import torch
+
+    from trainer import flash_kernel
+    from trainer.performance import cpp_compiler
+
+    kernel = flash_kernel.load(cpp_compiler())
+    q, k, v, grad = _inputs(2, 9, 3, 100, 64, torch.float32)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    spans = [[(0, 60, True), (60, 100, True)], [(0, 97, True), (97, 100, True)]]  # (padding copies its value)
+    with torch.profiler.profile() as profile:
+        out = flash_kernel.attention(kernel, q, k, v, spans, 0.125)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert out.is_contiguous() and all(g.transpose(1, 2).is_contiguous() for g in (dq, dk, dv))
+    assert not [e for e in profile.events() if e.name in ("aten::contiguous", "aten::clone")]
 
 
 @pytest.mark.parametrize("timed,expected", [
@@ -222,7 +284,7 @@ def test_segments_memory_grows_linearly_in_the_length():
     ({512: (10, 11), 1024: (40, 42), 2048: (150, 140)}, None),  # slower at the longest: never
     ({512: (10, 10)}, None),  # a tie is not faster
 ])
-def test_segments_crossover_is_where_the_flash_kernel_wins_from_there_on(timed, expected):
+def test_segments_crossover_is_where_the_kernel_per_sequence_wins_from_there_on(timed, expected):
     from trainer import attention_segments
 
     as_measured = {n: {"segments_ms": s, "blockwise_ms": b} for n, (s, b) in timed.items()}
@@ -230,8 +292,8 @@ def test_segments_crossover_is_where_the_flash_kernel_wins_from_there_on(timed, 
 
 
 @pytest.mark.parametrize("max_len,expected", [
-    (256, []), (512, [512]), (600, [512, 600]), (1024, [512, 768, 1024]),
-    (2048, [512, 768, 1024, 1536, 2048]), (8192, [512, 768, 1024, 1536, 2048, 3072, 4096])])
+    (100, []), (128, [128]), (300, [128, 256, 300]), (512, [128, 256, 512]), (600, [128, 256, 512, 600]),
+    (1024, [128, 256, 512, 768, 1024]), (8192, [128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096])])
 def test_segments_are_measured_at_the_jobs_lengths(max_len, expected):
     from trainer import attention_segments
 
@@ -249,7 +311,8 @@ def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, 
     monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
     config = SimpleNamespace(num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
     first = performance.choose_attention_segments("blockwise", config, "fp32", 512, 8, "aten")
-    assert first.value in ("off", "512") and "512 tokens " in first.reason and "on 4 batch rows" in first.reason
+    assert first.value in ("off", "128", "256", "512") and "512 tokens " in first.reason
+    assert "on 4 batch rows" in first.reason and "torch's causal kernel" in first.reason
     monkeypatch.setattr(attention_segments, "measure", lambda *a, **k: pytest.fail("measured again"))
     second = performance.choose_attention_segments("blockwise", config, "fp32", 512, 4, "aten")
     assert second.value == first.value and "measured by an earlier job on this machine" in second.reason
@@ -262,9 +325,12 @@ def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, 
 
     monkeypatch.setattr(attention_segments, "measure", faster_per_sequence)
     alone = performance.choose_attention_segments("blockwise", config, "fp32", 1024, 1, "aten")
-    assert (alone.value, measured) == ("512", [1]) and "on 1 batch row of" in alone.reason
+    assert (alone.value, measured) == ("128", [1]) and "on 1 batch row of" in alone.reason
+    # ... and so is another kernel per sequence, named in the reason.
+    flash = performance.choose_attention_segments("blockwise", config, "fp32", 1024, 1, "aten", "flash")
+    assert (flash.value, measured) == ("128", [1, 1]) and "through our flash kernel" in flash.reason
     assert performance.choose_attention_segments("grouped-matmul", config, "fp32", 256, 1, "aten").value == "off"
-    assert performance.choose_attention_segments("blockwise", config, "fp32", 400, 1, "aten").value == "off"
+    assert performance.choose_attention_segments("blockwise", config, "fp32", 100, 1, "aten").value == "off"
     assert performance.choose_attention_segments("blockwise", config, "fp16", 2048, 1, "aten").value == "off"
     try:
         performance.use_attention_segments(performance.Decision("1024", "kept"))
@@ -272,3 +338,46 @@ def test_the_segments_decision_measures_both_kernels_once_per_machine(tmp_path, 
     finally:
         performance.use_attention_segments(performance.Decision("off", "reset"))
     assert attention_segments._from_length is None
+
+
+def test_the_sequence_kernel_decision_measures_ours_against_torchs_once_per_machine(tmp_path, monkeypatch):
+    """Our flash kernel where it measured faster than torch's on one sequence of the job's length (up to
+    1,024 tokens), kept per machine: the second job reads it and says so. torch's where ours was not
+    faster, where the heads are a width it was not built for, in fp16, without the blockwise attention,
+    and where it cannot be built; a kept "flash" hands the segments path the kernel."""
+    from types import SimpleNamespace
+
+    from trainer import attention_segments, flash_kernel, performance
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
+    timed = []
+
+    def measure(kernel, heads, kv_heads, dim, dtype, length):
+        timed.append((heads, kv_heads, dim, length))
+        return {"flash_ms": 1.0, "sdpa_ms": 1.5}
+
+    monkeypatch.setattr(flash_kernel, "measure", measure)
+    first = performance.choose_sequence_kernel("blockwise", config, "fp32", 2048)
+    assert first.value == "flash" and "1.5x faster than torch's" in first.reason and timed == [(4, 2, 64, 1024)]
+    second = performance.choose_sequence_kernel("blockwise", config, "fp32", 2048)
+    assert second.value == "flash" and "measured by an earlier job on this machine" in second.reason
+    monkeypatch.setattr(flash_kernel, "measure", lambda *a: {"flash_ms": 2.0, "sdpa_ms": 1.5})
+    slower = performance.choose_sequence_kernel("blockwise", config, "fp32", 600)  # another length: measured
+    assert slower.value == "sdpa" and "600-token sequence" in slower.reason
+    wide = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=320)
+    assert "not 80" in performance.choose_sequence_kernel("blockwise", wide, "fp32", 1024).reason
+    assert performance.choose_sequence_kernel("blockwise", config, "fp16", 1024).value == "sdpa"
+    assert performance.choose_sequence_kernel("grouped-matmul", config, "fp32", 256).value == "sdpa"
+    monkeypatch.setattr(performance, "cpp_compiler", lambda: None)
+    built = performance.choose_sequence_kernel("blockwise", config, "fp32", 1024)
+    assert built.value == "sdpa" and "no C++ compiler" in built.reason
+    kept = performance.use_sequence_kernel(performance.Decision("flash", "kept"))
+    assert kept.value == "sdpa" and "cannot be built here" in kept.reason
+    monkeypatch.undo()
+    try:
+        assert performance.use_sequence_kernel(performance.Decision("flash", "kept")).value == "flash"
+        assert attention_segments._flash is not None
+    finally:
+        performance.use_sequence_kernel(performance.Decision("sdpa", "reset"))
+    assert attention_segments._flash is None

@@ -33,7 +33,9 @@ def test_chunked_cross_entropy_equals_plain(monkeypatch, weight_grad):
         assert torch.allclose(ours / 3, theirs, atol=1e-6)
 
 
-def _lora_tiny(dtype=None):
+def _lora_tiny(dtype=None, wide_heads=False):
+    """The GQA tiny builtin (4 query heads of 32 over 2 KV heads) with LoRA on q and v; `wide_heads`: the
+    same weights read as 2 query heads of 64 over 1 KV head (the width our flash kernel takes)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -41,7 +43,9 @@ def _lora_tiny(dtype=None):
     from trainer.models.builtin import builtin_path
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(builtin_path("builtin:tiny-llama-bpe"), dtype=dtype or torch.float32)
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64} if wide_heads else {}
+    model = AutoModelForCausalLM.from_pretrained(builtin_path("builtin:tiny-llama-bpe"), dtype=dtype or torch.float32,
+                                                 **heads)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                              init_lora_weights=False))
     for p in model.parameters():
@@ -99,15 +103,21 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
 
 
 def _use_kernel(model, kernel: str) -> None:
-    """Switch the model to one of our attention kernels; "segments": the blockwise kernel with every
-    packed batch sent through torch's causal kernel one sequence at a time (trainer/attention_segments.py;
-    the caller resets it with use_from(None))."""
+    """Switch the model to one of our attention kernels; "segments" / "flash": the blockwise kernel with
+    every packed batch sent one sequence at a time through torch's causal kernel / our flash kernel
+    (trainer/attention_segments.py; the segments_reset fixture resets both)."""
     from contract.decisions import Decision
     from trainer import attention_segments
     from trainer.performance import use_attention
 
-    use_attention(model, Decision("blockwise" if kernel == "segments" else kernel, "test"))
-    attention_segments.use_from(1 if kernel == "segments" else None)
+    per_sequence = kernel in ("segments", "flash")
+    use_attention(model, Decision("blockwise" if per_sequence else kernel, "test"))
+    attention_segments.use_from(1 if per_sequence else None)
+    if kernel == "flash":
+        from trainer import flash_kernel
+        from trainer.performance import cpp_compiler
+
+        attention_segments.use_flash_kernel(flash_kernel.load(cpp_compiler()))
 
 
 @pytest.fixture
@@ -116,24 +126,28 @@ def segments_reset():
 
     yield
     attention_segments.use_from(None)
+    attention_segments.use_flash_kernel(None)
 
 
 @pytest.mark.parametrize("kernel,packed", [("grouped-matmul", True), ("grouped-matmul", False), ("blockwise", True),
-                                           ("blockwise", False), ("segments", True)])
-def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset):
+                                           ("blockwise", False), ("segments", True), ("flash", True)])
+def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset, monkeypatch):
     """Our attention kernels (packed batches; unpacked ones take their sdpa fallback) give sdpa's logits
-    and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads)."""
+    and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads; for our flash kernel, 2
+    heads of 64 over 1)."""
     import torch
 
     from trainer import attention
     from trainer.loop import _forward
 
     batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"], packed)
-    if kernel == "segments":  # the batch does go through torch's kernel per sequence
-        from trainer.attention_segments import spans_of
+    if kernel in ("segments", "flash"):  # the batch does go through a kernel per sequence
+        from trainer import attention_segments
 
-        assert spans_of(batch.attention_mask) is not None
-    model = _lora_tiny()
+        assert attention_segments.spans_of(batch.attention_mask) is not None
+        if kernel == "flash":  # ours, not torch's behind it
+            monkeypatch.setattr(attention_segments, "torch_attention", lambda *a: pytest.fail("torch's kernel ran"))
+    model = _lora_tiny(wide_heads=kernel == "flash")
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("sdpa", kernel):
@@ -151,14 +165,14 @@ def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset
         assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments"])
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments", "flash"])
 def test_packed_attention_under_bf16_autocast(tokenizers, kernel, segments_reset):
     import torch
 
     from trainer.loop import _forward
 
     batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"])
-    model = _lora_tiny(torch.bfloat16)
+    model = _lora_tiny(torch.bfloat16, wide_heads=kernel == "flash")
     trainable = [p for p in model.parameters() if p.requires_grad]
     sdpa = _forward(model, batch, "cpu", "bf16", chunked_loss=True).loss
     sdpa_grads = torch.autograd.grad(sdpa, trainable)
@@ -495,7 +509,7 @@ def test_the_compile_probe_measures_once_and_leaves_training_untouched(tokenizer
     assert objective.loss(model, batch)[0].item() == pytest.approx(compiled_loss, rel=5e-3)
 
 
-@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments"])
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments", "flash"])
 def test_compiled_layers_train_like_eager(tokenizers, kernel, segments_reset):
     """use_compile on the LoRA tiny builtin with our attention kernels (kept out of the compiled graph),
     under bf16 autocast: the same loss
@@ -517,7 +531,7 @@ def test_compiled_layers_train_like_eager(tokenizers, kernel, segments_reset):
                                  position_ids=wide.position_ids[:, :n].contiguous(),
                                  attention_mask=wide.attention_mask[:, :, :n, :n].contiguous())
     batches = [wide, narrow]
-    model = _lora_tiny(torch.bfloat16)
+    model = _lora_tiny(torch.bfloat16, wide_heads=kernel == "flash")
     keys = list(model.state_dict())
     trainable = [p for p in model.parameters() if p.requires_grad]
     _use_kernel(model, kernel)

@@ -185,6 +185,7 @@ def test_a_resumed_run_keeps_the_decisions_that_change_its_arithmetic():
     ("compile", "on"),
     ("attention_softmax", {"value": "c++", "reason": "hand-edited"}),
     ("attention_segments", {"value": "1.5k", "reason": "hand-edited"}),
+    ("sequence_kernel", {"value": "ours", "reason": "hand-edited"}),
     ("threads", None),  # the whole `decisions` replaced by a list, below
 ])
 def test_a_resume_refuses_a_hand_edited_decision_it_would_keep_saying_where_and_what_to_do(name, recorded):

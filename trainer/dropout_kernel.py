@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, fastest_alternated, load_kernel
+from trainer.native import BuildFailed, fastest_ms, load_kernel
 
 __all__ = ["BuildFailed", "DropoutKernel", "load"]
 
@@ -111,6 +111,6 @@ def measure(kernel: DropoutKernel, p: float, width: int, rounds: int = 3) -> dic
     state = torch.get_rng_state()  # the seeds drawn here must not move the training's stream
     with_numpy = FastDropout(p)
 
-    timed = fastest_alternated({"kernel": lambda: kernel.apply(x, 0, p), "numpy": lambda: with_numpy(x)}, rounds)
+    timed = fastest_ms({"kernel": lambda: kernel.apply(x, 0, p), "numpy": lambda: with_numpy(x)}, rounds)
     torch.set_rng_state(state)
-    return {f"{name}_ms": round(1e3 * seconds, 3) for name, seconds in timed.items()}
+    return timed

@@ -337,11 +337,14 @@ def _decide_levers(run: _Job, model) -> _Levers:
     softmax = run.decide("attention_softmax", performance.use_attention_softmax(run.keep_or_decide(
         "attention_softmax", lambda: performance.choose_attention_softmax(
             attention.value, model.config, precision, args.max_seq_length))))
-    # Measured against the blockwise kernel with the softmax just decided.
+    sequence = run.decide("sequence_kernel", performance.use_sequence_kernel(run.keep_or_decide(
+        "sequence_kernel", lambda: performance.choose_sequence_kernel(
+            attention.value, model.config, precision, args.max_seq_length, run.world))))
+    # Measured against the blockwise kernel with the softmax and the kernel per sequence just decided.
     run.decide("attention_segments", performance.use_attention_segments(run.keep_or_decide(
         "attention_segments", lambda: performance.choose_attention_segments(
             attention.value, model.config, precision, args.max_seq_length, args.per_device_train_batch_size,
-            softmax.value, run.world))))
+            softmax.value, sequence.value, run.world))))
     run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
         "lora_dropout", lambda: performance.choose_lora_dropout(
             run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
@@ -440,10 +443,10 @@ def _decide_compile(run: _Job, model, objective, sequences) -> None:
                       if estimate.get("device") == run.device.value and estimate.get("seconds") is not None else None)
     # Every decision that changes the eager step's speed: a faster eager step changes what compiling gains.
     decided = {name: run.decisions.get(name, {}).get("value") for name in (
-        "attention", "attention_softmax", "attention_segments", "lora_dropout", "layer_kernel")}
+        "attention", "attention_softmax", "sequence_kernel", "attention_segments", "lora_dropout", "layer_kernel")}
     step = (f"{run.cfg.method.stage} {run.method.value} dropout {run.cfg.method.dropout}, {run.precision.value}, "
             f"attention {decided['attention']} softmax {decided['attention_softmax']} segments from "
-            f"{decided['attention_segments']} dropout mask "
+            f"{decided['attention_segments']} through {decided['sequence_kernel']} dropout mask "
             f"{decided['lora_dropout']} layers {decided['layer_kernel']}, "
             f"batch {args.per_device_train_batch_size} x {args.max_seq_length}")
     key = compile_probe.step_key(model.config, run.trainable_parameters, step)

@@ -17,28 +17,6 @@ namespace {
 
 using namespace kernel;
 
-// e^x for any float32 x: x = n ln2 + t with |t| <= ln2 / 2 (ln 2 in two parts, so t is exact),
-// e^t by its degree-7 Taylor polynomial (relative error under 5e-9, below float32's rounding step of
-// 6e-8), 2^n put into the exponent bits. Clamped to [e^-87.3, e^88.7]: the smallest normal float and
-// the largest finite one, so 1 / (1 + e^-x) is 0 or 1 at the ends, as torch's sigmoid is.
-inline vf exp_any(vf input) {
-    vf x = input < -87.3f ? splat(-87.3f) : input;
-    x = x > 88.7f ? splat(88.7f) : x;
-    vf n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 drops the fraction
-    vf t = (x - n * 0.693145751953125f) - n * 1.428606765330187e-6f;
-    vf p = t * (1.0f / 5040) + 1.0f / 720;
-    p = p * t + 1.0f / 120;
-    p = p * t + 1.0f / 24;
-    p = p * t + 1.0f / 6;
-    p = p * t + 0.5f;
-    p = p * t + 1.0f;
-    p = p * t + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
 inline int64_t piece(int64_t width, int64_t k) { return width - k < W ? width - k : W; }
 
 template <typename T>

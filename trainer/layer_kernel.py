@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from trainer.native import BuildFailed, fastest_alternated, load_kernel
+from trainer.native import BuildFailed, fastest_ms, load_kernel
 
 __all__ = ["BuildFailed", "LayerKernel", "load", "measure"]
 
@@ -254,5 +254,4 @@ def measure(kernel: LayerKernel, config, rounds: int = 3) -> dict:
         outs = [norm(x), norm(x), torch.nn.functional.silu(gate) * up, *rotated]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
-    timed = fastest_alternated({"kernel": with_kernel, "torch": with_torch}, rounds)
-    return {f"{name}_ms": round(1e3 * seconds, 3) for name, seconds in timed.items()}
+    return fastest_ms({"kernel": with_kernel, "torch": with_torch}, rounds)

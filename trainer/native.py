@@ -93,6 +93,11 @@ def _build(source: Path, compiler: str, path: Path) -> None:
             partial.unlink()
 
 
+def fastest_ms(works: dict, rounds: int) -> dict[str, float]:
+    """`fastest_alternated` as {"<name>_ms": milliseconds}, the form the decisions keep and print."""
+    return {f"{name}_ms": round(1e3 * seconds, 3) for name, seconds in fastest_alternated(works, rounds).items()}
+
+
 def fastest_alternated(works: dict, rounds: int) -> dict[str, float]:
     """Seconds of each of `works` (name -> function of no arguments): each run once first (the first calls
     start the thread pool and allocate), then all alternated `rounds` times; the fastest round of each."""

@@ -7,8 +7,9 @@
   trainer/chunked_loss.py); decided here per model family.
 - attention: for packed batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
   (grouped matmuls for short sequences, blockwise beyond), and batches of long packed sequences through
-  torch's causal kernel one sequence at a time (trainer/attention_segments.py), from the length where
-  that measured faster on this machine.
+  a causal kernel one sequence at a time (trainer/attention_segments.py), from the length where that
+  measured faster on this machine: our C++ flash kernel (trainer/flash_kernel.py) where it measured
+  faster than torch's (the sequence_kernel decision), else torch's.
 - adapter inputs: under autocast, activations go into LoRA layers without PEFT's cast to fp32.
 - compile: torch.compile of each decoder layer (one compiled graph serves them all), when the gain
   measured on this machine (trainer/compile_probe.py) repays the one-time compile within the run.
@@ -85,26 +86,72 @@ def use_attention_softmax(decision: Decision) -> Decision:
     that cannot be built here falls back to the operators, saying so."""
     from trainer import attention
 
-    kernel = None
-    if decision.value == "fused":
-        kernel, decision = _kept_kernel(decision, _softmax_kernel, Decision(
-            "aten", "torch's operators (the probabilities can differ from the softmax kernel's in the last bit)"))
-    attention.use_softmax_kernel(kernel)
-    return decision
+    return _hand_over(decision, "fused", _softmax_kernel, Decision(
+        "aten", "torch's operators (the probabilities can differ from the softmax kernel's in the last bit)"),
+        attention.use_softmax_kernel)
+
+
+def choose_sequence_kernel(attention: str, config, precision: str, max_len: int, world=None) -> Decision:
+    """The causal kernel the attention_segments path sends each packed sequence through: our C++ flash
+    kernel (trainer/flash_kernel.py), built here with the C++ compiler, when it measures faster than
+    torch's on one sequence of the job's length (up to 1,024 tokens; once per machine, local rank 0 first
+    in a distributed job); torch's ("sdpa") otherwise, or where it cannot be built."""
+    if attention != "blockwise":
+        return Decision("sdpa", f"the {attention} attention sends no sequence on its own")
+    if precision == "fp16":
+        return Decision("sdpa", "torch's kernel: our flash kernel takes bf16 or float32, not fp16")
+    from contract.decisions import head_shape
+    from trainer import flash_kernel
+
+    heads, kv_heads, dim = head_shape(config)
+    if dim not in flash_kernel.HEAD_DIMS:
+        return Decision("sdpa", f"torch's kernel: our flash kernel takes heads {flash_kernel.HEAD_DIMS} wide, "
+                                f"not {dim}")
+    kernel, why_not = _flash_kernel()
+    if kernel is None:
+        return Decision("sdpa", f"torch's kernel: {why_not}")
+    import torch
+
+    from trainer import attention as kernels
+
+    compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    with world.local_first() if world is not None else contextlib.nullcontext():
+        timed, earlier = flash_kernel.measured_once(kernel, config, compute, max_len)
+    seen = (f"one layer's forward and backward on one {timed['length']}-token sequence in {str(compute)[6:]}: "
+            f"{timed['flash_ms']:.1f} ms with ours, {timed['sdpa_ms']:.1f} with torch's"
+            + (", measured by an earlier job on this machine" if earlier else ""))
+    if timed["flash_ms"] >= timed["sdpa_ms"]:
+        return Decision("sdpa", f"torch's kernel, measured as fast or faster here ({seen})")
+    return Decision("flash", f"our C++ flash kernel ({kernel.compiler}, cached as {kernel.path.name}), measured "
+                             f"{timed['sdpa_ms'] / timed['flash_ms']:.1f}x faster than torch's here ({seen})")
+
+
+def use_sequence_kernel(decision: Decision) -> Decision:
+    """Hand the attention_segments path our flash kernel, or torch's; a kept "flash" (a resumed run) that
+    cannot be built here falls back to torch's kernel, saying so."""
+    from trainer import attention_segments
+
+    return _hand_over(decision, "flash", _flash_kernel, Decision(
+        "sdpa", "torch's kernel (its sums run in another order than the flash kernel's)"),
+        attention_segments.use_flash_kernel)
+
+
+_SEQUENCE_KERNELS = {"flash": "our flash kernel", "sdpa": "torch's causal kernel"}
 
 
 def choose_attention_segments(attention: str, config, precision: str, max_len: int, batch_size: int, softmax: str,
-                              world=None) -> Decision:
-    """From which length packed sequences go through torch's causal attention kernel one at a time
-    instead of the blockwise kernel (trainer/attention_segments.py): the crossover measured on this
-    machine at the job's lengths (once per machine; in a distributed job local rank 0 measures first,
-    so every process reads the same numbers); "off" where the blockwise kernel was as fast at the longest."""
+                              sequence: str = "sdpa", world=None) -> Decision:
+    """From which length packed sequences go one at a time through the causal kernel the sequence_kernel
+    decision chose (`sequence`) instead of the blockwise kernel (trainer/attention_segments.py): the
+    crossover measured on this machine at the job's lengths (once per machine; in a distributed job local
+    rank 0 measures first, so every process reads the same numbers); "off" where the blockwise kernel was
+    as fast at the longest."""
     from trainer import attention_segments
 
     if attention != "blockwise":
         return Decision("off", f"the {attention} attention takes every packed sequence itself")
     if precision == "fp16":
-        return Decision("off", "the blockwise kernel: torch's kernel per sequence was not measured in fp16")
+        return Decision("off", "the blockwise kernel: a kernel per sequence was not measured in fp16")
     lengths = attention_segments.measure_lengths(max_len)
     if not lengths:
         return Decision("off", f"sequences of at most {max_len} tokens, shorter than the shortest measured "
@@ -115,10 +162,11 @@ def choose_attention_segments(attention: str, config, precision: str, max_len: i
 
     compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
     with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = attention_segments.measured_once(config, compute, max_len, batch_size, softmax)
+        timed, earlier = attention_segments.measured_once(config, compute, max_len, batch_size, softmax, sequence)
     rows = attention_segments.measure_rows(batch_size)
+    name = _SEQUENCE_KERNELS[sequence]
     seen = (f"one layer's forward and backward on {rows} batch row{'s' if rows > 1 else ''} of one sequence in "
-            f"{str(compute)[6:]}, ms with torch's kernel against the blockwise one: " + ", ".join(
+            f"{str(compute)[6:]}, ms with {name} against the blockwise one: " + ", ".join(
                 f"{n} tokens {t['segments_ms']:.1f} / {t['blockwise_ms']:.1f}" for n, t in sorted(timed.items()))
             + (", measured by an earlier job on this machine" if earlier else ""))
     length = attention_segments.crossover(timed)
@@ -126,8 +174,8 @@ def choose_attention_segments(attention: str, config, precision: str, max_len: i
         return Decision("off", f"the blockwise kernel for every batch, measured as fast or faster here at "
                                f"{max(timed)} tokens ({seen})")
     return Decision(str(length), f"batches whose packed sequences average {length} tokens or more (weighted by "
-                                 "length) go through torch's causal kernel one sequence at a time, measured "
-                                 f"faster here from that length on ({seen}); both keep memory linear in the length")
+                                 f"length) go through {name} one sequence at a time, measured faster here from "
+                                 f"that length on ({seen}); both keep memory linear in the length")
 
 
 def use_attention_segments(decision: Decision) -> Decision:
@@ -135,6 +183,13 @@ def use_attention_segments(decision: Decision) -> Decision:
 
     attention_segments.use_from(None if decision.value == "off" else int(decision.value))
     return decision
+
+
+def _flash_kernel():
+    """(our flash kernel built with this machine's C++ compiler, None) or (None, why it cannot be)."""
+    from trainer import flash_kernel
+
+    return _native_kernel(flash_kernel, "flash kernel")
 
 
 def _softmax_kernel():
@@ -159,6 +214,16 @@ def _native_kernel(module, what: str):
         return module.load(compiler), None
     except module.BuildFailed as error:
         return None, str(error)
+
+
+def _hand_over(decision: Decision, kernel_value: str, build, instead: Decision, install) -> Decision:
+    """`install` the kernel a decision of `kernel_value` names (None for any other value): built by
+    `build`, or, where a kept decision names a kernel that cannot be built here, `instead` (_kept_kernel)."""
+    kernel = None
+    if decision.value == kernel_value:
+        kernel, decision = _kept_kernel(decision, build, instead)
+    install(kernel)
+    return decision
 
 
 def _kept_kernel(decision: Decision, build, instead: Decision):
@@ -311,12 +376,9 @@ def use_layer_kernel(model, decision: Decision) -> Decision:
     cannot be built here falls back to torch's operators, saying so."""
     from trainer.fused_layers import use_fused_layers
 
-    kernel = None
-    if decision.value == "kernel":
-        kernel, decision = _kept_kernel(decision, _layer_kernel, Decision(
-            "torch", "torch's operators (values can differ from the layer kernel's in the last bit)"))
-    use_fused_layers(model, kernel)
-    return decision
+    return _hand_over(decision, "kernel", _layer_kernel, Decision(
+        "torch", "torch's operators (values can differ from the layer kernel's in the last bit)"),
+        lambda kernel: use_fused_layers(model, kernel))
 
 
 def choose_optimizer(device: str, distributed_mode: str) -> Decision:
