@@ -258,6 +258,45 @@ def test_flash_kernel_takes_128_wide_heads_and_leaves_others_to_torch(dim):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max()), name
 
 
+def test_flash_kernel_gives_the_same_bits_every_run():
+    """Runs are bitwise reproducible at a thread count (the README's guarantee): the threads' shares of dQ
+    are summed in an order the thread count alone fixes, not whichever thread finished first. Sequences
+    of uneven work per key tile, so threads finish their tasks at different times."""
+    import torch
+
+    from trainer import flash_kernel
+    from trainer.performance import cpp_compiler
+
+    kernel = flash_kernel.load(cpp_compiler())
+    q, k, v, grad = _inputs(1, 9, 3, 700, 64, torch.float32)
+    spans = [[(0, 650, True), (650, 700, True)]]
+    with _threads(2):
+        results = []
+        for _ in range(6):
+            out = flash_kernel.attention(kernel, q, k, v, spans, 0.125)
+            results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), grad)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def _threads(count: int):
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def kept():
+        before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return kept()
+
+
 def test_flash_kernel_reads_and_writes_the_projections_in_place():
     """q, k and v as transformers hands them over (transposed views of (B, L, heads, D) projections) go in
     without a copy, and the output and gradients come back in that memory order."""

@@ -114,3 +114,18 @@ def test_the_decision_is_measured_and_falls_back_without_a_kernel(tmp_path, monk
     decision = performance.choose_lora_dropout("lora", 0.05, "cpu", 64)
     assert decision.value == "fast-mask" and "could not build dropout_kernel.cpp (exit 1): no" in decision.reason
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
+def test_the_decision_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The second job reads the first one's times and decides alike, saying so: the kernel and numpy draw
+    different masks, and two jobs of one strategy that decided apart on a busy machine trained different
+    weights (a reference and a resumed container job, 2026-12-03)."""
+    from trainer import dropout_kernel, performance
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))  # no other test's measurement
+    first = performance.choose_lora_dropout("lora", 0.05, "cpu", 64)
+    monkeypatch.setattr(dropout_kernel, "measure", lambda *a, **k: pytest.fail("measured again"))
+    second = performance.choose_lora_dropout("lora", 0.05, "cpu", 64)
+    assert second.value == first.value and "measured by an earlier job on this machine" in second.reason
+    monkeypatch.setattr(dropout_kernel, "measure", lambda *a, **k: {"kernel_ms": 2.0, "numpy_ms": 1.0})
+    assert performance.choose_lora_dropout("lora", 0.1, "cpu", 64).value == "fast-mask"  # another p: measured

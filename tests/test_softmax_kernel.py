@@ -176,3 +176,17 @@ def test_the_decision_keeps_torchs_operators_where_the_kernel_cannot_be_built(tm
     monkeypatch.setattr(performance, "cpp_compiler", lambda: str(broken))
     decision = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
     assert decision.value == "aten" and "could not build softmax_kernel.cpp (exit 1): no" in decision.reason
+
+
+def test_the_decision_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The second job reads the first one's times and decides alike, saying so (the kernel and torch's
+    operators round differently); another block shape is measured."""
+    from trainer import performance, softmax_kernel
+
+    monkeypatch.setenv("LLAMAFARM_CACHE", str(tmp_path / "cache"))  # no other test's measurement
+    first = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
+    monkeypatch.setattr(softmax_kernel, "measure", lambda *a, **k: pytest.fail("measured again"))
+    second = performance.choose_attention_softmax("blockwise", _config(), "bf16", 512)
+    assert second.value == first.value and "measured by an earlier job on this machine" in second.reason
+    monkeypatch.setattr(softmax_kernel, "measure", lambda *a, **k: {"fused_ns": 2.0, "aten_ns": 1.0})
+    assert performance.choose_attention_softmax("blockwise", _config(), "bf16", 1024).value == "aten"

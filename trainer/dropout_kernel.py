@@ -98,6 +98,17 @@ def _function():
 
 
 MEASURE_ROWS = 512  # rows of the activation the decision times: a packed step's tokens pass in blocks of at least this
+CACHE_KIND = "lora_dropout"  # contract/machine_cache.py
+
+
+def measured_once(kernel: DropoutKernel, p: float, width: int) -> tuple[dict, bool]:
+    """(`measure`'s times, whether an earlier job measured them): kept per machine, build of the kernel, p
+    and width, so every later job decides alike (the kernel and numpy draw different masks: two jobs of one
+    strategy that decided apart on a busy machine trained different weights)."""
+    from contract.machine_cache import kept_or_measured, machine_key
+
+    return kept_or_measured(CACHE_KIND, machine_key(kernel.path.name, f"p {p}", f"width {width}"),
+                            lambda: measure(kernel, p, width))
 
 
 def measure(kernel: DropoutKernel, p: float, width: int, rounds: int = 3) -> dict:

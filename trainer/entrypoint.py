@@ -336,7 +336,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
     # Measured with the thread count just decided.
     softmax = run.decide("attention_softmax", performance.use_attention_softmax(run.keep_or_decide(
         "attention_softmax", lambda: performance.choose_attention_softmax(
-            attention.value, model.config, precision, args.max_seq_length))))
+            attention.value, model.config, precision, args.max_seq_length, run.world))))
     sequence = run.decide("sequence_kernel", performance.use_sequence_kernel(run.keep_or_decide(
         "sequence_kernel", lambda: performance.choose_sequence_kernel(
             attention.value, model.config, precision, args.max_seq_length, run.world))))
@@ -347,7 +347,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
             softmax.value, sequence.value, run.world))))
     run.decide("lora_dropout", performance.use_lora_dropout(model, run.keep_or_decide(
         "lora_dropout", lambda: performance.choose_lora_dropout(
-            run.method.value, run.cfg.method.dropout, device, model.config.hidden_size))))
+            run.method.value, run.cfg.method.dropout, device, model.config.hidden_size, run.world))))
     run.decide("layer_kernel", performance.use_layer_kernel(model, run.keep_or_decide(
         "layer_kernel", lambda: performance.choose_layer_kernel(model, device, run.world))))
     run.decide("heap", heap.keep_freed_memory(device))

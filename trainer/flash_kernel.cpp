@@ -7,7 +7,8 @@
 //   blocks of D-long sums over keys packed in panels of 32 (transposed, read in order), the weighted sums
 //   of values (and the gradients' products) as 4 rows x 64 columns kept in 16 vector registers.
 // - grouped query heads read their K/V head; backward runs one task per K/V head and key tile, summing dK
-//   and dV over the group's query heads itself, and dQ in one float32 buffer per thread.
+//   and dV over the group's query heads itself, and dQ in one float32 buffer per thread; the tasks are
+//   dealt round-robin, so the sums' order, and the result to the bit, depends on the thread count only.
 // Inputs and outputs are bf16 or float32 with any head and row strides (the last dimension contiguous):
 // the model's (B, L, H, D) projections are read and written in place. Every sum is float32.
 
@@ -297,8 +298,12 @@ void backward(View<const T> q, View<const T> k, View<const T> v, View<const T> o
         float *dq_mine = x.dq_parts.data() + me * heads * rows * D;
         std::fill(dq_mine, dq_mine + heads * rows * D, 0.0f);
         Buffer p(BQ * BK), dp(BQ * BK), dk_acc(BK * D), dv_acc(BK * D);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < kv_heads * key_tiles; task++)  // the first key tiles (most queries) first
+        // Tasks dealt round-robin, not to whichever thread is free: which tasks add into which thread's dQ,
+        // and so the order of dQ's float32 sums, is then fixed by the thread count alone (bitwise
+        // reproducible runs). The first key tiles meet the most queries; dealt in turn, both threads get
+        // long and short ones.
+#pragma omp for schedule(static, 1)
+        for (int64_t task = 0; task < kv_heads * key_tiles; task++)
             backward_tile<D>(x, dk, dv, dq_mine, task % kv_heads, group, task / kv_heads * BK, n, rows, scale, p.data(),
                              dp.data(), dk_acc.data(), dv_acc.data());
 #pragma omp for schedule(static) collapse(2)

@@ -74,6 +74,18 @@ def load(compiler: str) -> SoftmaxKernel:
     return load_kernel(SoftmaxKernel, SOURCE, compiler)
 
 
+CACHE_KIND = "attention_softmax"  # contract/machine_cache.py
+
+
+def measured_once(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int) -> tuple[dict, bool]:
+    """(`measure`'s times, whether an earlier job measured them): kept per machine, build of the kernel, dtype
+    and block shape, so every later job decides alike (the kernel and torch's operators round differently)."""
+    from contract.machine_cache import kept_or_measured, machine_key
+
+    key = machine_key(kernel.path.name, str(dtype)[6:], f"kv {kv} group {group}", f"rows {rows} keys {keys}")
+    return kept_or_measured(CACHE_KIND, key, lambda: measure(kernel, dtype, kv, group, rows, keys))
+
+
 def measure(kernel: SoftmaxKernel, dtype, kv: int, group: int, rows: int, keys: int, rounds: int = 5) -> dict:
     """Nanoseconds per score of one query block's softmax work, forward and backward's recompute, with
     this kernel and with torch's operators (the mask added, then torch's softmax, twice), alternated
