@@ -53,8 +53,9 @@ def use_attention(model, decision: Decision) -> None:
 
 def choose_attention_softmax(attention: str, config, precision: str, max_len: int, world=None) -> Decision:
     """The blockwise kernel's masked softmax: our C++ kernel (trainer/softmax_kernel.py), built here with
-    the C++ compiler, when it measures faster than torch's operators on one of this job's query blocks;
-    "aten" (torch's operators) otherwise, or when it cannot be built."""
+    the C++ compiler, when it measures faster than torch's operators on one of this job's query blocks
+    (once per machine, kernel build and block shape; later jobs read it); "aten" (torch's operators)
+    otherwise, or when it cannot be built."""
     if attention != "blockwise":
         return Decision("aten", f"the {attention} attention has no softmax kernel of ours")
     if precision == "fp16":
@@ -296,7 +297,8 @@ def choose_compile(setting, device: str, estimated_seconds: float | None, distri
 def choose_lora_dropout(method: str, dropout: float, device: str, width: int, world=None) -> Decision:
     """Who draws the LoRA dropout mask (method.dropout > 0): torch's nn.Dropout, our C++ kernel
     (trainer/dropout_kernel.py) or numpy's generator (trainer/lora_dropout.py), whichever of the two
-    measures faster on CPU on an activation `width` wide (the model's hidden size)."""
+    measures faster on CPU on an activation `width` wide (the model's hidden size; once per machine,
+    kernel build, p and width: later jobs read it and draw the same masks)."""
     if method not in ("lora", "qlora") or not dropout:
         return Decision("none", "no LoRA dropout in this strategy")
     if device != "cpu":
