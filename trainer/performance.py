@@ -72,11 +72,11 @@ def choose_attention_softmax(attention: str, config, precision: str, max_len: in
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     group = config.num_attention_heads // kv
     keys = min(max_len, 1024)
-    with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = softmax_kernel.measured_once(kernel, dtype, kv, group, kernels.BLOCKWISE_QUERY_BLOCK, keys)
+    timed, earlier = _measured_once(world, lambda: softmax_kernel.measured_once(
+        kernel, dtype, kv, group, kernels.BLOCKWISE_QUERY_BLOCK, keys))
     seen = (f"one {kernels.BLOCKWISE_QUERY_BLOCK}-query block against {keys} keys in {str(dtype)[6:]}, forward and "
             f"backward: {timed['fused_ns']:.2f} ns per score with the kernel, {timed['aten_ns']:.2f} with torch's "
-            "operators" + (", measured by an earlier job on this machine" if earlier else ""))
+            f"operators{earlier}")
     if timed["fused_ns"] >= timed["aten_ns"]:
         return Decision("aten", f"torch's operators, measured faster here ({seen})")
     return Decision("fused", f"our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}), measured "
@@ -117,11 +117,9 @@ def choose_sequence_kernel(attention: str, config, precision: str, max_len: int,
     from trainer import attention as kernels
 
     compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
-    with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = flash_kernel.measured_once(kernel, config, compute, max_len)
+    timed, earlier = _measured_once(world, lambda: flash_kernel.measured_once(kernel, config, compute, max_len))
     seen = (f"one layer's forward and backward on one {timed['length']}-token sequence in {str(compute)[6:]}: "
-            f"{timed['flash_ms']:.1f} ms with ours, {timed['sdpa_ms']:.1f} with torch's"
-            + (", measured by an earlier job on this machine" if earlier else ""))
+            f"{timed['flash_ms']:.1f} ms with ours, {timed['sdpa_ms']:.1f} with torch's{earlier}")
     if timed["flash_ms"] >= timed["sdpa_ms"]:
         return Decision("sdpa", f"torch's kernel, measured as fast or faster here ({seen})")
     return Decision("flash", f"our C++ flash kernel ({kernel.compiler}, cached as {kernel.path.name}), measured "
@@ -163,14 +161,14 @@ def choose_attention_segments(attention: str, config, precision: str, max_len: i
     from trainer import attention as kernels
 
     compute = kernels.compute_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
-    with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = attention_segments.measured_once(config, compute, max_len, batch_size, softmax, sequence)
+    timed, earlier = _measured_once(world, lambda: attention_segments.measured_once(
+        config, compute, max_len, batch_size, softmax, sequence))
     rows = attention_segments.measure_rows(batch_size)
     name = _SEQUENCE_KERNELS[sequence]
     seen = (f"one layer's forward and backward on {rows} batch row{'s' if rows > 1 else ''} of one sequence in "
             f"{str(compute)[6:]}, ms with {name} against the blockwise one: " + ", ".join(
                 f"{n} tokens {t['segments_ms']:.1f} / {t['blockwise_ms']:.1f}" for n, t in sorted(timed.items()))
-            + (", measured by an earlier job on this machine" if earlier else ""))
+            + earlier)
     length = attention_segments.crossover(timed)
     if length is None:
         return Decision("off", f"the blockwise kernel for every batch, measured as fast or faster here at "
@@ -185,6 +183,15 @@ def use_attention_segments(decision: Decision) -> Decision:
 
     attention_segments.use_from(None if decision.value == "off" else int(decision.value))
     return decision
+
+
+def _measured_once(world, measured_once) -> tuple[dict, str]:
+    """(a kernel's times, a note for the decision's reason): `measured_once()` gives (times, whether an
+    earlier job on this machine measured them); in a distributed job local rank 0 calls it first, so
+    every process reads the same numbers."""
+    with world.local_first() if world is not None else contextlib.nullcontext():
+        timed, earlier = measured_once()
+    return timed, ", measured by an earlier job on this machine" if earlier else ""
 
 
 def _flash_kernel():
@@ -311,11 +318,9 @@ def choose_lora_dropout(method: str, dropout: float, device: str, width: int, wo
         return Decision("fast-mask", f"{numpy_mask}; our dropout kernel: {why_not}{compiled}")
     from trainer import dropout_kernel
 
-    with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = dropout_kernel.measured_once(kernel, dropout, width)
+    timed, earlier = _measured_once(world, lambda: dropout_kernel.measured_once(kernel, dropout, width))
     seen = (f"a {dropout_kernel.MEASURE_ROWS} x {width} activation: {timed['kernel_ms']:.2f} ms with the kernel, "
-            f"{timed['numpy_ms']:.2f} ms with numpy's mask"
-            + (", measured by an earlier job on this machine" if earlier else ""))
+            f"{timed['numpy_ms']:.2f} ms with numpy's mask{earlier}")
     if timed["kernel_ms"] >= timed["numpy_ms"]:
         return Decision("fast-mask", f"{numpy_mask}, measured faster here than our dropout kernel ({seen}){compiled}")
     return Decision("kernel", f"p {dropout}: our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}) draws "
@@ -363,11 +368,9 @@ def choose_layer_kernel(model, device: str, world=None) -> Decision:
     kernel, why_not = _layer_kernel()
     if kernel is None:
         return Decision("torch", f"torch's operators: our layer kernel: {why_not}")
-    with world.local_first() if world is not None else contextlib.nullcontext():
-        timed, earlier = layer_kernel.measured_once(kernel, config)
+    timed, earlier = _measured_once(world, lambda: layer_kernel.measured_once(kernel, config))
     seen = (f"one layer's at {layer_kernel.MEASURE_ROWS} tokens, forward and backward: {timed['kernel_ms']:.2f} ms with "
-            f"the kernel, {timed['torch_ms']:.2f} ms with torch's operators"
-            f"{', by an earlier job on this machine' if earlier else ''}")
+            f"the kernel, {timed['torch_ms']:.2f} ms with torch's operators{earlier}")
     if timed["kernel_ms"] >= timed["torch_ms"]:
         return Decision("torch", f"torch's operators, measured faster here than our layer kernel ({seen})")
     return Decision("kernel", f"our C++ kernel ({kernel.compiler}, cached as {kernel.path.name}) computes each norm, "
