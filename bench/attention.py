@@ -48,7 +48,7 @@ def packed_mask(batch: int, n: int, rows: str, seed: int = 0):
             seq.append(([1] * length, [1] * length))
             room -= length
         sequences.append(seq)
-    return collate(sequences, 0, packed=True, mask_dtype=torch.float32).attention_mask
+    return collate(sequences, 0, block_mask=True, mask_dtype=torch.float32).attention_mask
 
 
 def run_kernel(kernel: str, query, key, value, mask, grad, softmax=None, flash=None):

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     print(performance.use_threads(performance.choose_threads()).reason)
     heap.keep_freed_memory("cpu")
     model = _model(build_model(Path(a.model)), a.method, a.precision)
-    attention = choose_attention("cpu", True, model.config, a.batch, a.length, a.precision)
+    attention = choose_attention("cpu", model.config, a.batch, a.length, a.precision)
     performance.use_attention(model, attention)
     performance.use_attention_softmax(performance.choose_attention_softmax(
         attention.value, model.config, a.precision, a.length))

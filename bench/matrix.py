@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.matrix --cells 512x4:lora-qv-r8 --runners local,container
     .venv/bin/python -m bench.matrix --cells 1024x1:lora-qv-r8 --rounds 2   # each side twice, B L L B, pooled
     .venv/bin/python -m bench.matrix --quick --model real    # the pretrained SmolLM2-135M-Instruct instead
+    .venv/bin/python -m bench.matrix --quick --unpacked      # llamafarm with dataset.packing: false
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices outside the full matrix:
 lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
@@ -80,9 +81,9 @@ def all_cells() -> list[str]:
     return [f"{length}x{batch}:{method}" for method in METHODS for length in LENGTHS for batch in BATCHES]
 
 
-def write_strategy(folder: Path, length: int, batch: int, method: str, steps: int) -> Path:
+def write_strategy(folder: Path, length: int, batch: int, method: str, steps: int, packed: bool = True) -> Path:
     """bench/strategy.yaml's bench_cpu_lora with the cell's method, batch and length (a method block is
-    replaced whole: full fine-tuning takes none of LoRA's keys)."""
+    replaced whole: full fine-tuning takes none of LoRA's keys); `packed` False: dataset.packing false."""
     import yaml
 
     strategy = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]
@@ -91,6 +92,8 @@ def write_strategy(folder: Path, length: int, batch: int, method: str, steps: in
     if checkpointing:
         config["training_args"]["gradient_checkpointing"] = True
     config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=steps)
+    if not packed:
+        config.setdefault("dataset", {})["packing"] = False
     path = folder / "strategy.yaml"
     path.write_text(yaml.safe_dump({"bench_matrix": strategy}, sort_keys=False))
     return path
@@ -128,7 +131,7 @@ def prepare_cell(cell: str, workdir: str, prefix: str, steps: int, model_name: s
 
 
 def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
-             steps: int, rounds: int = 1) -> dict:
+             steps: int, rounds: int = 1, packed: bool = True) -> dict:
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
@@ -139,7 +142,7 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
     extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
-    strategy = write_strategy(folder, length, batch, method, steps)
+    strategy = write_strategy(folder, length, batch, method, steps, packed)
 
     def ours_on(runner: str) -> dict:
         return _side_or_failure(cell, f"llamafarm's {runner} runner", lambda: run_project(
@@ -264,6 +267,8 @@ def main(argv=None) -> int:
                    "compared with the baseline, the others with it (e.g. local,container)")
     p.add_argument("--model", choices=BENCH_MODELS, default="shape", help="shape: the random-init SmolLM2-shaped "
                    "model; real: the pretrained SmolLM2-135M-Instruct (bench/model.py)")
+    p.add_argument("--unpacked", action="store_true", help="llamafarm with dataset.packing: false, each batch "
+                   "padded to its longest row as the baseline's are (what a user who turns packing off gets)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
     cells = a.cells.split(",") if a.cells else list(QUICK) if a.quick else all_cells()
@@ -280,7 +285,8 @@ def main(argv=None) -> int:
     peaks = measure.matmul_peak(measure.peak_thread_counts())
     precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
     machine = (f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-               f"{', the real SmolLM2-135M-Instruct' if a.model == 'real' else ''}")
+               f"{', the real SmolLM2-135M-Instruct' if a.model == 'real' else ''}"
+               f"{', llamafarm with packing off' if a.unpacked else ''}")
     print(f"machine: {machine}; matmul peak {peaks} GFLOP/s; baseline precision {precision}; {len(cells)} cells, "
           f"{measure.WARMUP_STEPS} warm-up and at least {a.steps} timed steps per side", flush=True)
     model = bench_model(a.model, work)
@@ -290,7 +296,7 @@ def main(argv=None) -> int:
     for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
         steps = measure.WARMUP_STEPS + timed_steps(cell, a.steps)
         results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps,
-                                a.rounds))
+                                a.rounds, packed=not a.unpacked))
         _save(run_dir, machine, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.

@@ -166,24 +166,36 @@ def attention_mb(kernel: str, config, batch_size: int, max_len: int, dtype: str)
 GROUPED_MATMUL_MAX_LEN = 256
 
 
-def choose_attention(device: str, packed: bool, config, batch_size: int, max_len: int, dtype: str) -> Decision:
-    """Attention kernel for training packed CPU batches (trainer/attention.py): the grouped matmuls for
-    sequences of up to GROUPED_MATMUL_MAX_LEN tokens, the blockwise kernel beyond; else the model's own."""
+# The values of choose_attention that are our CPU kernels (trainer/attention.py), not the model's own.
+CPU_ATTENTION_KERNELS = ("grouped-matmul", "blockwise")
+
+
+def choose_attention(device: str, config, batch_size: int, max_len: int, dtype: str) -> Decision:
+    """Attention kernel for CPU training batches (trainer/attention.py): the grouped matmuls for sequences
+    of up to GROUPED_MATMUL_MAX_LEN tokens, the blockwise kernel beyond; else the model's own. Packed or
+    not: unpacked rows carry the same block-diagonal mask, one sequence per row (`block_mask`)."""
     impl = getattr(config, "_attn_implementation", None) or "eager"
-    if device != "cpu" or not packed:
-        return Decision(impl, "the model's own (the packed-batch attention kernels are for CPU)")
+    if device != "cpu":
+        return Decision(impl, "the model's own (our attention kernels are for CPU)")
     if impl not in ("sdpa", "eager"):
         return Decision(impl, "the model's own")
     if getattr(config, "attn_logit_softcapping", None):
-        return Decision(impl, "the model's own: the packed-batch attention kernels have no logit soft-capping "
-                              "(Gemma 2)")
+        return Decision(impl, "the model's own: our attention kernels have no logit soft-capping (Gemma 2)")
     kernel = "grouped-matmul" if max_len <= GROUPED_MATMUL_MAX_LEN else "blockwise"
     mb = attention_mb(kernel, config, batch_size, max_len, dtype)
     if kernel == "grouped-matmul":
-        return Decision(kernel, f"packed sequences of up to {max_len} tokens on CPU, at most {GROUPED_MATMUL_MAX_LEN}: "
+        return Decision(kernel, f"training sequences of up to {max_len} tokens on CPU, at most {GROUPED_MATMUL_MAX_LEN}: "
                                 "batched matmuls with query heads grouped per KV head, faster there than the "
                                 f"blockwise kernel; keeps q, k, v and the softmax probabilities for backward "
                                 f"({mb:,.0f} MB)")
-    return Decision(kernel, f"packed sequences of up to {max_len} tokens on CPU, over {GROUPED_MATMUL_MAX_LEN}: "
-                            "queries in blocks, each against the keys of its own packed rows only; keeps only q, k "
+    return Decision(kernel, f"training sequences of up to {max_len} tokens on CPU, over {GROUPED_MATMUL_MAX_LEN}: "
+                            "queries in blocks, each against the keys of its own sequence only; keeps only q, k "
                             f"and v for backward ({mb:,.0f} MB, linear in the length)")
+
+
+def block_mask(packed: bool, attention: str) -> bool:
+    """Whether training batches carry a 4-D block-diagonal causal mask (each sequence a block, padding
+    positions seeing only themselves) instead of a (rows, length) padding mask: packed batches need it,
+    and our CPU attention kernels take only it, so unpacked rows get it too there (one sequence per row;
+    a real position sees the same keys under either mask, so the loss is the same)."""
+    return packed or attention in CPU_ATTENTION_KERNELS

@@ -45,7 +45,7 @@ def _mask(batch: int, n: int, rows: tuple[int, ...], seed: int = 0):
             seq.append(([1] * length, [1] * length))
             room -= length
         sequences.append(seq)
-    return collate(sequences, 0, packed=True).attention_mask
+    return collate(sequences, 0, block_mask=True).attention_mask
 
 
 def _inputs(batch, heads, kv_heads, n, d, dtype, seed=0):
@@ -206,7 +206,7 @@ def test_segments_read_the_packed_sequences_off_the_mask():
     from trainer.data.batching import collate
 
     rows = [[([1] * 5, [1] * 5), ([1] * 3, [1] * 3)], [([1] * 4, [1] * 4), ([1], [1])], [([1] * 2, [1] * 2)]]
-    spans = attention_segments.spans_of(collate(rows, 0, packed=True).attention_mask)
+    spans = attention_segments.spans_of(collate(rows, 0, block_mask=True).attention_mask)
     assert spans == [[(0, 5, True), (5, 8, True)], [(0, 4, True), (4, 8, False)], [(0, 2, True), (2, 8, False)]]
     assert attention_segments.weighted_length(spans) == (25 + 9 + 16 + 4) / (5 + 3 + 4 + 2)
 

@@ -79,7 +79,7 @@ def test_train_files_monitor_and_generate(run_cli, strategy_file):
     assert "device: cpu (set in the strategy)" in log and "precision: fp32 (set in the strategy)" in log
     assert "base model: spm = builtin:tiny-llama-spm (builtin" in log, "the display name is used, not ignored"
     assert "packing: on (auto; block-diagonal masks, which the model's sdpa attention and the kernels of the attention decision take)" in log
-    assert "attention: grouped-matmul (packed sequences of up to" in log
+    assert "attention: grouped-matmul (training sequences of up to" in log
     assert "compile: off (the run is estimated at" in log, "auto weighs the compile against the estimate"
 
     metrics = read_metrics(folder)

@@ -94,13 +94,13 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
     pad = tok.pad_token_id
     with torch.no_grad():
         alone = [
-            _per_example_losses(model, collate([[row]], pad, packed=False), [[len(row[0])]])[0] for row in rows
+            _per_example_losses(model, collate([[row]], pad, block_mask=False), [[len(row[0])]])[0] for row in rows
         ]
-        packed_batch = collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], pad, packed=True)
+        packed_batch = collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], pad, block_mask=True)
         together = _per_example_losses(
             model, packed_batch, [[len(rows[i][0]) for i in (0, 1, 2)], [len(rows[i][0]) for i in (3, 4)]]
         )
-        leaky = collate([[rows[0], rows[1], rows[2]]], pad, packed=False)  # one row, no block mask
+        leaky = collate([[rows[0], rows[1], rows[2]]], pad, block_mask=False)  # one row, no block mask
         leaked = _per_example_losses(model, leaky, [[len(rows[i][0]) for i in (0, 1, 2)]])
     assert together == pytest.approx(alone, abs=1e-5)
     assert abs(leaked[1] - alone[1]) > 0.1, "without the block mask the second row sees the first"
@@ -109,7 +109,7 @@ def test_packed_loss_equals_unpacked_loss(tokenizers, attention):
 
 def test_first_label_of_each_packed_row_is_masked():
     rows = [([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9])]
-    batch = collate([rows], pad_id=0, packed=True)
+    batch = collate([rows], pad_id=0, block_mask=True)
     assert batch.labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
     assert (batch.real_tokens, batch.target_tokens, batch.positions) == (5, 3, 5)

@@ -54,7 +54,9 @@ def _lora_tiny(dtype=None, wide_heads=False):
     return model
 
 
-def _packed_medical_batch(tok, packed=True):
+def _packed_medical_batch(tok, packed=True, block_mask=True):
+    """Five medical rows: packed 3 + 2 in two sequences, or one per sequence (padded to the longest) with
+    the block mask (as on CPU under our attention kernels) or the (rows, length) padding mask."""
     from trainer.data.batching import collate
     from inputs.data.records import read_dataset
     from trainer.data.tokenize import ConversationEncoder, choose_template
@@ -63,8 +65,8 @@ def _packed_medical_batch(tok, packed=True):
     rows, _ = ConversationEncoder(tok, template, 256, False, "truncate").encode_all(
         read_dataset(DATASETS / "medical_qa.jsonl")[:5])
     if packed:
-        return collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, packed=True)
-    return collate([[r] for r in rows], tok.pad_token_id, packed=False)
+        return collate([[rows[0], rows[1], rows[2]], [rows[3], rows[4]]], tok.pad_token_id, block_mask=True)
+    return collate([[r] for r in rows], tok.pad_token_id, block_mask=block_mask)
 
 
 def test_chunked_loss_equals_the_models_own_loss_on_a_packed_batch(tokenizers):
@@ -94,7 +96,7 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_the_models_own(tokenize
 
     tok = tokenizers["tiny-llama-bpe"]
     ids = tok("The patient reported a mild headache after the first dose.")["input_ids"]
-    batch = collate([[(ids, ids)]], tok.pad_token_id, packed=False)
+    batch = collate([[(ids, ids)]], tok.pad_token_id, block_mask=False)
     model = _lora_tiny(torch.bfloat16)
     with torch.no_grad():
         own = _forward(model, batch, "cpu", "bf16", chunked_loss=False).loss.item()
@@ -129,18 +131,21 @@ def segments_reset():
     attention_segments.use_flash_kernel(None)
 
 
-@pytest.mark.parametrize("kernel,packed", [("grouped-matmul", True), ("grouped-matmul", False), ("blockwise", True),
-                                           ("blockwise", False), ("segments", True), ("flash", True)])
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments", "flash"])
+@pytest.mark.parametrize("packed", [True, False])
 def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset, monkeypatch):
-    """Our attention kernels (packed batches; unpacked ones take their sdpa fallback) give sdpa's logits
-    and LoRA gradients, on the GQA tiny builtin (4 query heads over 2 KV heads; for our flash kernel, 2
-    heads of 64 over 1)."""
+    """Our attention kernels give sdpa's logits and LoRA gradients, on the GQA tiny builtin (4 query heads
+    over 2 KV heads; for our flash kernel, 2 heads of 64 over 1): packed batches against sdpa under the
+    same mask, and unpacked ones (padded rows of 5 lengths, under the block mask) against sdpa under the
+    padding mask, which is what the model does on its own."""
     import torch
 
     from trainer import attention
     from trainer.loop import _forward
 
     batch = _packed_medical_batch(tokenizers["tiny-llama-bpe"], packed)
+    reference = batch if packed else _packed_medical_batch(tokenizers["tiny-llama-bpe"], packed, block_mask=False)
+    assert batch.attention_mask.dim() == 4 and reference.attention_mask.dim() == (4 if packed else 2)
     if kernel in ("segments", "flash"):  # the batch does go through a kernel per sequence
         from trainer import attention_segments
 
@@ -150,12 +155,12 @@ def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset
     model = _lora_tiny(wide_heads=kernel == "flash")
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
-    for impl in ("sdpa", kernel):
+    for impl, inputs in (("sdpa", reference), (kernel, batch)):
         if impl == kernel:
             _use_kernel(model, kernel)
             assert attention.kernel_of(model.get_base_model().config._attn_implementation) in (kernel, "blockwise")
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-        loss = _forward(model, batch, "cpu", "fp32", chunked_loss=True).loss
+        out = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
+        loss = _forward(model, inputs, "cpu", "fp32", chunked_loss=True).loss
         results[impl] = (out.logits.detach(), loss.item(), torch.autograd.grad(loss, trainable))
     (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results.values()
     real = batch.labels != -100
@@ -233,21 +238,21 @@ def test_lever_decisions():
     from types import SimpleNamespace
 
     from contract.decisions import choose_base_dtype
-    from contract.decisions import choose_attention
+    from contract.decisions import block_mask, choose_attention
     from trainer.performance import choose_adapter_inputs, choose_chunked_loss
 
     bench = SimpleNamespace(_attn_implementation="sdpa", num_hidden_layers=30, num_attention_heads=9,
                             num_key_value_heads=3, hidden_size=576)
-    decision = choose_attention("cpu", True, bench, 5, 256, "bf16")
+    decision = choose_attention("cpu", bench, 5, 256, "bf16")
     # q, k, v ((9 + 2 x 3) x 64 per token) and the probabilities (9 heads x 256 x 5/8 at 4 query blocks),
     # 30 layers x 5 x 256 tokens x 2 bytes
     assert decision.value == "grouped-matmul" and "176 MB" in decision.reason
-    longer = choose_attention("cpu", True, bench, 4, 1024, "bf16")
+    longer = choose_attention("cpu", bench, 4, 1024, "bf16")
     assert longer.value == "blockwise" and "225 MB" in longer.reason  # q, k and v only: linear in the length
-    assert choose_attention("cuda", True, bench, 5, 256, "bf16").value == "sdpa"
-    assert choose_attention("cpu", False, bench, 5, 256, "bf16").value == "sdpa"
+    assert choose_attention("cuda", bench, 5, 256, "bf16").value == "sdpa"
+    assert block_mask(False, decision.value) and block_mask(True, "sdpa") and not block_mask(False, "sdpa")
     flash = SimpleNamespace(**{**vars(bench), "_attn_implementation": "flash_attention_2"})
-    assert choose_attention("cpu", True, flash, 5, 256, "bf16").value == "flash_attention_2"
+    assert choose_attention("cpu", flash, 5, 256, "bf16").value == "flash_attention_2"
     assert choose_adapter_inputs("lora", "bf16").value == "as-is"
     assert choose_adapter_inputs("lora", "fp32").value == "cast"
     assert choose_adapter_inputs("full", "bf16").value == "cast"
@@ -317,6 +322,23 @@ def test_matrix_times_at_least_eight_rows_per_side():
 
     assert [timed_steps(cell, 3) for cell in ("2048x1:full", "512x4:lora-qv-r8", "256x8:full")] == [8, 3, 3]
     assert timed_steps("1024x1:lora-all-r16", 12) == 12 and timed_steps("512x4:full", 5) == 5
+
+
+def test_matrix_cell_strategies_are_valid_packed_and_unpacked(tmp_path):
+    """The strategy a cell writes parses, with the cell's settings; --unpacked turns packing off only."""
+    import yaml
+
+    from bench.matrix import write_strategy
+    from contract.strategy import parse_strategy
+
+    for packed in (True, False):
+        folder = tmp_path / str(packed)
+        folder.mkdir()
+        text = yaml.safe_load(write_strategy(folder, 512, 4, "lora-all-r16-gc", 5, packed).read_text())
+        cfg = parse_strategy("bench_matrix", text["bench_matrix"]).cfg
+        assert (cfg.training_args.max_seq_length, cfg.training_args.per_device_train_batch_size) == (512, 4)
+        assert cfg.training_args.gradient_checkpointing and cfg.method.r == 16
+        assert cfg.dataset.packing == ("auto" if packed else False)
 
 
 def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():

@@ -69,3 +69,34 @@ def test_chunked_log_probs_equal_the_models_own(precision, monkeypatch):
     torch.testing.assert_close(chunked_logps, plain, **tolerance)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
+def test_pairs_under_our_cpu_attention_score_as_under_the_padding_mask(kernel):
+    """On CPU pairs go through our attention kernels with the block mask (contract/decisions.py block_mask):
+    each padded row's log-prob and the gradients equal sdpa's under the (rows, length) padding mask."""
+    from contextlib import nullcontext
+
+    from contract.decisions import Decision
+    from trainer.performance import use_attention
+
+    pairs = [PairRows(_row(range(3, 15), 4), _row(range(5, 11), 4)),
+             PairRows(_row(range(20, 29), 3), _row(range(1, 20), 3))]
+    model = _model().train()
+    results = []
+    for block_mask in (False, True):
+        objective = PreferenceObjective("dpo", None, pad_id=0, device="cpu", autocast=nullcontext, block_mask=block_mask)
+        batch = objective.collate(pairs)
+        assert batch.attention_mask.dim() == (4 if block_mask else 2)
+        if block_mask:
+            use_attention(model, Decision(kernel, "test"))
+        model.zero_grad()
+        logps, counts = sequence_logps(model, batch, "cpu", nullcontext())
+        (logps * torch.linspace(-1.0, 2.0, 4)).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_counts, plain_grads), (ours, our_counts, our_grads) = results
+    assert model.config._attn_implementation != "sdpa"  # ours did run
+    assert torch.equal(plain_counts, our_counts)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contract.decisions import Decision, choose_attention, choose_base_dtype
+from contract.decisions import Decision, block_mask, choose_attention, choose_base_dtype
 from contract.errors import UserError
 from contract.job_folder import (
     complete_checkpoints,
@@ -306,6 +306,7 @@ class _Levers:
     """The speed levers the loop itself needs (the others act on the model when decided)."""
 
     packed: bool
+    block_mask: bool  # contract/decisions.py block_mask: the form of the training batches' attention mask
     adapter_inputs: Decision
     chunked_loss: bool
     fused_optimizer: bool
@@ -320,7 +321,7 @@ def _decide_levers(run: _Job, model) -> _Levers:
     args, device, precision = run.args, run.device.value, run.precision.value
     packed = run.decide("packing", choose_packing(run.cfg.dataset.packing, model, run.cfg.method.stage)).value == "on"
     attention = run.decide("attention", choose_attention(
-        device, packed, model.config, args.per_device_train_batch_size, args.max_seq_length, precision))
+        device, model.config, args.per_device_train_batch_size, args.max_seq_length, precision))
     performance.use_attention(model, attention)
     adapter_inputs = run.decide("adapter_inputs", performance.choose_adapter_inputs(run.method.value, precision))
     chunked_loss = performance.choose_chunked_loss(model)
@@ -351,7 +352,8 @@ def _decide_levers(run: _Job, model) -> _Levers:
     run.decide("layer_kernel", performance.use_layer_kernel(model, run.keep_or_decide(
         "layer_kernel", lambda: performance.choose_layer_kernel(model, device, run.world))))
     run.decide("heap", heap.keep_freed_memory(device))
-    return _Levers(packed, adapter_inputs, chunked_loss.value == "on", optimizer.value == "adamw-fused")
+    return _Levers(packed, block_mask(packed, attention.value), adapter_inputs, chunked_loss.value == "on",
+                   optimizer.value == "adamw-fused")
 
 
 def _sequences(run: _Job, data, packed: bool) -> list:
@@ -409,9 +411,10 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
         from trainer.preference import PreferenceObjective
 
         objective = PreferenceObjective(run.cfg.method.stage, run.cfg.method, pad_id, device,
-                                        lambda: loop._autocast(device, precision), ref_model, levers.chunked_loss)
+                                        lambda: loop._autocast(device, precision), ref_model, levers.chunked_loss,
+                                        levers.block_mask)
     else:
-        objective = loop.TokenObjective(pad_id, levers.packed, device, precision, levers.chunked_loss)
+        objective = loop.TokenObjective(pad_id, levers.block_mask, device, precision, levers.chunked_loss)
     if world.active:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     with performance.adapter_inputs(model, levers.adapter_inputs):

@@ -53,7 +53,7 @@ def _pair_scores(model, pairs, pad_id: int) -> dict:
     with torch.no_grad():
         for k in range(0, len(pairs), _BATCH):
             part = pairs[k : k + _BATCH]
-            batch = collate([[p.chosen] for p in part] + [[p.rejected] for p in part], pad_id, packed=False)
+            batch = collate([[p.chosen] for p in part] + [[p.rejected] for p in part], pad_id, block_mask=False)
             logps, counts = sequence_logps(model, batch, model.device.type, nullcontext())
             chosen += logps[: len(part)].tolist()
             rejected += logps[len(part) :].tolist()

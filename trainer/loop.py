@@ -126,7 +126,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     total, count = 0.0, 0
     with torch.no_grad(), performance.eager():
         for k in range(0, len(rows), batch_size):
-            batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, packed=False)
+            batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, block_mask=False)
             out = _forward(model, batch, device, precision, chunked_loss)
             total += out.loss.float().item() * batch.target_tokens
             count += batch.target_tokens
@@ -139,7 +139,7 @@ class TokenObjective:
     """Next-token loss on the answer tokens (method.stage sft); trainer/preference.py has the others."""
 
     pad_id: int
-    packed: bool
+    block_mask: bool  # contract/decisions.py block_mask
     device: str
     precision: str
     chunked_loss: bool = False
@@ -151,7 +151,7 @@ class TokenObjective:
     def collate(self, sequences):
         import torch
 
-        return collate(sequences, self.pad_id, self.packed, torch.float32)
+        return collate(sequences, self.pad_id, self.block_mask, torch.float32)
 
     def loss(self, model, batch):
         out = _forward(model, batch, self.device, self.precision, self.chunked_loss)

@@ -5,8 +5,9 @@
   adapter weights stay fp32 (decided in contract/decisions.py, which `estimate` calls too).
 - loss: the output layer and cross-entropy in chunks over labelled positions only (the kernel is
   trainer/chunked_loss.py); decided here per model family.
-- attention: for packed batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
-  (grouped matmuls for short sequences, blockwise beyond), and batches of long packed sequences through
+- attention: for training batches on CPU, trainer/attention.py's kernels instead of sdpa's masked kernel
+  (grouped matmuls for short sequences, blockwise beyond; unpacked rows under the same block-diagonal
+  mask, one sequence per row: contract/decisions.py block_mask), and batches of long packed sequences through
   a causal kernel one sequence at a time (trainer/attention_segments.py), from the length where that
   measured faster on this machine: our C++ flash kernel (trainer/flash_kernel.py) where it measured
   faster than torch's (the sequence_kernel decision), else torch's.
@@ -35,7 +36,7 @@ import statistics
 
 from contract.errors import UserError
 from contract.platform import cpp_compiler
-from contract.decisions import Decision, chunk_rows
+from contract.decisions import CPU_ATTENTION_KERNELS, Decision, chunk_rows
 from trainer.chunked_loss import causal_lm
 
 # Model families whose causal-LM head is exactly `lm_head(decoder(...))` with nothing in between
@@ -45,7 +46,7 @@ _PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 def use_attention(model, decision: Decision) -> None:
     """Switch the model to the chosen attention (the inner transformers model under any PEFT wrapper)."""
-    if decision.value in ("grouped-matmul", "blockwise"):
+    if decision.value in CPU_ATTENTION_KERNELS:
         from trainer import attention
 
         causal_lm(model).set_attn_implementation(attention.register(decision.value))

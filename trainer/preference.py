@@ -102,6 +102,7 @@ class PreferenceObjective:
     autocast: object  # () -> context manager
     ref_model: object = None  # full fine-tuning's frozen copy; None: LoRA's adapter is switched off
     chunked: bool = False  # log-probabilities through the chunked head (the chunked_loss decision)
+    block_mask: bool = False  # contract/decisions.py block_mask (pairs are never packed: our CPU kernels)
 
     def units(self, batch) -> int:
         """Pairs (or KTO rows) in a micro-batch: the loss is their mean, accumulation weighs by them."""
@@ -112,7 +113,7 @@ class PreferenceObjective:
             rows = [[it.row] for it in items] + [[it.mismatched] for it in items]
         else:
             rows = [[it.chosen] for it in items] + [[it.rejected] for it in items]
-        batch = collate(rows, self.pad_id, packed=False)
+        batch = collate(rows, self.pad_id, self.block_mask)
         batch.items = len(items)
         batch.desirable = [it.desirable for it in items] if self.stage == "kto" else None
         return batch

@@ -214,10 +214,9 @@ def _activation_values(shape: ModelShape, strategy: Strategy, device: str, preci
             values += sum(shapes[g[0]][0] for g in groups if any(n in targets for n in g))
         values += cfg.method.r * len(targets)
     # What the attention kernel the trainer will choose keeps (the same decision: contract/decisions.py).
-    packed = cfg.method.stage == "sft" and cfg.dataset.packing is not False
     config = SimpleNamespace(num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
                              num_key_value_heads=shape.num_kv_heads, hidden_size=h, _attn_implementation="sdpa")
-    attention = choose_attention(device, packed, config, args.per_device_train_batch_size, args.max_seq_length,
+    attention = choose_attention(device, config, args.per_device_train_batch_size, args.max_seq_length,
                                  precision)
     return values + attention_values(attention.value, config, args.max_seq_length)
 

@@ -19,7 +19,7 @@ Row = tuple[list[int], list[int]]  # (input_ids, labels)
 class Batch:
     input_ids: object
     labels: object
-    attention_mask: object  # (B, L) of 0/1, or (B, 1, L, L) additive when packed
+    attention_mask: object  # (B, L) of 0/1, or (B, 1, L, L) additive (block_mask)
     position_ids: object
     real_tokens: int
     target_tokens: int
@@ -60,8 +60,11 @@ def _targets(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
-def collate(sequences: list[list[Row]], pad_id: int, packed: bool, mask_dtype=None) -> Batch:
-    """Build one batch. Each sequence is a list of rows: one row unpacked, several when packed."""
+def collate(sequences: list[list[Row]], pad_id: int, block_mask: bool, mask_dtype=None) -> Batch:
+    """Build one batch. Each sequence is a list of rows: one row unpacked, several when packed.
+
+    block_mask: the 4-D block-diagonal causal mask (contract/decisions.py block_mask: packed batches and our
+    CPU attention kernels), else a (B, L) padding mask."""
     import torch
 
     lengths = [sequence_length(seq) for seq in sequences]
@@ -85,7 +88,7 @@ def collate(sequences: list[list[Row]], pad_id: int, packed: bool, mask_dtype=No
             targets += _targets(labs)
             at += n
     real = segments >= 0
-    if packed:
+    if block_mask:
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         allowed = (segments[:, :, None] == segments[:, None, :]) & causal & real[:, None, :]
         # A padding query may attend to itself only, which keeps its softmax finite.
