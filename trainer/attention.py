@@ -1,6 +1,7 @@
-"""Attention for packed training batches on CPU: two kernels, query heads grouped by KV head.
+"""Attention for training batches on CPU: two kernels, query heads grouped by KV head.
 
-Packed sequences carry a block-diagonal causal mask (trainer/data/batching.py). With such a mask,
+Packed sequences carry a block-diagonal causal mask (trainer/data/batching.py), and so do unpacked rows
+here, one sequence per row (contract/decisions.py block_mask). With such a mask,
 torch's CPU scaled_dot_product_attention computes every block of the score matrix (no causal skip, no
 skipping of the other packed rows) and its backward is slow. Both kernels here instead group the query
 heads that share a KV head ((B*kv_heads, group*rows, D) @ (B*kv_heads, D, keys): no copy of K and V per
@@ -74,8 +75,8 @@ def kernel_of(implementation: str) -> str | None:
     return {NAME: "grouped-matmul", BLOCKWISE_NAME: "blockwise"}.get(implementation)
 
 
-def _packed(query, key, attention_mask, dropout, kwargs) -> bool:
-    """A training forward over a packed batch: a 4-D additive float mask, no dropout, no cache."""
+def _block_masked(query, key, attention_mask, dropout, kwargs) -> bool:
+    """A training forward under the block mask: a 4-D additive float mask, no dropout, no cache."""
     return (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype.is_floating_point
             and not dropout and query.shape[2] == key.shape[2] and kwargs.get("softcap") is None)
 
@@ -107,7 +108,7 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, dropout=
     returns ((B, L, H, D), None)."""
     import torch
 
-    if not _packed(query, key, attention_mask, dropout, kwargs):
+    if not _block_masked(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
@@ -192,7 +193,7 @@ def _blocks(attention_mask, n: int, dtype) -> list:
 def blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention-function signature, as grouped_matmul_attention; keeps only its inputs
     q, k and v for backward (see _Blockwise)."""
-    if not _packed(query, key, attention_mask, dropout, kwargs):
+    if not _block_masked(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     import torch
 
