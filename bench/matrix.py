@@ -106,9 +106,14 @@ def cell_rows(tokenizer, length: int, batch: int, steps: int) -> list[dict]:
                      lengths=(max(16, length // 4), length))
 
 
+def row_lengths(tokenizer, rows: list[dict], length: int) -> list[int]:
+    """Each of the cell's rows in tokens, with its end-of-text token, cut at `length`."""
+    return [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
+
+
 def cell_flops_per_token(tokenizer, rows: list[dict], length: int, method: str) -> float:
     """Model FLOPs per real token of one pass over the cell's rows, each cut at `length` (bench.measure.lora_flops)."""
-    lengths = [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
+    lengths = row_lengths(tokenizer, rows, length)
     return measure.lora_flops(SHAPE, lengths, weight_gradients=method.startswith("full")) / sum(lengths)
 
 

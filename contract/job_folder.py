@@ -193,6 +193,24 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def wait_for_exit(pid: int | None, timeout: float) -> bool:
+    """Wait until process `pid` has ended (reaping it when it is a child of ours, which pid_alive cannot
+    tell from a live one without /proc); False if it still runs after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while pid:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:
+            pass  # not our child: pid_alive tells
+        if not pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def elapsed_since(iso: str | None) -> float | None:
     if not iso:
         return None

@@ -89,6 +89,34 @@ def test_a_live_process_stays_running(tmp_path):
         proc.wait()
 
 
+def test_a_foreground_command_returns_once_the_jobs_process_has_ended(tmp_path, monkeypatch):
+    """`--foreground` returns after the job's process is gone, not as soon as its status is final (the
+    trainer shuts down after writing `completed`); one that never ends is waited for a bounded time."""
+    from contract.job_folder import pid_alive
+    from orchestrator.cli import jobs_cmd
+
+    folder = _job(tmp_path)
+    # Still running for a second after its status says completed, as a trainer's shutdown is.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    update_job(folder, status="completed", pid=proc.pid)
+    said = []
+    assert jobs_cmd.follow_in_foreground(folder, None, echo=said.append)["status"] == "completed"
+    assert not pid_alive(proc.pid) and said == [f"job {folder.name} completed"]
+
+    monkeypatch.setattr(jobs_cmd, "PROCESS_EXIT_SECONDS", 0.3)
+    stays = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        update_job(folder, pid=stays.pid)
+        start = time.monotonic()
+        jobs_cmd.follow_in_foreground(folder, None, echo=said.append)
+        assert time.monotonic() - start < 5 and pid_alive(stays.pid)
+        assert said[-1] == (f"note: the job's process (pid {stays.pid}) is still running 0.3 s after the job ended; "
+                            "not waiting for it any longer")
+    finally:
+        stays.kill()
+        stays.wait()
+
+
 def _watch(folder, child: str) -> subprocess.CompletedProcess:
     """The exit watch around a child Python program, as the local runner starts it (minus detaching)."""
     from orchestrator.runners.local import trainer_env, watched

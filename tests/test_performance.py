@@ -316,6 +316,25 @@ def test_benchmark_measures():
     assert lora_flops(SHAPE, [1]) == pytest.approx(4 * (134_515_008 - 35_136) + 12 * 576 * 30, rel=1e-9)
 
 
+def test_ceiling_counts_the_products_an_exact_step_needs():
+    """bench.ceiling's products: every matmul FLOP bench.measure.lora_flops counts but the attention's,
+    less the first layer's q, k, v input gradients where the embedding is frozen; chunks over 4096 tokens."""
+    from bench.ceiling import attention_flops, flops, products
+    from bench.measure import lora_flops
+    from bench.model import SHAPE
+
+    first_qkv = 2 * (576 * 576 + 2 * 576 * 192)  # FLOPs per token of the first layer's q, k, v input gradients
+    for tokens in (1024, 16384):
+        lora, full = flops(products(SHAPE, tokens, "lora-qv-r8")), flops(products(SHAPE, tokens, "full"))
+        assert lora == 4 * (134_515_008 - 35_136) * tokens - first_qkv * tokens
+        assert full == 6 * (134_515_008 - 35_136) * tokens
+        assert flops(products(SHAPE, tokens, "lora-all-r16")) == lora
+    assert max(m for _, m, _, _, _ in products(SHAPE, 16384, "lora-qv-r8")) == 4096
+    assert max(k for _, _, k, _, _ in products(SHAPE, 16384, "full")) == 49152  # the output layer's input gradient
+    lengths = [100, 1000]
+    assert attention_flops(SHAPE, lengths) == lora_flops(SHAPE, lengths) - 4 * (134_515_008 - 35_136) * 1100
+
+
 def test_matrix_times_at_least_eight_rows_per_side():
     """Batch 1 times 8 steps (one row each for the baseline), larger batches the default 3 or --steps."""
     from bench.matrix import timed_steps

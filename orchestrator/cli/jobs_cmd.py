@@ -18,7 +18,7 @@ from orchestrator.cli.base import EXIT_INTERRUPTED, STRATEGY_FILES, cli, emit_js
 @click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE",
               help="Override a strategy value for this run, e.g. training_args.learning_rate=1e-4.")
 @click.option("--runner", "runner_flag", default=None, help="auto, local, container or native (default: the strategy's, else $LLAMAFARM_RUNNER, else auto).")
-@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result once its process has ended.")
 @click.option("--ignore-estimate", is_flag=True, help="Start even when the estimate says it will not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @STRATEGY_FILES
@@ -106,7 +106,9 @@ def follow_in_foreground(folder: Path, runner, echo=click.echo) -> dict:
     from orchestrator.monitor import follow
 
     try:
-        return follow(folder, echo=echo)
+        final = follow(folder, echo=echo)
+        _await_process_exit(folder, echo)
+        return final
     except KeyboardInterrupt:
         pass
     job_id = folder.name
@@ -124,6 +126,23 @@ def follow_in_foreground(folder: Path, runner, echo=click.echo) -> dict:
         except KeyboardInterrupt:
             echo(f"not waiting any longer; job {job_id} is still stopping (`llamafarm finetune jobs` shows when it has)")
     sys.exit(EXIT_INTERRUPTED)
+
+
+# The most a foreground command waits, after the job's final status, for the job's process to end.
+PROCESS_EXIT_SECONDS = 30
+
+
+def _await_process_exit(folder: Path, echo) -> None:
+    """Return once the job's process has ended, not only its status: the trainer writes `completed` before
+    its interpreter shuts down (about a second of a core, freeing the model), and a command chained after
+    `--foreground` (the next job's thread and kernel probes, a benchmark's timing) would share the CPU
+    with it."""
+    from contract.job_folder import read_job, wait_for_exit
+
+    pid = read_job(folder).get("pid")
+    if not wait_for_exit(pid, PROCESS_EXIT_SECONDS):
+        echo(f"note: the job's process (pid {pid}) is still running {PROCESS_EXIT_SECONDS} s after the job "
+             f"ended; not waiting for it any longer")
 
 
 @finetune.command("monitor")
@@ -221,7 +240,7 @@ def stop(job_id):
 
 @finetune.command("resume")
 @click.option("--job-id", required=True, help="A stopped or failed job with a checkpoint.")
-@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result.")
+@click.option("--foreground", is_flag=True, help="Stream progress and exit with the job's result once its process has ended.")
 def resume(job_id, foreground):
     """Continue a stopped or failed job from its newest complete checkpoint, in the same job folder.
 
