@@ -19,7 +19,8 @@ free), and the products with the attention's causal FLOPs added at the products'
 first ceiling is under the matrix's target (bench.matrix TARGETS) cannot reach it with any kernel that
 does not beat the machine's matmul library, however little the rest of the step costs. LoRA's own
 adapter products (rank r, well under 1% of the FLOPs) are left out and every product is timed alone
-with warm caches, so the ceilings are, if anything, too high.
+with warm caches, so the ceilings are, if anything, too high (inside a training step the same products
+took 1.2-1.3x as long on a 2-core Intel Xeon, their operands coming from memory: docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
