@@ -35,7 +35,8 @@ from pathlib import Path
 
 from bench import measure
 from bench.cpu_lora import run_baseline, run_project
-from bench.matrix import TARGETS, TIMED_STEPS, alternation, cell_rows, parse_cell, pooled, row_lengths, timed_steps, write_strategy
+from bench.matrix import (TARGETS, TIMED_STEPS, alternation, baseline_flags, cell_rows, parse_cell, pooled, row_lengths,
+                          timed_steps, write_strategy)
 from bench.model import SHAPE, bench_model, method_settings, write_rows
 
 CHUNK_TOKENS = 4096  # products over more tokens run as chunks (products)
@@ -71,13 +72,6 @@ def flops(shapes: list[tuple[str, int, int, int, int]]) -> float:
     return sum(2 * m * k * n * count for _, m, k, n, count in shapes)
 
 
-def attention_flops(config: dict, lengths: list[int]) -> float:
-    """The causal attention's FLOPs for sequences of these lengths, forward and backward (as
-    bench.measure.lora_flops counts them)."""
-    d, layers = config["hidden_size"], config["num_hidden_layers"]
-    return 3 * 4 * d * layers * sum(n * (n + 1) / 2 for n in lengths)
-
-
 def time_products(shapes: list[tuple[str, int, int, int, int]], dtype) -> float:
     """Seconds for all of `shapes`: each shape's fastest of REPEATS timings, times its count. Into one
     output tensor: a fresh one per product would time its page faults too (the ceiling is the products' own
@@ -109,7 +103,7 @@ def ceiling_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, 
     rows = cell_rows(tokenizer, length, batch, steps)
     data = write_rows(rows, folder / "train.jsonl")
     strategy = write_strategy(folder, length, batch, method, steps)
-    extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
+    extra = baseline_flags(length, batch, method)
     sides = {"baseline": lambda: run_baseline(folder, model, data, None, precision, steps, env, extra=extra),
              "llamafarm": lambda: run_project(folder, model, data, None, env, strategy="bench_matrix",
                                               strategy_file=strategy)}
@@ -123,7 +117,7 @@ def ceiling_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, 
     seconds = min(timings)
     tokens = length * batch
     lengths = row_lengths(tokenizer, rows, length)
-    attention_seconds = attention_flops(SHAPE, lengths) / sum(lengths) * tokens / (flops(shapes) / seconds)
+    attention_seconds = measure.attention_flops(SHAPE, lengths) / sum(lengths) * tokens / (flops(shapes) / seconds)
     baseline, ours = (pooled(runs[side])["tokens_per_second"] for side in sides)
     result = {"cell": cell, "precision": precision, "baseline": baseline, "llamafarm": ours,
               "products_seconds": timings, "products_gflops": flops(shapes) / 1e9,
@@ -156,7 +150,7 @@ def main(argv=None) -> int:
     run_dir = work / time.strftime("ceiling-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     peaks = measure.matmul_peak(measure.peak_thread_counts())
-    precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+    precision = measure.faster_precision(peaks)
     print(f"machine: {measure.cpu_model()}, {len(os.sched_getaffinity(0))} cores; matmul peak {peaks} GFLOP/s; "
           f"products and baseline in {precision}", flush=True)
     model = bench_model("shape", work)

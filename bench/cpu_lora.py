@@ -144,7 +144,7 @@ def main(argv=None) -> int:
           f"{flops_per_token / 1e6:.0f} MFLOP per token", flush=True)
 
     # The baseline's precision: the one whose matmuls are faster here, i.e. the harder baseline to beat.
-    fast = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+    fast = measure.faster_precision(peaks)
     other = "fp32" if fast == "bf16" else "bf16"
     baseline = run_baseline(run_dir, model, data, evals, fast, -1, env)
     probe = None if a.no_probe else run_baseline(run_dir, model, data, evals, other, PROBE_STEPS, env)

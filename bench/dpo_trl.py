@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     precision = a.precision
     if precision is None:
         peaks = measure.matmul_peak([a.threads])
-        precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+        precision = measure.faster_precision(peaks)
         print(f"matmul peak (GFLOP/s, {a.threads} threads): {peaks} -> {precision}", flush=True)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['flags'])}, "
           f"torch {machine['torch']}, load average {machine['load_average_before']}", flush=True)

@@ -111,6 +111,11 @@ def row_lengths(tokenizer, rows: list[dict], length: int) -> list[int]:
     return [min(length, len(tokenizer(r["text"])["input_ids"]) + 1) for r in rows]
 
 
+def baseline_flags(length: int, batch: int, method: str) -> tuple[str, ...]:
+    """bench/baseline.py's flags for a cell: its batch, its length and its method."""
+    return ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
+
+
 def cell_flops_per_token(tokenizer, rows: list[dict], length: int, method: str) -> float:
     """Model FLOPs per real token of one pass over the cell's rows, each cut at `length` (bench.measure.lora_flops)."""
     lengths = row_lengths(tokenizer, rows, length)
@@ -146,7 +151,7 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
     evals = write_rows(make_rows(tokenizer, EVAL_ROWS_TOKENS * length, seed=length + batch + 1,
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
-    extra = ("--batch-size", str(batch), "--max-length", str(length), "--method", method)
+    extra = baseline_flags(length, batch, method)
     strategy = write_strategy(folder, length, batch, method, steps, packed)
 
     def ours_on(runner: str) -> dict:
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True)
     cores = len(os.sched_getaffinity(0))
     peaks = measure.matmul_peak(measure.peak_thread_counts())
-    precision = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+    precision = measure.faster_precision(peaks)
     machine = (f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
                f"{', the real SmolLM2-135M-Instruct' if a.model == 'real' else ''}"
                f"{', llamafarm with packing off' if a.unpacked else ''}")

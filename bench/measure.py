@@ -59,9 +59,19 @@ def lora_flops(config: dict, lengths: list[int], weight_gradients: bool = False)
     kv = d * config["num_key_value_heads"] // config["num_attention_heads"]
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter
     weights = layers * per_layer + vocab * d
-    tokens = sum(lengths)
-    keys = sum(n * (n + 1) / 2 for n in lengths)
-    return (6 if weight_gradients else 4) * weights * tokens + 3 * 4 * d * layers * keys
+    return (6 if weight_gradients else 4) * weights * sum(lengths) + attention_flops(config, lengths)
+
+
+def attention_flops(config: dict, lengths: list[int]) -> float:
+    """The causal attention's FLOPs for sequences of these lengths, forward and backward: scores and
+    values cost 2 * 2 * d per key, three times, over a context that averages (n + 1) / 2 keys."""
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    return 3 * 4 * d * layers * sum(n * (n + 1) / 2 for n in lengths)
+
+
+def faster_precision(peaks: dict[str, float]) -> str:
+    """The dtype whose matmul ran faster in matmul_peak: the baselines' precision (the harder one to beat)."""
+    return "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
 
 
 def step_rates(step_seconds: list[float], step_tokens: list[int]) -> list[float]:

@@ -319,8 +319,8 @@ def test_benchmark_measures():
 def test_ceiling_counts_the_products_an_exact_step_needs():
     """bench.ceiling's products: every matmul FLOP bench.measure.lora_flops counts but the attention's,
     less the first layer's q, k, v input gradients where the embedding is frozen; chunks over 4096 tokens."""
-    from bench.ceiling import attention_flops, flops, products
-    from bench.measure import lora_flops
+    from bench.ceiling import flops, products
+    from bench.measure import attention_flops, lora_flops
     from bench.model import SHAPE
 
     first_qkv = 2 * (576 * 576 + 2 * 576 * 192)  # FLOPs per token of the first layer's q, k, v input gradients
