@@ -170,6 +170,30 @@ def test_packed_attention_equals_sdpa(tokenizers, kernel, packed, segments_reset
         assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise"])
+def test_evaluation_packs_rows_with_the_loss_of_padded_rows(tokenizers, kernel, monkeypatch):
+    """evaluate_loss with pack_to (what a job whose batches carry the block mask evaluates with): eight
+    medical rows end to end in sequences of up to 512 tokens through our kernel, the same mean loss per
+    target token as one row per sequence padded under sdpa's padding mask."""
+    from inputs.data.records import read_dataset
+    from trainer import loop
+    from trainer.data.tokenize import ConversationEncoder, choose_template
+
+    tok = tokenizers["tiny-llama-bpe"]
+    template, _ = choose_template("auto", tok)
+    rows, _ = ConversationEncoder(tok, template, 128, False, "truncate").encode_all(
+        read_dataset(DATASETS / "medical_qa.jsonl")[:8])
+    model = _lora_tiny()
+    padded = loop.evaluate_loss(model, rows, 4, tok.pad_token_id, "cpu", "fp32")
+    _use_kernel(model, kernel)
+    shapes, collate = [], loop.collate
+    monkeypatch.setattr(loop, "collate", lambda seqs, *a: shapes.append([len(s) for s in seqs]) or collate(seqs, *a))
+    packed = loop.evaluate_loss(model, rows, 4, tok.pad_token_id, "cpu", "fp32", pack_to=512)
+    assert sum(map(len, shapes)) < len(rows) and max(max(s) for s in shapes) > 1  # rows did share sequences
+    assert sum(map(sum, shapes)) == len(rows)
+    assert packed == pytest.approx(padded, rel=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["grouped-matmul", "blockwise", "segments", "flash"])
 def test_packed_attention_under_bf16_autocast(tokenizers, kernel, segments_reset):
     import torch

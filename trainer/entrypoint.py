@@ -414,7 +414,8 @@ def _fit(run: _Job, model, ref_model, tokenizer, data, sequences, levers: _Lever
                                         lambda: loop._autocast(device, precision), ref_model, levers.chunked_loss,
                                         levers.block_mask)
     else:
-        objective = loop.TokenObjective(pad_id, levers.block_mask, device, precision, levers.chunked_loss)
+        objective = loop.TokenObjective(pad_id, levers.block_mask, device, precision, levers.chunked_loss,
+                                        args.max_seq_length if levers.block_mask else None)
     if world.active:
         torch.manual_seed(args.seed + world.rank)  # dropout masks differ between processes
     with performance.adapter_inputs(model, levers.adapter_inputs):

@@ -117,16 +117,25 @@ def _forward(model, batch, device: str, precision: str, chunked_loss: bool = Fal
 
 
 def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precision: str,
-                  chunked_loss: bool = False) -> float:
-    """Mean loss per target token over `rows`, with no gradient."""
+                  chunked_loss: bool = False, pack_to: int | None = None) -> float:
+    """Mean loss per target token over `rows`, with no gradient.
+
+    pack_to: put the rows end to end in sequences of up to this many tokens under the block-diagonal
+    mask, for a model whose attention takes it (contract/decisions.py block_mask), so no forward pass
+    computes padding; each row sees only itself either way, so the mean is over the same target tokens
+    with the same logits (to rounding). Else one row per sequence under a padding mask."""
     import torch
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    if pack_to:
+        sequences = [[rows[i] for i in seq] for seq in pack(rows, pack_to, list(range(len(rows))))]
+    else:
+        sequences = [[r] for r in rows]
     with torch.no_grad(), performance.eager():
-        for k in range(0, len(rows), batch_size):
-            batch = collate([[r] for r in rows[k : k + batch_size]], pad_id, block_mask=False)
+        for k in range(0, len(sequences), batch_size):
+            batch = collate(sequences[k : k + batch_size], pad_id, bool(pack_to), torch.float32)
             out = _forward(model, batch, device, precision, chunked_loss)
             total += out.loss.float().item() * batch.target_tokens
             count += batch.target_tokens
@@ -143,6 +152,9 @@ class TokenObjective:
     device: str
     precision: str
     chunked_loss: bool = False
+    eval_pack_to: int | None = None
+    """Evaluation rows packed into sequences of this many tokens (evaluate_loss pack_to): the training
+    batches' block_mask and max_seq_length."""
 
     def units(self, batch) -> int:
         """The loss is a mean over target tokens, so accumulation weighs micro-batches by them."""
@@ -158,7 +170,8 @@ class TokenObjective:
         return out.loss.float(), {}
 
     def evaluate(self, model, rows, batch_size: int) -> dict:
-        loss = evaluate_loss(model, rows, batch_size, self.pad_id, self.device, self.precision, self.chunked_loss)
+        loss = evaluate_loss(model, rows, batch_size, self.pad_id, self.device, self.precision, self.chunked_loss,
+                             self.eval_pack_to)
         return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
 
 
