@@ -129,10 +129,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device: str, precis
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    if pack_to:
-        sequences = [[rows[i] for i in seq] for seq in pack(rows, pack_to, list(range(len(rows))))]
-    else:
-        sequences = [[r] for r in rows]
+    sequences = make_sequences(rows, pack_to or 0, bool(pack_to), seed=0)
     with torch.no_grad(), performance.eager():
         for k in range(0, len(sequences), batch_size):
             batch = collate(sequences[k : k + batch_size], pad_id, bool(pack_to), torch.float32)
