@@ -18,7 +18,6 @@ import dataclasses
 import shutil
 import statistics
 import tempfile
-import time
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -28,32 +27,23 @@ _OUTPUTS = ("final", "best", "exports", "checkpoint-*", "metrics.jsonl", "train.
 _WAYS = {"per sequence": 0, "blockwise": None}  # attention_segments.use_from: from length 0 on, never
 
 
-def _alternate(fit, group: list, rounds: int) -> dict[str, list[float]]:
-    """Seconds of forward and backward over the step's batches each way, alternated; gradients dropped."""
+def _alternate(fit, group: list, rounds: int) -> tuple[dict[str, list[float]], int]:
+    """(seconds of forward and backward over the step's batches each way, alternated; the batches' real
+    tokens). Gradients are dropped after each pass."""
     from trainer import attention_segments
+    from trainer.compile_probe import forward_backward_seconds
 
     batches = [fit.objective.collate(b) for b in group]
     trainable = [p for p in fit.model.parameters() if p.requires_grad]
-
-    def seconds() -> float:
-        start = time.perf_counter()
-        for batch in batches:
-            loss, _ = fit.objective.loss(fit.model, batch)
-            loss.backward()
-        for p in trainable:
-            p.grad = None
-        return time.perf_counter() - start
-
     timed: dict[str, list[float]] = {name: [] for name in _WAYS}
     names = list(_WAYS)
     for r in range(rounds + 1):  # round 0 warms both up and is not counted
         for name in names if r % 2 == 0 else names[::-1]:
             attention_segments.use_from(_WAYS[name])
-            took = seconds()
+            took = forward_backward_seconds(fit.model, fit.objective, batches, trainable)
             if r:
                 timed[name].append(took)
-    timed["tokens"] = [sum(b.real_tokens for b in batches)]
-    return timed
+    return timed, sum(b.real_tokens for b in batches)
 
 
 def main(argv=None) -> int:
@@ -67,11 +57,11 @@ def main(argv=None) -> int:
     from trainer import loop
     from trainer.entrypoint import run
 
-    timed: dict[str, list[float]] = {}
+    measured: list[tuple[dict[str, list[float]], int]] = []
     train_step = loop._Run.step
 
     def measured_step(self, group, real, window):
-        timed.update(_alternate(self.fit, group, a.rounds))
+        measured.append(_alternate(self.fit, group, a.rounds))
         self.fit.hooks = dataclasses.replace(self.fit.hooks, stop_requested=lambda: True)  # this step, then stop
         return train_step(self, group, real, window)
 
@@ -82,12 +72,12 @@ def main(argv=None) -> int:
         log = StringIO()
         with redirect_stdout(log):
             run(copy)
-    if not timed:
+    if not measured:
         print(log.getvalue())
         print("the copy stopped before its first step (its log is above)")
         return 1
     decided = next((line for line in log.getvalue().splitlines() if line.startswith("attention segments:")), "")
-    tokens = timed.pop("tokens")[0]
+    timed, tokens = measured[0]
     medians = {name: statistics.median(seconds) for name, seconds in timed.items()}
     for name, seconds in timed.items():
         print(f"{name}: median {medians[name]:.3f} s ({tokens / medians[name]:.0f} tokens/s), "
