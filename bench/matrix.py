@@ -214,9 +214,21 @@ def _side_or_failure(cell: str, side: str, run) -> dict:
     try:
         return run()
     except SystemExit as failed:
-        print(f"{cell}: {side} did not finish ({str(failed).splitlines()[0][:120]}); the matrix goes on", flush=True)
-        return {"failed": str(failed).splitlines()[0][:120], "tokens_per_second": None, "peak_rss_mb": None,
-                "eval_loss": None, "decisions": {}}
+        cause = failure_cause(str(failed))
+        print(f"{cell}: {side} did not finish ({cause}); the matrix goes on", flush=True)
+        return {"failed": cause, "tokens_per_second": None, "peak_rss_mb": None, "eval_loss": None, "decisions": {}}
+
+
+def failure_cause(message: str) -> str:
+    """What stopped a side, from bench.cpu_lora's "command failed (CODE): COMMAND" line and the log's tail
+    under it: the exit code and the log's last line, which is where a command says why (the container
+    engine that does not answer, a strategy error), whole up to 400 characters (the engine's runs ~330 with
+    its advice); the command line itself says nothing new."""
+    first, *tail = message.splitlines()
+    code = first.split(":", 1)[0]
+    # splitlines() also splits at the carriage returns a progress bar rewrites its line with: its last state counts.
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+    return f"{code}: {last[:400]}" if last else first[:120]
 
 
 def _trained(side: dict) -> int | None:

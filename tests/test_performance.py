@@ -403,16 +403,33 @@ def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():
     assert pooled([first, killed]) is killed, "a run that did not finish leaves the side without a figure"
 
 
+def test_matrix_says_why_a_side_failed_in_the_commands_own_words():
+    """A side that stops names its cause by the log's last line (the engine's own message), not by its
+    command line; a failure with an empty log keeps the first line."""
+    from bench.matrix import failure_cause
+
+    said = ("Error: no container engine answers at unix:///run/podman/podman.sock (default socket): ConnectionError: "
+            "('Connection aborted.', ConnectionRefusedError(111, 'Connection refused')); start Docker, or Podman's API "
+            "service (`bash scripts/container_setup.sh` sets one up on Debian), or set DOCKER_HOST; or run the job "
+            "with --runner local")
+    engine = ("command failed (1): python -m orchestrator.cli finetune start --strategy bench_matrix --runner "
+              f"container\nStarting the job\n{said}\n")
+    assert failure_cause(engine) == f"command failed (1): {said}", "the engine's whole message, its advice too"
+    assert failure_cause("command failed (-9): python -m bench.baseline --model m\n") == (
+        "command failed (-9): python -m bench.baseline --model m")
+    assert len(failure_cause("command failed (2): x\n" + "y" * 900)) == len("command failed (2): ") + 400
+
+
 def test_matrix_table_keeps_a_cell_whose_side_failed():
     """A padded baseline that runs out of memory (2048 x 4 does on 24 GB), or our side killed the same
     way, leaves its cell without a ratio; the matrix goes on and says so instead of dying."""
     from bench.matrix import _side_or_failure, table
 
     def killed():
-        raise SystemExit("command failed (-9): python -m bench.baseline ...\nthe log's tail")
+        raise SystemExit("command failed (-9): python -m bench.baseline ...\nloading\n 40%|##  | 4/10\r 50%|### | 5/10\n\n")
 
     failed = _side_or_failure("2048x8:full", "the baseline", killed)
-    assert failed == {"failed": "command failed (-9): python -m bench.baseline ...", "tokens_per_second": None,
+    assert failed == {"failed": "command failed (-9): 50%|### | 5/10", "tokens_per_second": None,
                       "peak_rss_mb": None, "eval_loss": None, "decisions": {}}
 
     decisions = {"precision": "bf16", "attention": "blockwise", "compile": "off", "lora_dropout": "fast-mask"}
