@@ -2,16 +2,17 @@
 
     .venv/bin/python -m bench.ceiling --cells 1024x1:lora-qv-r8,2048x1:lora-qv-r8
     .venv/bin/python -m bench.ceiling --cells 512x4:full --rounds 2
+    .venv/bin/python -m bench.ceiling --cells 1024x1:lora-qv-r8 --precision fp32   # every side in fp32
 
 Every step that trains a cell's method exactly runs the linear layers' products (`products`): each
 layer's forward; the input gradient of every layer the loss's gradient has to pass through (with LoRA,
 all but the first layer's q, k and v projections, whose input comes from the frozen embedding); and with
 full fine-tuning every weight gradient, the tied output layer's included. This times those products and
 nothing else, in the cell's shapes (one packed step of LENGTH x BATCH tokens), in the faster of fp32 and
-bf16 here, with torch's own matmul (MKL / oneDNN), each shape's fastest of several repetitions; and runs
-the baseline script (bench/baseline.py, as bench.matrix does) and llamafarm on the cell's rows in between,
-in one run: products, baseline, llamafarm, products (--rounds 2: then llamafarm, baseline, products). The
-faster timing of the products is kept.
+bf16 here (or --precision, which llamafarm's side then runs too), with torch's own matmul (MKL / oneDNN),
+each shape's fastest of several repetitions; and runs the baseline script (bench/baseline.py, as
+bench.matrix does) and llamafarm on the cell's rows in between, in one run: products, baseline, llamafarm,
+products (--rounds 2: then llamafarm, baseline, products). The faster timing of the products is kept.
 
 Printed per cell: the baseline's and llamafarm's real tokens/s, and two ceilings, each as tokens/s and
 as a ratio to the baseline: the products alone (attention, norms, activations, the loss and the optimizer
@@ -91,9 +92,11 @@ def time_products(shapes: list[tuple[str, int, int, int, int]], dtype) -> float:
     return total
 
 
-def ceiling_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, rounds: int, env: dict) -> dict:
+def ceiling_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, rounds: int, env: dict,
+                 forced: str = "auto") -> dict:
     """One cell: the products timed, then the baseline and llamafarm on the cell's rows, then the products
-    again (per round; the sides alternate between rounds); the ceilings from the faster products timing."""
+    again (per round; the sides alternate between rounds); the ceilings from the faster products timing.
+    `precision`: the products' and the baseline's; `forced`: llamafarm's setting (auto: its own decision)."""
     import torch
 
     length, batch, method = parse_cell(cell)
@@ -102,7 +105,7 @@ def ceiling_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, 
     steps = measure.WARMUP_STEPS + timed_steps(cell, TIMED_STEPS)
     rows = cell_rows(tokenizer, length, batch, steps)
     data = write_rows(rows, folder / "train.jsonl")
-    strategy = write_strategy(folder, length, batch, method, steps)
+    strategy = write_strategy(folder, length, batch, method, steps, precision=forced)
     extra = baseline_flags(length, batch, method)
     sides = {"baseline": lambda: run_baseline(folder, model, data, None, precision, steps, env, extra=extra),
              "llamafarm": lambda: run_project(folder, model, data, None, env, strategy="bench_matrix",
@@ -137,6 +140,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default="1024x1:lora-qv-r8", help="comma-separated LENGTHxBATCH:METHOD cells")
     p.add_argument("--rounds", type=int, default=1, help="runs per side and cell, alternated (B L, then L B)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: the faster "
+                   "precision here for the products and the baseline, llamafarm deciding its own; fp32 or bf16: "
+                   "every side in it")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
     cells = a.cells.split(",")
@@ -150,12 +156,13 @@ def main(argv=None) -> int:
     run_dir = work / time.strftime("ceiling-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     peaks = measure.matmul_peak(measure.peak_thread_counts())
-    precision = measure.faster_precision(peaks)
+    precision = measure.faster_precision(peaks) if a.precision == "auto" else a.precision
     print(f"machine: {measure.cpu_model()}, {len(os.sched_getaffinity(0))} cores; matmul peak {peaks} GFLOP/s; "
-          f"products and baseline in {precision}", flush=True)
+          f"products and baseline in {precision}{', llamafarm too' if a.precision != 'auto' else ''}", flush=True)
     model = bench_model("shape", work)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    results = [ceiling_cell(cell, run_dir, model, tokenizer, precision, a.rounds, dict(os.environ)) for cell in cells]
+    results = [ceiling_cell(cell, run_dir, model, tokenizer, precision, a.rounds, dict(os.environ), a.precision)
+               for cell in cells]
     (run_dir / "result.json").write_text(json.dumps({"peaks": peaks, "results": results}, indent=1))
     floor = TARGETS["full"]
     under = [r["cell"] for r in results if r["ceiling"] / r["baseline"] < floor]

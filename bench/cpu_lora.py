@@ -30,13 +30,25 @@ PROBE_STEPS = 3  # the other baseline precision: WARMUP_STEPS untimed, the rest 
 TARGETS = {"ratio": 2.0, "loss_rel": 0.02}
 
 
+class CommandFailed(SystemExit):
+    """A benchmark command that exited non-zero. A bench that lets it through stops with the command line
+    and its log's tail; one that goes on (bench.matrix) records `cause`: the exit code and the log's last
+    non-empty line, where a command says why (the container engine that does not answer, a strategy
+    error), whole up to 400 characters (the engine's message runs ~330 with its advice)."""
+
+    def __init__(self, cmd: list[str], returncode: int, log_text: str):
+        super().__init__(f"command failed ({returncode}): {' '.join(cmd)}\n{log_text[-3000:]}")
+        # splitlines() also splits at the carriage returns a progress bar rewrites its line with: its last state counts.
+        last = next((line.strip() for line in reversed(log_text.splitlines()) if line.strip()), "")
+        self.cause = f"command failed ({returncode}): {last[:400] if last else ' '.join(cmd)[:120]}"
+
+
 def _run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> None:
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") if log else open(os.devnull, "w") as out:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        tail = log.read_text()[-3000:] if log else ""
-        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise CommandFailed(cmd, proc.returncode, log.read_text() if log else "")
 
 
 def run_baseline(work: Path, model: Path, data: Path, evals: Path | None, precision: str, max_steps: int, env: dict,

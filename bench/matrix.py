@@ -7,6 +7,7 @@
     .venv/bin/python -m bench.matrix --cells 1024x1:lora-qv-r8 --rounds 2   # each side twice, B L L B, pooled
     .venv/bin/python -m bench.matrix --quick --model real    # the pretrained SmolLM2-135M-Instruct instead
     .venv/bin/python -m bench.matrix --quick --unpacked      # llamafarm with dataset.packing: false
+    .venv/bin/python -m bench.matrix --cells 1024x1:lora-qv-r8 --precision fp32   # both sides in fp32
 
 A cell is LENGTHxBATCH:METHOD (methods: bench/model.py METHODS; --cells choices outside the full matrix:
 lora-all-r64, the all-linear LoRA at rank 64, and lora-all-r16-gc and full-gc, those with gradient
@@ -17,10 +18,12 @@ data has) for 2 warm-up and 3 timed (--steps) optimizer steps per side, one side
 a cell of batch B times at least TIMED_ROWS / B steps (8 at batch 1), so the baseline's timed rows,
 whose lengths set its attention's cost per token, are never just three:
 - the baseline, bench/baseline.py: padded batches of BATCH rows cut at LENGTH, in whichever of fp32
-  and bf16 ran the matmul faster on this machine (the harder baseline);
+  and bf16 ran the matmul faster on this machine (the harder baseline), or in --precision;
 - llamafarm, `finetune start` with bench/strategy.yaml and only the cell's settings set
   (per_device_train_batch_size, max_seq_length, the method); everything else is the project's
-  defaults and its own decisions (precision, packing, attention, compile), printed per cell.
+  defaults and its own decisions (precision, packing, attention, compile), printed per cell; --precision
+  sets training_args.precision too, so both sides run the precision the other CPU kind would pick
+  (fp32 on a Zen shows the fp32 path of an Intel Xeon where bf16 is the slower precision).
 Printed per cell: real tokens/s after the warm-up steps, peak RSS, MFU against the measured matmul
 peak (the higher of a measurement at the start and one at the end of the run), the ratio, and each
 side's loss after training on the same held-out rows (~8 x LENGTH tokens of other text); at the end a
@@ -44,7 +47,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench import measure
-from bench.cpu_lora import ROOT, run_baseline, run_project
+from bench.cpu_lora import ROOT, CommandFailed, run_baseline, run_project
 from bench.matrix_plot import SIDES, plot_matrix, title_of, unfinished
 from bench.model import BENCH_MODELS, METHOD_NAMES, METHODS, SHAPE, bench_model, make_rows, method_settings, write_rows
 
@@ -81,9 +84,11 @@ def all_cells() -> list[str]:
     return [f"{length}x{batch}:{method}" for method in METHODS for length in LENGTHS for batch in BATCHES]
 
 
-def write_strategy(folder: Path, length: int, batch: int, method: str, steps: int, packed: bool = True) -> Path:
+def write_strategy(folder: Path, length: int, batch: int, method: str, steps: int, packed: bool = True,
+                   precision: str = "auto") -> Path:
     """bench/strategy.yaml's bench_cpu_lora with the cell's method, batch and length (a method block is
-    replaced whole: full fine-tuning takes none of LoRA's keys); `packed` False: dataset.packing false."""
+    replaced whole: full fine-tuning takes none of LoRA's keys); `packed` False: dataset.packing false;
+    `precision` other than auto: training_args.precision."""
     import yaml
 
     strategy = yaml.safe_load((ROOT / "bench" / "strategy.yaml").read_text())["bench_cpu_lora"]
@@ -92,6 +97,8 @@ def write_strategy(folder: Path, length: int, batch: int, method: str, steps: in
     if checkpointing:
         config["training_args"]["gradient_checkpointing"] = True
     config["training_args"].update(per_device_train_batch_size=batch, max_seq_length=length, max_steps=steps)
+    if precision != "auto":
+        config["training_args"]["precision"] = precision
     if not packed:
         config.setdefault("dataset", {})["packing"] = False
     path = folder / "strategy.yaml"
@@ -141,7 +148,8 @@ def prepare_cell(cell: str, workdir: str, prefix: str, steps: int, model_name: s
 
 
 def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env: dict, runners: list[str],
-             steps: int, rounds: int = 1, packed: bool = True) -> dict:
+             steps: int, rounds: int = 1, packed: bool = True, forced: str = "auto") -> dict:
+    """One cell, both sides; `precision` is the baseline's, `forced` llamafarm's setting (auto: its own decision)."""
     length, batch, method = parse_cell(cell)
     folder = work / cell.replace(":", "-")
     folder.mkdir()
@@ -152,7 +160,7 @@ def run_cell(cell: str, work: Path, model: Path, tokenizer, precision: str, env:
                                  lengths=(max(16, length // 4), length)), folder / "eval.jsonl")
     flops_per_token = cell_flops_per_token(tokenizer, rows, length, method)
     extra = baseline_flags(length, batch, method)
-    strategy = write_strategy(folder, length, batch, method, steps, packed)
+    strategy = write_strategy(folder, length, batch, method, steps, packed, forced)
 
     def ours_on(runner: str) -> dict:
         return _side_or_failure(cell, f"llamafarm's {runner} runner", lambda: run_project(
@@ -213,22 +221,10 @@ def _side_or_failure(cell: str, side: str, run) -> dict:
     2048 x 4 in 24 GB): the matrix records the failure in the cell and goes on to the next one."""
     try:
         return run()
-    except SystemExit as failed:
-        cause = failure_cause(str(failed))
-        print(f"{cell}: {side} did not finish ({cause}); the matrix goes on", flush=True)
-        return {"failed": cause, "tokens_per_second": None, "peak_rss_mb": None, "eval_loss": None, "decisions": {}}
-
-
-def failure_cause(message: str) -> str:
-    """What stopped a side, from bench.cpu_lora's "command failed (CODE): COMMAND" line and the log's tail
-    under it: the exit code and the log's last line, which is where a command says why (the container
-    engine that does not answer, a strategy error), whole up to 400 characters (the engine's runs ~330 with
-    its advice); the command line itself says nothing new."""
-    first, *tail = message.splitlines()
-    code = first.split(":", 1)[0]
-    # splitlines() also splits at the carriage returns a progress bar rewrites its line with: its last state counts.
-    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
-    return f"{code}: {last[:400]}" if last else first[:120]
+    except CommandFailed as failed:
+        print(f"{cell}: {side} did not finish ({failed.cause}); the matrix goes on", flush=True)
+        return {"failed": failed.cause, "tokens_per_second": None, "peak_rss_mb": None, "eval_loss": None,
+                "decisions": {}}
 
 
 def _trained(side: dict) -> int | None:
@@ -291,6 +287,8 @@ def main(argv=None) -> int:
                    "model; real: the pretrained SmolLM2-135M-Instruct (bench/model.py)")
     p.add_argument("--unpacked", action="store_true", help="llamafarm with dataset.packing: false, each batch "
                    "padded to its longest row as the baseline's are (what a user who turns packing off gets)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: the baseline in the "
+                   "faster precision here, llamafarm deciding its own; fp32 or bf16: both sides in it")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)
     cells = a.cells.split(",") if a.cells else list(QUICK) if a.quick else all_cells()
@@ -305,10 +303,11 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True)
     cores = len(os.sched_getaffinity(0))
     peaks = measure.matmul_peak(measure.peak_thread_counts())
-    precision = measure.faster_precision(peaks)
+    precision = measure.faster_precision(peaks) if a.precision == "auto" else a.precision
     machine = (f"{measure.cpu_model()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
                f"{', the real SmolLM2-135M-Instruct' if a.model == 'real' else ''}"
-               f"{', llamafarm with packing off' if a.unpacked else ''}")
+               f"{', llamafarm with packing off' if a.unpacked else ''}"
+               f"{f', both sides in {a.precision} (--precision)' if a.precision != 'auto' else ''}")
     print(f"machine: {machine}; matmul peak {peaks} GFLOP/s; baseline precision {precision}; {len(cells)} cells, "
           f"{measure.WARMUP_STEPS} warm-up and at least {a.steps} timed steps per side", flush=True)
     model = bench_model(a.model, work)
@@ -318,13 +317,14 @@ def main(argv=None) -> int:
     for cell in cells:  # result.json after every cell: a long matrix stopped part way keeps what it measured
         steps = measure.WARMUP_STEPS + timed_steps(cell, a.steps)
         results.append(run_cell(cell, run_dir, model, tokenizer, precision, dict(os.environ), runners, steps,
-                                a.rounds, packed=not a.unpacked))
+                                a.rounds, packed=not a.unpacked, forced=a.precision))
         _save(run_dir, machine, peaks, precision, results)
     # MFU against the higher of two peak measurements, at the start and now: a peak read during a slow
     # spell of the machine (seen: 855 against 972-1,030 GFLOP/s in other runs the same day) would inflate it.
     at_end = measure.matmul_peak(measure.peak_thread_counts())
     peaks = {name: max(rate, at_end[name]) for name, rate in peaks.items()}
-    peak = max(peaks.values())
+    # MFU against the peak of the precision both sides ran (--precision), else the faster one's.
+    peak = max(peaks.values()) if a.precision == "auto" else peaks[a.precision]
     target = TARGETS["quick" if a.quick else "full"]
     print("\n" + table(results, peak))
     short = [r["cell"] for r in results if r["ratio"] is not None and r["ratio"] < target]

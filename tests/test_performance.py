@@ -368,7 +368,8 @@ def test_matrix_times_at_least_eight_rows_per_side():
 
 
 def test_matrix_cell_strategies_are_valid_packed_and_unpacked(tmp_path):
-    """The strategy a cell writes parses, with the cell's settings; --unpacked turns packing off only."""
+    """The strategy a cell writes parses, with the cell's settings; --unpacked turns packing off only,
+    --precision sets the precision only."""
     import yaml
 
     from bench.matrix import write_strategy
@@ -382,6 +383,12 @@ def test_matrix_cell_strategies_are_valid_packed_and_unpacked(tmp_path):
         assert (cfg.training_args.max_seq_length, cfg.training_args.per_device_train_batch_size) == (512, 4)
         assert cfg.training_args.gradient_checkpointing and cfg.method.r == 16
         assert cfg.dataset.packing == ("auto" if packed else False)
+        assert cfg.training_args.precision == "auto"
+    # --precision fp32: llamafarm's side runs the precision the baseline is given, not its own decision.
+    folder = tmp_path / "fp32"
+    folder.mkdir()
+    text = yaml.safe_load(write_strategy(folder, 512, 4, "full", 5, precision="fp32").read_text())
+    assert parse_strategy("bench_matrix", text["bench_matrix"]).cfg.training_args.precision == "fp32"
 
 
 def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():
@@ -403,33 +410,44 @@ def test_matrix_rounds_alternate_the_sides_and_pool_their_timed_steps():
     assert pooled([first, killed]) is killed, "a run that did not finish leaves the side without a figure"
 
 
-def test_matrix_says_why_a_side_failed_in_the_commands_own_words():
+def test_matrix_says_why_a_side_failed_in_the_commands_own_words(tmp_path):
     """A side that stops names its cause by the log's last line (the engine's own message), not by its
-    command line; a failure with an empty log keeps the first line."""
-    from bench.matrix import failure_cause
+    command line; a failure with an empty log keeps the command line. Real commands that fail."""
+    import sys
+
+    from bench.cpu_lora import CommandFailed, _run
 
     said = ("Error: no container engine answers at unix:///run/podman/podman.sock (default socket): ConnectionError: "
             "('Connection aborted.', ConnectionRefusedError(111, 'Connection refused')); start Docker, or Podman's API "
             "service (`bash scripts/container_setup.sh` sets one up on Debian), or set DOCKER_HOST; or run the job "
             "with --runner local")
-    engine = ("command failed (1): python -m orchestrator.cli finetune start --strategy bench_matrix --runner "
-              f"container\nStarting the job\n{said}\n")
-    assert failure_cause(engine) == f"command failed (1): {said}", "the engine's whole message, its advice too"
-    assert failure_cause("command failed (-9): python -m bench.baseline --model m\n") == (
-        "command failed (-9): python -m bench.baseline --model m")
-    assert len(failure_cause("command failed (2): x\n" + "y" * 900)) == len("command failed (2): ") + 400
+
+    def cause(script: str) -> str:
+        with pytest.raises(CommandFailed) as failed:
+            _run([sys.executable, "-c", script], log=tmp_path / "side.log")
+        assert isinstance(failed.value, SystemExit), "a bench that does not catch it still stops with the message"
+        return failed.value.cause
+
+    assert cause(f"print('Starting the job'); print({said!r}); print(); raise SystemExit(1)") == (
+        f"command failed (1): {said}"), "the engine's whole message, its advice too"
+    assert cause("raise SystemExit(3)") == f"command failed (3): {sys.executable} -c raise SystemExit(3)"
+    assert len(cause("print('y' * 900); raise SystemExit(2)")) == len("command failed (2): ") + 400
+    # A progress bar rewrites its line with carriage returns: its last state is the line.
+    assert cause(r"import sys; sys.stdout.write('loading\n 40%|##  | 4/10\r 50%|### | 5/10\n\n'); "
+                 "raise SystemExit(9)") == "command failed (9): 50%|### | 5/10"
 
 
 def test_matrix_table_keeps_a_cell_whose_side_failed():
     """A padded baseline that runs out of memory (2048 x 4 does on 24 GB), or our side killed the same
     way, leaves its cell without a ratio; the matrix goes on and says so instead of dying."""
+    from bench.cpu_lora import CommandFailed
     from bench.matrix import _side_or_failure, table
 
     def killed():
-        raise SystemExit("command failed (-9): python -m bench.baseline ...\nloading\n 40%|##  | 4/10\r 50%|### | 5/10\n\n")
+        raise CommandFailed(["python", "-m", "bench.baseline"], -9, "loading\n 40%|##  | 4/10")
 
     failed = _side_or_failure("2048x8:full", "the baseline", killed)
-    assert failed == {"failed": "command failed (-9): 50%|### | 5/10", "tokens_per_second": None,
+    assert failed == {"failed": "command failed (-9): 40%|##  | 4/10", "tokens_per_second": None,
                       "peak_rss_mb": None, "eval_loss": None, "decisions": {}}
 
     decisions = {"precision": "bf16", "attention": "blockwise", "compile": "off", "lora_dropout": "fast-mask"}
@@ -740,3 +758,41 @@ def test_benchmark_model_names_are_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark model 'tiny'; valid: shape, real"):
         bench_model("tiny", tmp_path)
     assert BENCH_MODELS == ("shape", "real")
+
+
+def test_step_profile_times_a_finished_jobs_step_in_a_copy(run_cli, tmp_path, capsys):
+    """bench.step_profile trains a copy of a finished job to its first step and times that step there:
+    the step's matrix products are caught by the op timer and timed again alone, and the job's own folder
+    is left as it was (the copy is a temporary one). A folder that is no job is refused."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from bench import step_profile
+
+    strategy = {"profiled": {"description": "test: a job for bench.step_profile", "fine_tuner": {"config": {
+        "base_model": {"name": "spm", "huggingface_id": "builtin:tiny-llama-spm"},
+        "method": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training_args": {"max_steps": 2, "per_device_train_batch_size": 2, "max_seq_length": 128,
+                          "precision": "fp32", "logging_steps": 1},
+        "device": "cpu"}}}}
+    path = tmp_path / "profiled.yaml"
+    path.write_text(yaml.safe_dump(strategy))
+    result = run_cli("finetune", "start", "--strategy", "profiled", "--strategy-file", path, "--dataset",
+                     DATASETS / "medical_qa.jsonl", "--runner", "local", "--foreground", "--json")
+    assert result.exit_code == 0, result.output
+    job_dir = Path(json.loads(result.stdout[result.stdout.index("{"):])["job_dir"])
+    before = {p: p.stat().st_mtime_ns for p in job_dir.rglob("*")}
+    capsys.readouterr()
+
+    assert step_profile.main([str(job_dir), "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "aten.mm.default" in out, out
+    calls = int(out.split("matrix products: ")[1].split(" calls")[0])
+    assert calls >= 2 * 4 * 2, f"every layer's q and v products at least, forward: {out}"
+    assert {p: p.stat().st_mtime_ns for p in job_dir.rglob("*")} == before, "the job's folder is not touched"
+
+    with pytest.raises(SystemExit) as refused:
+        step_profile.main([str(tmp_path)])
+    assert refused.value.code == 2 and "holds no job.json" in capsys.readouterr().err
