@@ -36,8 +36,8 @@ from pathlib import Path
 
 from bench import measure
 from bench.cpu_lora import run_baseline, run_project
-from bench.matrix import (TARGETS, TIMED_STEPS, alternation, baseline_flags, cell_rows, parse_cell, pooled, row_lengths,
-                          timed_steps, write_strategy)
+from bench.matrix import (PRECISION_CHOICES, TARGETS, TIMED_STEPS, alternation, baseline_flags, cell_rows, parse_cell,
+                          pooled, row_lengths, timed_steps, write_strategy)
 from bench.model import SHAPE, bench_model, method_settings, write_rows
 
 CHUNK_TOKENS = 4096  # products over more tokens run as chunks (products)
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default="1024x1:lora-qv-r8", help="comma-separated LENGTHxBATCH:METHOD cells")
     p.add_argument("--rounds", type=int, default=1, help="runs per side and cell, alternated (B L, then L B)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: the faster "
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="auto: the faster "
                    "precision here for the products and the baseline, llamafarm deciding its own; fp32 or bf16: "
                    "every side in it")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))

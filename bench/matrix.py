@@ -60,6 +60,8 @@ TIMED_STEPS = 3  # per side, after measure.WARMUP_STEPS untimed ones (--steps)
 # 640) move its tokens/s by several percent either way, the attention's cost per token being the row's.
 TIMED_ROWS = 8
 TARGETS = {"quick": 2.0, "full": 1.5}  # the least ratio per cell (issue #24)
+# --precision: auto, the baseline in the faster precision here and llamafarm deciding its own; or both sides in one.
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 LOSS_APART = 0.02  # the most the two sides' held-out losses may differ, relative to the baseline's (issue #24)
 EVAL_ROWS_TOKENS = 8  # held-out rows per cell: about this many times LENGTH tokens
 
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
                    "model; real: the pretrained SmolLM2-135M-Instruct (bench/model.py)")
     p.add_argument("--unpacked", action="store_true", help="llamafarm with dataset.packing: false, each batch "
                    "padded to its longest row as the baseline's are (what a user who turns packing off gets)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: the baseline in the "
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="auto: the baseline in the "
                    "faster precision here, llamafarm deciding its own; fp32 or bf16: both sides in it")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "llamafarm-bench"))
     a = p.parse_args(argv)

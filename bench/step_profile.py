@@ -19,7 +19,6 @@ microseconds per call, and the step under it is printed beside the step without 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,6 +72,8 @@ def _alone(func, specs) -> float:
     ALONE_REPEATS after a first call."""
     import torch
 
+    from trainer.native import fastest_alternated
+
     def operand(spec):
         if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype)):
             return spec
@@ -81,13 +82,7 @@ def _alone(func, specs) -> float:
         return torch.randn(size).to(dtype).as_strided(shape, stride)
 
     args = [operand(s) for s in specs]
-    func(*args)
-    best = math.inf
-    for _ in range(ALONE_REPEATS):
-        start = time.perf_counter()
-        func(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return fastest_alternated({"product": lambda: func(*args)}, ALONE_REPEATS)["product"]
 
 
 def _kernel_timer(seconds: Counter):
